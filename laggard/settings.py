@@ -1,0 +1,77 @@
+"""Where things are: one settings object read from the environment (LAGGARD_*) and an optional
+env file, with the local stack's values as defaults so the same code points at production.
+
+Secrets (InfluxDB token and password, Kafka SASL password) are SecretStr: they print as '**********'.
+A secret can also come from a file: set LAGGARD_SECRETS_DIR to a folder holding one file per
+setting name (e.g. `influx_token`), the Docker/Kubernetes secrets convention.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_state_dir() -> Path:
+    return Path(os.environ.get("LAGGARD_STATE_DIR", Path.cwd() / ".stack"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LAGGARD_",
+        env_file=os.environ.get("LAGGARD_ENV_FILE", "laggard.env"),
+        env_file_encoding="utf-8",
+        secrets_dir=os.environ.get("LAGGARD_SECRETS_DIR") or None,
+        extra="ignore",
+    )
+
+    cluster: str = "local"
+
+    # Kafka
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    topic_samples: str = "gpu.samples"
+    topic_deadletter: str = "laggard.deadletter"
+    topic_windows: str = "laggard.windows"
+    topic_findings: str = "laggard.findings"
+    topic_truth: str = "laggard.truth"
+    topic_partitions: int = Field(default=8, ge=1)
+
+    # InfluxDB: version 1 speaks /write + InfluxQL (database), 2 and 3 speak /api/v2 (org, bucket,
+    # token). None means: detect from the server's /ping headers.
+    influx_url: str = "http://127.0.0.1:8086"
+    influx_version: Literal[1, 2, 3] | None = None
+    influx_database: str = "laggard"
+    influx_org: str = "laggard"
+    influx_bucket: str = "laggard"
+    influx_token: SecretStr | None = None
+    influx_username: str | None = None
+    influx_password: SecretStr | None = None
+
+    # Local stack (laggard stack up): ports and the folder with data, logs and pids.
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    kafka_version: str = "4.1.1"
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    influx_port: int = 8086
+
+    # Worker
+    window_s: float = Field(default=10.0, gt=0)
+    trend_window_s: float = Field(default=300.0, gt=0)
+    late_grace_s: float = Field(default=5.0, ge=0)
+    worker_web_host: str = "127.0.0.1"
+    worker_web_port: int = 6066
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
