@@ -1,0 +1,59 @@
+"""The `laggard` command. Each room contributes its own typer app; this module only composes."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from laggard.settings import get_settings
+
+app = typer.Typer(
+    help="laggard: GPU cluster telemetry that names the rank, node and GPU pacing each job.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+stack_app = typer.Typer(help="Run the local stack (Apache Kafka + InfluxDB) on this machine.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+console = Console()
+
+
+@stack_app.command("up")
+def stack_up(reset: bool = typer.Option(False, "--reset", help="Stop and wipe all stack data first.")) -> None:
+    """Start Kafka and InfluxDB (idempotent) and wait until each answers."""
+    from laggard import stack
+
+    try:
+        for line in stack.up(get_settings(), reset=reset):
+            console.print(line)
+    except stack.StackError as err:
+        console.print(f"[red]stack up failed:[/red] {err}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop the services that `stack up` started (by pid); their data stays."""
+    from laggard import stack
+
+    for line in stack.down(get_settings()):
+        console.print(line)
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Show each service, its pid, port and health. Exits 1 unless all are healthy."""
+    from laggard import stack
+
+    rows = stack.status(get_settings())
+    table = Table("service", "pid", "port", "state")
+    for row in rows:
+        state = "healthy" if row.healthy else ("running, not answering" if row.running else "stopped")
+        table.add_row(row.name, str(row.pid or "-"), str(row.port), state)
+    console.print(table)
+    if not all(row.healthy for row in rows):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,167 @@
+"""The Apache Kafka broker (KRaft, one combined broker/controller node) from Maven Central.
+
+Maven resolves `org.apache.kafka:kafka_2.13` and its runtime dependencies into a cache folder
+(~/.cache/laggard/kafka-<version>, shared by every checkout on the machine), and the broker runs
+on the machine's Java 17 as `java -cp <jars> kafka.Kafka server.properties`. Storage is
+formatted on first start; its data lives in <state>/kafka/data and survives down/up.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import uuid
+from importlib import resources
+from pathlib import Path
+
+from laggard.stack.process import ManagedService, StackError
+
+CACHE_ROOT = Path(os.environ.get("LAGGARD_CACHE_DIR", Path.home() / ".cache" / "laggard"))
+
+
+def java_major_version(java: str) -> int:
+    out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60).stderr
+    # 'openjdk version "17.0.15" ...' or 'java version "1.8.0_..."'
+    quoted = out.split('"')[1] if '"' in out else ""
+    parts = quoted.split(".")
+    if not parts or not parts[0].isdigit():
+        raise StackError(f"could not read the Java version from `{java} -version`: {out.strip()[:200]}")
+    return int(parts[1]) if parts[0] == "1" else int(parts[0])
+
+
+class KafkaBroker(ManagedService):
+    name = "kafka"
+    start_timeout_s = 90.0
+
+    def __init__(self, state_dir: Path, port: int, controller_port: int, version: str) -> None:
+        super().__init__(state_dir, port)
+        self.controller_port = controller_port
+        self.version = version
+        self.libs = CACHE_ROOT / f"kafka-{version}" / "libs"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / "server.properties"
+
+    def marker(self) -> str:
+        return str(self.config_path)
+
+    def _java(self) -> str:
+        java = shutil.which("java")
+        if java is None:
+            raise StackError(
+                "kafka: no `java` on PATH. The broker needs Java 17 or newer: "
+                "apt-get install -y openjdk-17-jre-headless (or set PATH to a JDK 17+)."
+            )
+        major = java_major_version(java)
+        if major < 17:
+            raise StackError(f"kafka: Java {major} found at {java}; Kafka 4 needs Java 17 or newer.")
+        return java
+
+    def resolve(self) -> None:
+        """Fetch the broker's jars with Maven once per version (a marker file says it finished)."""
+        done = self.libs / ".resolved"
+        if done.exists():
+            return
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise StackError(
+                "kafka: no `mvn` on PATH. Maven resolves the broker from Maven Central: "
+                "apt-get install -y maven."
+            )
+        self.libs.mkdir(parents=True, exist_ok=True)
+        with resources.as_file(resources.files("laggard.stack") / "pom.xml") as pom:
+            result = subprocess.run(
+                [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+                 f"-Dkafka.version={self.version}", f"-DoutputDirectory={self.libs}",
+                 "-DincludeScope=runtime"],
+                capture_output=True, text=True, timeout=900,
+            )
+        if result.returncode != 0 or not any(self.libs.glob(f"kafka_2.13-{self.version}.jar")):
+            tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+            raise StackError(
+                f"kafka: Maven could not resolve org.apache.kafka:kafka_2.13:{self.version} from "
+                f"Maven Central (exit {result.returncode}). Check network access to Maven Central "
+                f"and ~/.m2/settings.xml, or set LAGGARD_KAFKA_VERSION.\n{tail}"
+            )
+        done.write_text(self.version)
+
+    def write_config(self) -> None:
+        log4j = self.home / "log4j2.properties"
+        log4j.write_text((resources.files("laggard.stack") / "log4j2.properties").read_text())
+        self.config_path.write_text(
+            "\n".join([
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+                f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                "controller.listener.names=CONTROLLER",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                f"log.dirs={self.data_dir}",
+                "num.partitions=8",
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=8",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "share.coordinator.state.topic.replication.factor=1",
+                "share.coordinator.state.topic.min.isr=1",
+                # One local node: no reason to delay the first rebalance.
+                "group.initial.rebalance.delay.ms=0",
+                "message.max.bytes=10485760",
+                "log.retention.hours=168",
+                "",
+            ])
+        )
+
+    def _classpath(self) -> str:
+        return f"{self.libs}/*"
+
+    def prepare(self) -> None:
+        java = self._java()
+        self.resolve()
+        self.write_config()
+        if (self.data_dir / "meta.properties").exists():
+            return
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        result = subprocess.run(
+            [java, "-cp", self._classpath(), f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
+             "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config_path)],
+            capture_output=True, text=True, timeout=120,
+        )
+        if result.returncode != 0:
+            raise StackError(f"kafka: formatting storage in {self.data_dir} failed:\n{result.stdout}{result.stderr}")
+
+    def command(self) -> list[str]:
+        return [
+            self._java(), "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
+            "-cp", self._classpath(), "kafka.Kafka", str(self.config_path),
+        ]
+
+    def healthy(self) -> bool:
+        """A real metadata request through kafka-python."""
+        from kafka import KafkaAdminClient
+        from kafka.errors import KafkaError
+
+        try:
+            admin = KafkaAdminClient(
+                bootstrap_servers=f"127.0.0.1:{self.port}", request_timeout_ms=3000,
+                client_id="laggard-stack-health",
+            )
+        except (KafkaError, OSError, ValueError):
+            return False
+        try:
+            admin.list_topics()
+            return True
+        except (KafkaError, OSError):
+            return False
+        finally:
+            admin.close()

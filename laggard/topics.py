@@ -1,0 +1,32 @@
+"""laggard's own Kafka topics, created idempotently with the partition count from settings."""
+
+from __future__ import annotations
+
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from laggard.kafka_config import client_config
+from laggard.settings import Settings
+
+
+def topic_names(settings: Settings) -> list[str]:
+    return [settings.topic_samples, settings.topic_deadletter, settings.topic_windows,
+            settings.topic_findings, settings.topic_truth]
+
+
+def ensure_topics(settings: Settings, names: list[str] | None = None) -> list[str]:
+    """Create the topics that do not exist yet; returns the names created."""
+    admin = KafkaAdminClient(**client_config(settings), client_id="laggard-topics")
+    try:
+        existing = set(admin.list_topics())
+        missing = [n for n in (names or topic_names(settings)) if n not in existing]
+        if not missing:
+            return []
+        try:
+            admin.create_topics([NewTopic(n, settings.topic_partitions, 1) for n in missing])
+        except TopicAlreadyExistsError:  # another process won the race
+            pass
+        return missing
+    finally:
+        admin.close()
