@@ -21,6 +21,11 @@ console = Console()
 @stack_app.command("up")
 def stack_up(reset: bool = typer.Option(False, "--reset", help="Stop and wipe all stack data first.")) -> None:
     """Start Kafka and InfluxDB (idempotent) and wait until each answers."""
+    bring_stack_up(reset=reset)
+
+
+def bring_stack_up(reset: bool = False) -> None:
+    """`stack up` for any command that needs the local stack; exits 1 with the reason on failure."""
     from laggard import stack
 
     try:
@@ -53,6 +58,16 @@ def stack_status() -> None:
     console.print(table)
     if not all(row.healthy for row in rows):
         raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo() -> None:
+    """Bring the local stack up and run the demo end to end, printing what it found."""
+    from laggard.demo import round_trip
+
+    bring_stack_up()
+    for line in round_trip(get_settings()):
+        console.print(line)
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     # InfluxDB: version 1 speaks /write + InfluxQL (database), 2 and 3 speak /api/v2 (org, bucket,
     # token). None means: detect from the server's /ping headers.
     influx_url: str = "http://127.0.0.1:8086"
-    influx_version: Literal[1, 2, 3] | None = None
+    influx_version: int | None = Field(default=None, ge=1, le=3)
     influx_database: str = "laggard"
     influx_org: str = "laggard"
     influx_bucket: str = "laggard"

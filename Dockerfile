@@ -1,0 +1,9 @@
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY laggard laggard
+COPY collectors collectors
+COPY agents agents
+COPY rules rules
+RUN pip install --no-cache-dir .
+USER nobody

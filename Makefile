@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Both install what is missing,
+# bring the local stack up (idempotent) and are quick the second time.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install stack demo test bench down clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+stack: install
+	$(BIN)/laggard stack up
+
+demo: stack
+	$(BIN)/laggard demo
+
+test: stack
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+bench: stack
+	$(BIN)/python bench/collectors.py
+
+down:
+	-$(BIN)/laggard stack down
+
+clean: down
+	rm -rf $(VENV) .stack

@@ -1,0 +1,44 @@
+"""docker-compose.yml cannot run here (no Docker engine), so check what can be checked: the
+services exist and every laggard setting it names is one the code reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from laggard.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_has_the_production_services():
+    services = _compose()["services"]
+    assert {"kafka", "influxdb", "grafana", "laggard-worker", "laggard-collector"} <= set(services)
+    assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert services["influxdb"]["environment"]["DOCKER_INFLUXDB_INIT_MODE"] == "setup"
+
+
+def test_compose_setting_names_are_the_codes():
+    fields = set(Settings.model_fields)
+    for name in ("laggard-worker", "laggard-collector"):
+        env = _compose()["services"][name]["environment"]
+        names = [k for k in env if k.startswith("LAGGARD_")]
+        assert names, name
+        unknown = [k for k in names if k.removeprefix("LAGGARD_").lower() not in fields | {"secrets_dir"}]
+        assert unknown == [], f"{name} sets settings the code does not read: {unknown}"
+    # Secrets are read from files named after settings (pydantic-settings secrets_dir).
+    secret_names = set(_compose()["services"]["laggard-worker"]["secrets"])
+    assert secret_names <= fields
+
+
+def test_compose_points_laggard_at_its_own_services():
+    env = _compose()["services"]["laggard-worker"]["environment"]
+    settings = Settings(**{k.removeprefix("LAGGARD_").lower(): v for k, v in env.items()
+                           if k not in ("LAGGARD_SECRETS_DIR",)})
+    assert settings.kafka_bootstrap_servers == "kafka:9092"
+    assert settings.influx_url == "http://influxdb:8086" and settings.influx_version == 2
