@@ -15,6 +15,22 @@ app = typer.Typer(
 )
 stack_app = typer.Typer(help="Run the local stack (Apache Kafka + InfluxDB) on this machine.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+
+
+def _add_room_commands() -> None:
+    """Each room's commands live in that room; imported here so `--help` lists them all."""
+    from collectors.cli import collect_app
+    from collectors.simulate_cli import simulate
+    from rules.cli import alerts_app, rules_app, silence_app
+
+    app.add_typer(collect_app, name="collect")
+    app.command("simulate")(simulate)
+    app.add_typer(rules_app, name="rules")
+    app.add_typer(alerts_app, name="alerts")
+    app.add_typer(silence_app, name="silence")
+
+
+_add_room_commands()
 console = Console()
 
 

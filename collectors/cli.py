@@ -1,0 +1,328 @@
+"""`laggard collect ...`: run one source and publish its NodeSamples to Kafka, or print them.
+
+Every command builds a Source and hands it to `run_source`, the one loop that drives any source
+into stdout (`--stdout`, JSON lines) or the Kafka publisher, stops on --count / --duration /
+SIGTERM / SIGINT, and always closes the publisher so buffered samples are flushed.
+Exit codes: 0 done, 1 some samples failed to publish, 2 the source or its options cannot be used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import closing
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Protocol
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from collectors.attribution import DEFAULT_SLURM_DIR, Attribution, AttributionError
+from collectors.base import Source, SystemClock
+from laggard.events import NodeSample, encode
+from laggard.settings import get_settings
+
+collect_app = typer.Typer(
+    help="Collect GPU telemetry from one source (NVML, dcgm-exporter, a recorded trace) and publish "
+    "it to Kafka, one message per node per tick. Use --stdout to print JSON lines instead.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+err_console = Console(stderr=True)
+
+# Print a status line this often when stderr is not a terminal (logs of a service).
+STATUS_EVERY_S = 60.0
+
+Cluster = Annotated[
+    str | None, typer.Option(help="Cluster name stamped on every sample (default: LAGGARD_CLUSTER, else local).")
+]
+Count = Annotated[int | None, typer.Option(min=1, help="Stop after this many ticks.")]
+Duration = Annotated[float | None, typer.Option(min=0.0, help="Stop after this many seconds.")]
+ToStdout = Annotated[
+    bool, typer.Option("--stdout", help="Print NodeSamples as JSON lines on stdout instead of publishing to Kafka.")
+]
+MappingOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--attribution",
+        exists=True,
+        dir_okay=False,
+        help="YAML/JSON file mapping GPU UUID or index to {job, rank} (see collectors/attribution.py).",
+    ),
+]
+
+
+class Sink(Protocol):
+    def publish(self, sample: NodeSample) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StdoutSink:
+    """JSON lines on stdout, each flushed at once so `| jq` and `| head` see it."""
+
+    def publish(self, sample: NodeSample) -> None:
+        sys.stdout.write(encode(sample).decode() + "\n")
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        sys.stdout.flush()
+
+
+class StopSignals:
+    """SIGTERM/SIGINT set `stop` (the source's waits end at once); a second signal interrupts hard."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
+        self.stop.set()
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+class StatusLine:
+    """'nvml: 120 ticks, 120 node samples, 960 GPU readings, 2.0 ticks/s, 0 rejected, 0 missed[, kafka ...]'."""
+
+    def __init__(self, source: Source, sink: Sink) -> None:
+        self.source = source
+        self.sink = sink
+        self.started = time.monotonic()
+        self.last_printed = self.started
+        self.ticks = self.samples = self.gpus = 0
+        self.live = Live(console=err_console, refresh_per_second=2, transient=True) if err_console.is_terminal else None
+
+    def add(self, tick: list[NodeSample]) -> None:
+        self.ticks += 1
+        self.samples += len(tick)
+        self.gpus += sum(len(sample.gpus) for sample in tick)
+        if self.live is not None:
+            self.live.update(Text(self.text()))
+        elif time.monotonic() - self.last_printed >= STATUS_EVERY_S:
+            self.last_printed = time.monotonic()
+            err_console.print(self.text(), highlight=False, soft_wrap=True)
+
+    def text(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        line = (
+            f"{self.source.name}: {self.ticks} ticks, {self.samples} node samples, {self.gpus} GPU readings, "
+            f"{self.ticks / elapsed:.1f} ticks/s, {self.source.rejects.total} rejected, "
+            f"{self.source.missed_ticks} missed"
+        )
+        stats = getattr(self.sink, "stats", None)
+        if stats is not None:
+            line += f", kafka sent {stats.sent} acked {stats.acked} failed {stats.failed}"
+        return line
+
+    def __enter__(self) -> StatusLine:
+        if self.live is not None:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.stop()
+
+
+def _open_sink(to_stdout: bool) -> Sink:
+    if to_stdout:
+        return StdoutSink()
+    from collectors.publisher import Publisher  # Kafka only when publishing
+
+    settings = get_settings()
+    try:
+        return Publisher(settings)
+    except Exception as err:  # any client error at connect time: say it in one line
+        fail(f"cannot publish to Kafka at {settings.kafka_bootstrap_servers}: {err}")
+
+
+def fail(message: str) -> NoReturn:
+    """Print one line on stderr and exit 2 (the source or its options cannot be used)."""
+    err_console.print(f"laggard collect: {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def run_source(
+    source: Source, clock: SystemClock, *, to_stdout: bool, count: int | None = None, duration: float | None = None
+) -> None:
+    """Drive `source` into stdout or Kafka until it ends, --count ticks, --duration seconds or a signal."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
+    sink = _open_sink(to_stdout)
+    status = StatusLine(source, sink)
+    timer = threading.Timer(duration, clock.stop.set) if duration is not None else None
+    try:
+        with StopSignals(clock.stop), status, closing(source.ticks()) as ticks:
+            if timer:
+                timer.start()
+            for tick in ticks:
+                for sample in tick:
+                    sink.publish(sample)
+                status.add(tick)
+                if count is not None and status.ticks >= count:
+                    break
+    except BrokenPipeError:  # `--stdout | head`: the reader is gone, which is a normal end
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        if timer:
+            timer.cancel()
+        sink.close()  # flushes: the summary below counts every ack
+        err_console.print(status.text(), highlight=False, soft_wrap=True)
+    failed = getattr(getattr(sink, "stats", None), "failed", 0)
+    if failed:
+        err_console.print(f"laggard collect: {failed} samples failed to publish", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _attribution(mapping_file: Path | None, slurm_dir: Path | None = None) -> Attribution:
+    try:
+        return Attribution.from_options(mapping_file, slurm_dir)
+    except AttributionError as err:
+        fail(str(err))
+
+
+@collect_app.command("nvml")
+def nvml_command(
+    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between ticks (fast counters).")] = 1.0,
+    slow_interval: Annotated[
+        float, typer.Option(min=0.01, help="Seconds between reads of slow counters (total energy, ~4 ms per GPU).")
+    ] = 10.0,
+    node: Annotated[str | None, typer.Option(help="Node name [default: this host's name].")] = None,
+    cluster: Cluster = None,
+    attribution: MappingOpt = None,
+    slurm_dir: Annotated[
+        Path, typer.Option(help="Folder of gpu-<index>.json files written by a Slurm prolog (job, rank).")
+    ] = DEFAULT_SLURM_DIR,
+    count: Count = None,
+    duration: Duration = None,
+    to_stdout: ToStdout = False,
+) -> None:
+    """Read this machine's GPUs through NVML at a fixed rate (needs the NVIDIA driver)."""
+    from collectors.nvml import NvmlSource, NvmlUnavailable
+
+    clock = SystemClock()
+    lookup = _attribution(attribution, slurm_dir)
+    try:
+        source = NvmlSource(
+            cluster=cluster or get_settings().cluster,
+            node=node,
+            interval_s=interval,
+            slow_interval_s=slow_interval,
+            attribution=lookup,
+            clock=clock,
+        )
+    except NvmlUnavailable as err:
+        fail(str(err))
+    run_source(source, clock, to_stdout=to_stdout, count=count, duration=duration)
+
+
+@collect_app.command("dcgm")
+def dcgm_command(
+    url: Annotated[str, typer.Option(help="dcgm-exporter metrics URL.")] = "http://127.0.0.1:9400/metrics",
+    interval: Annotated[
+        float, typer.Option(min=0.01, help="Seconds between scrapes (dcgm-exporter refreshes every 30 s by default).")
+    ] = 30.0,
+    timeout: Annotated[float, typer.Option(min=0.1, help="HTTP timeout per scrape, seconds.")] = 5.0,
+    node: Annotated[
+        str | None, typer.Option(help="Node name, overriding the exporter's Hostname/hostname label.")
+    ] = None,
+    cluster: Cluster = None,
+    attribution: MappingOpt = None,
+    count: Count = None,
+    duration: Duration = None,
+    to_stdout: ToStdout = False,
+) -> None:
+    """Scrape a dcgm-exporter endpoint; job and rank come from its Kubernetes pod labels."""
+    from collectors.dcgm import DcgmSource
+
+    clock = SystemClock()
+    source = DcgmSource(
+        url,
+        interval_s=interval,
+        timeout_s=timeout,
+        cluster=cluster or get_settings().cluster,
+        node=node,
+        attribution=_attribution(attribution),
+        clock=clock,
+    )
+    run_source(source, clock, to_stdout=to_stdout, count=count, duration=duration)
+
+
+class TraceFormat(str, Enum):
+    auto = "auto"
+    nvml_trace = "nvml-trace"
+    samples = "samples"
+
+
+class ShiftTo(str, Enum):
+    none = "none"
+    start = "start"
+    end = "end"
+
+
+@collect_app.command("replay")
+def replay_command(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Trace file (JSON lines).")],
+    fmt: Annotated[
+        TraceFormat,
+        typer.Option("--format", help="nvml-trace (fixtures/h200-nvml-trace) or samples (--stdout output)."),
+    ] = TraceFormat.auto,
+    speed: Annotated[
+        float, typer.Option(min=0.0, help="1 = real time, N = N times faster, 0 or inf = no waiting.")
+    ] = 1.0,
+    shift_to_now: Annotated[
+        ShiftTo, typer.Option(help="Move all timestamps so the trace starts or ends now.")
+    ] = ShiftTo.none,
+    node: Annotated[str, typer.Option(help="Node name for nvml-trace records.")] = "replay",
+    cluster: Cluster = None,
+    model: Annotated[str, typer.Option(help="GPU model for nvml-trace records.")] = "H200",
+    uuid_template: Annotated[str, typer.Option(help="GPU UUID for nvml-trace records; {node} and {gpu} filled in.")] = (
+        "GPU-{node}-{gpu}"
+    ),
+    attribution: MappingOpt = None,
+    count: Count = None,
+    duration: Duration = None,
+    to_stdout: ToStdout = False,
+) -> None:
+    """Play a recorded trace back on its own schedule, optionally faster and shifted to now."""
+    from collectors.replay import ReplaySource
+
+    clock = SystemClock()
+    try:
+        source = ReplaySource(
+            path,
+            cluster=cluster or get_settings().cluster,
+            node=node,
+            fmt=fmt.value,  # type: ignore[arg-type]
+            speed=speed,
+            shift=shift_to_now.value,  # type: ignore[arg-type]
+            model=model,
+            uuid_template=uuid_template,
+            attribution=_attribution(attribution),
+            clock=clock,
+        )
+    except ValueError as err:
+        fail(str(err))
+    run_source(source, clock, to_stdout=to_stdout, count=count, duration=duration)
+
+
+if __name__ == "__main__":
+    collect_app()

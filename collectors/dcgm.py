@@ -1,0 +1,232 @@
+"""Scrape a dcgm-exporter `/metrics` endpoint and turn each scrape into one NodeSample per host.
+
+The text is parsed with prometheus_client's parser. Mapping decisions, each tested:
+
+- Series are grouped per GPU by the `gpu` label, per MIG instance by `GPU_I_ID` (with
+  `GPU_I_PROFILE`), and per host by `Hostname` (released exporters) or `hostname` (newest).
+  `--node` overrides the label: in Kubernetes the label is the exporter pod's name unless the
+  DaemonSet sets NODE_NAME.
+- A MIG instance inherits device-level values (power, clocks, temperature) from the parent GPU's
+  series when it has none of its own; a GPU with MIG instances is reported per instance only.
+  `util_gpu` is DCGM_FI_DEV_GPU_UTIL, or DCGM_FI_PROF_GR_ENGINE_ACTIVE x 100 where that is absent
+  (it is under MIG); `util_mem` likewise falls back to DCGM_FI_PROF_DRAM_ACTIVE x 100.
+- Memory total = FB_USED + FB_FREE (+ FB_RESERVED where exported), all MiB. Energy mJ -> J.
+- The power limit is not in dcgm-exporter's default counters: where neither POWER_MGMT_LIMIT nor
+  ENFORCED_POWER_LIMIT is exported, the board's default limit for a known model is used (logged
+  once); for an unknown model the GPU is rejected naming `power_limit_w`. Any other missing
+  required field (utilization, power, clocks, temperature, memory) rejects the GPU with the field
+  named; optional fields (profiling ratios, energy, clocks-event reasons, XID) are just left out.
+- DCGM_FI_DEV_XID_ERRORS holds the last XID ever seen; it is reported as `xid` only when it
+  changes to a non-zero value, so one XID is one event, not one per scrape.
+- A failed or unparsable scrape is counted ('scrape_failed', 'parse_failed'), logged, and the tick
+  yields nothing; the next tick tries again.
+- Job and rank come from the Kubernetes labels (see collectors.attribution), else from the
+  attribution lookups (mapping file by UUID or index).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from collectors.attribution import Attribution, k8s_assignments
+from collectors.base import Clock, FixedRateScheduler, Source, SystemClock, Tick, build_node_sample, short_model
+from laggard.events import NodeSample
+
+log = logging.getLogger("laggard.collectors")
+
+DEFAULT_URL = "http://127.0.0.1:9400/metrics"
+
+# GpuSample field <- (DCGM metric, divisor to the schema's unit), in order of preference. The
+# profiling ratios stand in for utilization where the device counters are absent (under MIG).
+FIELDS: dict[str, tuple[tuple[str, float], ...]] = {
+    "util_gpu": (("DCGM_FI_DEV_GPU_UTIL", 1.0), ("DCGM_FI_PROF_GR_ENGINE_ACTIVE", 0.01)),
+    "util_mem": (("DCGM_FI_DEV_MEM_COPY_UTIL", 1.0), ("DCGM_FI_PROF_DRAM_ACTIVE", 0.01)),
+    "power_w": (("DCGM_FI_DEV_POWER_USAGE", 1.0),),
+    "power_limit_w": (("DCGM_FI_DEV_ENFORCED_POWER_LIMIT", 1.0), ("DCGM_FI_DEV_POWER_MGMT_LIMIT", 1.0)),
+    "sm_clock_mhz": (("DCGM_FI_DEV_SM_CLOCK", 1.0),),
+    "mem_clock_mhz": (("DCGM_FI_DEV_MEM_CLOCK", 1.0),),
+    "temp_c": (("DCGM_FI_DEV_GPU_TEMP", 1.0),),
+    "mem_used_mib": (("DCGM_FI_DEV_FB_USED", 1.0),),
+    "clocks_event_reasons": (("DCGM_FI_DEV_CLOCKS_EVENT_REASONS", 1.0), ("DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", 1.0)),
+    "energy_j": (("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 1000.0),),
+    "sm_active": (("DCGM_FI_PROF_SM_ACTIVE", 1.0),),
+    "tensor_active": (("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", 1.0),),
+    "dram_active": (("DCGM_FI_PROF_DRAM_ACTIVE", 1.0),),
+}
+FB_PARTS = ("DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE")
+FB_RESERVED = "DCGM_FI_DEV_FB_RESERVED"
+XID = "DCGM_FI_DEV_XID_ERRORS"
+KNOWN_METRICS = {metric for choices in FIELDS.values() for metric, _ in choices} | {FB_RESERVED, XID, *FB_PARTS}
+
+# Default board power limits (W) by the exporter's modelName, used only when no limit is exported.
+BOARD_POWER_LIMIT_W = {
+    "NVIDIA H100 80GB HBM3": 700.0,
+    "NVIDIA H100 PCIe": 350.0,
+    "NVIDIA H100 NVL": 400.0,
+    "NVIDIA H200": 700.0,
+    "NVIDIA H200 NVL": 600.0,
+    "NVIDIA GB200": 1200.0,
+    "NVIDIA B200": 1000.0,
+    "NVIDIA A100-SXM4-80GB": 400.0,
+    "NVIDIA A100-SXM4-40GB": 400.0,
+    "NVIDIA A100 80GB PCIe": 300.0,
+}
+
+GpuKey = tuple[str, int, int | None]  # host, gpu index, MIG instance
+
+
+@dataclass
+class ScrapedGpu:
+    """Everything one scrape says about one GPU or MIG instance."""
+
+    labels: dict[str, str] = field(default_factory=dict)
+    values: dict[str, float] = field(default_factory=dict)
+
+
+def parse_exporter_text(text: str) -> dict[GpuKey, ScrapedGpu]:
+    """Group the known DCGM series by host, GPU and MIG instance. Raises ValueError on bad text."""
+    gpus: dict[GpuKey, ScrapedGpu] = defaultdict(ScrapedGpu)
+    for family in text_string_to_metric_families(text):
+        if family.name not in KNOWN_METRICS:
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            host = labels.get("Hostname") or labels.get("hostname") or ""
+            instance = labels.get("GPU_I_ID")
+            key = (host, int(labels["gpu"]), int(instance) if instance else None)
+            gpu = gpus[key]
+            gpu.values[family.name] = sample.value
+            for name, value in labels.items():
+                gpu.labels.setdefault(name, value)
+    return dict(gpus)
+
+
+@dataclass
+class Mapper:
+    """Turns parsed scrapes into GpuSample fields; remembers XIDs and logged defaults between scrapes."""
+
+    attribution: Attribution = field(default_factory=Attribution)
+    last_xid: dict[GpuKey, float] = field(default_factory=dict)
+    defaulted_models: set[str] = field(default_factory=set)
+
+    def gpu_fields(self, key: GpuKey, gpu: ScrapedGpu, parent: ScrapedGpu | None) -> dict[str, Any]:
+        values = {**(parent.values if parent else {}), **gpu.values}
+        labels = gpu.labels
+        out: dict[str, Any] = {
+            "index": key[1],
+            "uuid": labels.get("UUID", ""),
+            "model": short_model(labels.get("modelName", "")),
+        }
+        for name, choices in FIELDS.items():
+            found = next((values[metric] / divisor for metric, divisor in choices if metric in values), None)
+            if found is not None:
+                out[name] = found
+        if all(part in values for part in FB_PARTS):
+            out["mem_total_mib"] = sum(values[part] for part in FB_PARTS) + values.get(FB_RESERVED, 0.0)
+        if "power_limit_w" not in out:
+            out.update(self._board_power_limit(labels.get("modelName", "")))
+        if key[2] is not None:
+            out["mig_instance"] = key[2]
+            out["mig_profile"] = labels.get("GPU_I_PROFILE")
+        xid = values.get(XID)
+        if xid is not None and xid != 0 and xid != self.last_xid.get(key):
+            out["xid"] = xid
+        if xid is not None:
+            self.last_xid[key] = xid
+        return out
+
+    def _board_power_limit(self, model_name: str) -> dict[str, float]:
+        limit = BOARD_POWER_LIMIT_W.get(model_name)
+        if limit is None:
+            return {}
+        if model_name not in self.defaulted_models:
+            self.defaulted_models.add(model_name)
+            log.warning(
+                "dcgm: no power limit exported for %s; using its board default %.0f W "
+                "(add DCGM_FI_DEV_POWER_MGMT_LIMIT to the exporter's counters)",
+                model_name,
+                limit,
+            )
+        return {"power_limit_w": limit}
+
+    def node_fields(self, gpus: dict[GpuKey, ScrapedGpu]) -> dict[str, list[dict[str, Any]]]:
+        """host -> GpuSample field dicts; MIG GPUs reported per instance, with job/rank filled in."""
+        with_instances = {(host, index) for host, index, instance in gpus if instance is not None}
+        reported = {
+            key: gpu for key, gpu in gpus.items() if key[2] is not None or (key[0], key[1]) not in with_instances
+        }
+        pods = k8s_assignments({key: gpu.labels for key, gpu in reported.items()})
+        by_host: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for key in sorted(reported, key=lambda k: (k[0], k[1], -1 if k[2] is None else k[2])):
+            fields = self.gpu_fields(key, reported[key], gpus.get((key[0], key[1], None)))
+            assigned = pods.get(key)
+            if assigned is not None:
+                fields.update(assigned.model_dump(exclude_none=True))
+            else:
+                fields.update(self.attribution.fields(key[1], fields["uuid"]))
+            by_host[key[0]].append(fields)
+        return dict(by_host)
+
+
+class DcgmSource(Source):
+    """Scrapes `url` every `interval_s` (dcgm-exporter itself refreshes every 30 s by default)."""
+
+    name = "dcgm"
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        interval_s: float = 30.0,
+        cluster: str,
+        node: str | None = None,
+        attribution: Attribution | None = None,
+        timeout_s: float = 5.0,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__()
+        self.url = url
+        self.cluster = cluster
+        self.node = node
+        self.timeout_s = timeout_s
+        self.mapper = Mapper(attribution or Attribution())
+        self.scheduler = FixedRateScheduler(interval_s, clock or SystemClock())
+
+    @property
+    def missed_ticks(self) -> int:
+        return self.scheduler.missed
+
+    def scrape(self, client: httpx.Client) -> list[NodeSample]:
+        """One scrape: fetch, parse, map. Failures are counted and give an empty list."""
+        try:
+            response = client.get(self.url)
+            response.raise_for_status()
+        except httpx.HTTPError as err:
+            self.rejects.count("scrape_failed", self.url, f"{type(err).__name__}: {err}")
+            return []
+        ts = time.time()
+        try:
+            gpus = parse_exporter_text(response.text)
+        except (ValueError, KeyError) as err:  # KeyError: a series without the `gpu` label
+            self.rejects.count("parse_failed", self.url, f"{type(err).__name__}: {err}")
+            return []
+        samples = []
+        for host, fields in self.mapper.node_fields(gpus).items():
+            node = self.node or host or "unknown"
+            sample = build_node_sample(self.rejects, ts=ts, cluster=self.cluster, node=node, gpus=fields)
+            if sample is not None:
+                samples.append(sample)
+        return samples
+
+    def ticks(self) -> Iterator[Tick]:
+        with httpx.Client(timeout=self.timeout_s) as client:
+            for _ in self.scheduler:
+                yield self.scrape(client)

@@ -1,0 +1,216 @@
+"""The fleet simulator: every GPU of every node, one numpy pass per tick.
+
+Jobs run synchronous data-parallel steps. Each rank computes for
+`step_s * (1 - comm_share) / throughput(model) * (normal clock / its clock)`, waits for the
+slowest rank and then runs the collective (`step_s * comm_share`). The wait counts as idle, the
+signature the agents look for (where NCCL kernels spin while waiting, util_gpu stays high and
+power is the better witness), so a slow rank reads busy for the whole step while its peers'
+utilization drops: NVML utilization per sample is the share of the sample interval a kernel ran.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from collectors.base import Source, Tick
+from collectors.simulate.encode import SOURCE, NodeEncoder
+from collectors.simulate.faults import FaultSchedule, TickEffects, tick_count
+from collectors.simulate.layout import FleetLayout, build_layout
+from collectors.simulate.physics import (
+    CAP_INTENSITY,
+    POWER_EXPONENT,
+    PowerCurve,
+    busy_integral,
+    power_cap_reason,
+    sm_clock_mhz,
+    temperature_step,
+)
+from collectors.simulate.scenario import Scenario
+from laggard.events import FaultTruth, GpuSample, NodeSample
+
+IDLE_MEM_MIB = 615.0  # driver context on an idle H200 (fixture)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One tick of the fleet: reported values per GPU (whole numbers, as sent) and step truth per job."""
+
+    ts: float
+    job: np.ndarray  # job index per GPU, -1 when unallocated
+    rank: np.ndarray
+    present: np.ndarray  # False where the GPU is silent this tick
+    util_gpu: np.ndarray
+    util_mem: np.ndarray
+    power_w: np.ndarray
+    power_limit_w: np.ndarray
+    sm_clock_mhz: np.ndarray
+    temp_c: np.ndarray
+    mem_used_mib: np.ndarray
+    reasons: np.ndarray
+    energy_j: np.ndarray
+    xid: np.ndarray  # 0 where none
+    busy: np.ndarray  # exact busy share, before noise
+    job_step_s: np.ndarray  # per job: step time this tick (inf: stalled or all idle; nan: not running)
+    job_steps: np.ndarray  # per job: steps completed during this tick
+
+
+class FleetSimulator(Source):
+    """Deterministic for a scenario, seed and start time: the same bytes every run."""
+
+    name = SOURCE
+
+    def __init__(self, scenario: Scenario, start_ts: float | None = None) -> None:
+        super().__init__()
+        self.scenario = scenario
+        start = start_ts if start_ts is not None else scenario.start
+        self.start_ts = round(time.time() if start is None else start, 3)
+        self.layout: FleetLayout = build_layout(scenario)
+        self.schedule = FaultSchedule(scenario, self.layout)
+        self.tick_count = tick_count(scenario)
+        self.encoder = NodeEncoder(scenario, self.layout)
+        self._mem_clock_mhz = self.layout.spec_array("mem_clock_mhz")
+        self._mem_total_mib = self.layout.spec_array("mem_total_mib")
+
+    @property
+    def gpu_count(self) -> int:
+        return self.layout.gpu_count
+
+    def truth(self) -> list[FaultTruth]:
+        return self.schedule.truth(self.start_ts)
+
+    def frames(self) -> Iterator[Frame]:
+        """Every tick's values, vectorised over all GPUs; ticks() and encoded_ticks() format these."""
+        return _FramePhysics(self).run()
+
+    def ticks(self) -> Iterator[Tick]:
+        for f in self.frames():
+            yield [s for n in range(len(self.layout.nodes)) if (s := self._node_sample(f, n)) is not None]
+
+    def encoded_ticks(self) -> Iterator[tuple[float, list[tuple[bytes, bytes]]]]:
+        """(tick ts, [(node key, NodeSample JSON)]) without building pydantic models: the fast path."""
+        for f in self.frames():
+            yield f.ts, self.encoder.encode(f)
+
+    def _node_sample(self, f: Frame, n: int) -> NodeSample | None:
+        lay, jobs = self.layout, self.scenario.jobs
+        gpus = [
+            GpuSample(
+                index=int(lay.gpu_index[g]),
+                uuid=lay.gpu_uuid[g],
+                model=lay.gpu_model[g],
+                job=jobs[f.job[g]].name if f.job[g] >= 0 else None,
+                rank=int(f.rank[g]) if f.job[g] >= 0 else None,
+                util_gpu=float(f.util_gpu[g]),
+                util_mem=float(f.util_mem[g]),
+                power_w=float(f.power_w[g]),
+                power_limit_w=float(f.power_limit_w[g]),
+                sm_clock_mhz=float(f.sm_clock_mhz[g]),
+                mem_clock_mhz=float(self._mem_clock_mhz[g]),
+                temp_c=float(f.temp_c[g]),
+                mem_used_mib=float(f.mem_used_mib[g]),
+                mem_total_mib=float(self._mem_total_mib[g]),
+                clocks_event_reasons=int(f.reasons[g]),
+                energy_j=float(f.energy_j[g]),
+                xid=int(f.xid[g]) or None,
+            )
+            for g in range(lay.node_first_gpu[n], lay.node_first_gpu[n + 1])
+            if f.present[g]
+        ]
+        if not gpus:
+            return None
+        return NodeSample(ts=f.ts, cluster=self.scenario.cluster, node=lay.nodes[n], source=SOURCE, gpus=gpus)
+
+
+class _FramePhysics:
+    """The state carried from tick to tick (job phases, temperatures, energy) and one tick's physics."""
+
+    def __init__(self, sim: FleetSimulator) -> None:
+        self.sim = sim
+        s, lay = sim.scenario, sim.layout
+        self.rng = np.random.default_rng(s.seed)
+        spec = lay.spec_array
+        self.curve = PowerCurve(spec("idle_w"), spec("loaded_w"), POWER_EXPONENT)
+        self.max_clock, self.loaded_clock = spec("max_sm_clock_mhz"), spec("loaded_sm_clock_mhz")
+        self.throughput, self.mem_total = spec("throughput"), spec("mem_total_mib")
+        self.idle_temp, self.temp_per_w = spec("idle_temp_c"), spec("temp_c_per_w")
+        jobs = s.jobs
+        self.compute_s = np.array([j.step_s * (1 - j.comm_share) for j in jobs] + [0.0])  # index -1: no job
+        self.comm_s = np.array([j.step_s * j.comm_share for j in jobs] + [0.0])
+        self.intensity = np.array([j.intensity for j in jobs] + [0.0])
+        self.mem_util = np.array([j.mem_util_pct for j in jobs] + [0.0])
+        self.mem_share = np.array([j.mem_share for j in jobs] + [0.0])
+        self.phase = self.rng.random(len(jobs))  # jobs do not step in lockstep with each other
+        self.temp: np.ndarray | None = None  # set to the first tick's steady state
+        self.energy = self.rng.uniform(1e6, 1e8, lay.gpu_count)  # counters since the driver loaded
+
+    def run(self) -> Iterator[Frame]:
+        s = self.sim.scenario
+        for k in range(self.sim.tick_count):
+            t_s = k * s.tick_s
+            job, rank = self.sim.layout.allocation(t_s)
+            yield self.tick(self.sim.start_ts + round(t_s, 6), job, rank, self.sim.schedule.effects(k))
+
+    def step_times(self, job: np.ndarray, fx: TickEffects, compute: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(per-job step time, inf where no step progresses; which GPUs take part): the slowest rank paces."""
+        stalled = np.append(fx.stalled_jobs, False)[job]
+        taking_part = (job >= 0) & ~fx.idle & ~stalled
+        step = np.full(len(self.phase), -np.inf)
+        np.maximum.at(step, job[taking_part], (compute + self.comm_s[job])[taking_part])
+        return np.where(np.isfinite(step), step, np.inf), taking_part
+
+    def tick(self, ts: float, job: np.ndarray, rank: np.ndarray, fx: TickEffects) -> Frame:
+        tick_s = self.sim.scenario.tick_s
+        noise = self.rng.standard_normal((4, len(job)))
+        clock_ratio = np.minimum(1.0, fx.clock_cap_mhz / self.loaded_clock)
+        compute = self.compute_s[job] / self.throughput / clock_ratio
+        step, taking_part = self.step_times(job, fx, compute)
+
+        # Job phase counts steps; each rank's busy share is its busy time over this tick's phase span.
+        p0, p1 = self.phase, self.phase + tick_s / step
+        rank_step = np.append(step, np.inf)[job]
+        gp0, gp1 = np.append(p0, 0.0)[job], np.append(p1, 0.0)[job]
+        a, b = compute / rank_step, self.comm_s[job] / rank_step
+        busy_steps = busy_integral(gp1, a, b) - busy_integral(gp0, a, b)
+        busy = np.where(taking_part, np.clip(busy_steps / np.maximum(gp1 - gp0, 1e-12), 0.0, 1.0), 0.0)
+        steps_done = np.floor(p1) - np.floor(p0)
+        self.phase = p1 - np.floor(p1)
+        running = np.zeros(len(step), dtype=bool)
+        running[job[job >= 0]] = True
+
+        intensity = np.where(taking_part, self.intensity[job], 0.0)
+        capped = intensity >= CAP_INTENSITY
+        normal_clock = sm_clock_mhz(self.max_clock, self.loaded_clock, busy, capped)
+        clock = np.minimum(normal_clock, fx.clock_cap_mhz)
+        power = self.curve.power_w(busy, intensity * clock / normal_clock)
+        power = np.clip(power + noise[0] * (3.0 + 0.015 * power), 0.0, fx.power_limit_w)
+        target = self.idle_temp + self.temp_per_w * (power - self.curve.idle_w) + fx.extra_temp_c
+        self.temp = target if self.temp is None else temperature_step(self.temp, target, tick_s)
+        self.energy = self.energy + power * tick_s
+        working = busy > 0
+        holds_memory = (job >= 0) & ~fx.idle
+
+        return Frame(
+            ts=ts,
+            job=job,
+            rank=rank,
+            present=~fx.silent,
+            util_gpu=np.rint(np.clip(100 * busy + working * noise[1], 0, 100)).astype(np.int64),
+            util_mem=np.rint(np.clip(self.mem_util[job] * busy + working * noise[2] * 0.5, 0, 100)).astype(np.int64),
+            power_w=np.rint(power).astype(np.int64),
+            power_limit_w=np.rint(fx.power_limit_w).astype(np.int64),
+            sm_clock_mhz=np.rint(clock + working * noise[3] * 6.0).astype(np.int64),
+            temp_c=np.rint(self.temp).astype(np.int64),
+            mem_used_mib=np.rint(np.where(holds_memory, self.mem_share[job] * self.mem_total, IDLE_MEM_MIB)).astype(
+                np.int64
+            ),
+            reasons=power_cap_reason(busy, capped) | fx.reasons,
+            energy_j=np.rint(self.energy).astype(np.int64),
+            xid=fx.xid,
+            busy=busy,
+            job_step_s=np.where(running, step, np.nan),
+            job_steps=steps_done,
+        )

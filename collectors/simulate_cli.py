@@ -1,0 +1,185 @@
+"""`laggard simulate SCENARIO.yaml`: drive the fleet simulator into Kafka, stdout or nowhere.
+
+Samples go out as they are encoded (one message per node per tick, the fast path); each
+ground-truth event goes out when the simulation reaches its start, to `topic_truth` (or, with
+--stdout, to --truth-file or stderr). --discard sends nothing and reports the simulator's own rate.
+Exit codes: 0 done, 1 some messages failed to publish, 2 the scenario or options cannot be used.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import IO, Annotated, Protocol
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from collectors.base import SystemClock, sleep_until
+from collectors.cli import StopSignals, err_console
+from collectors.simulate import FleetSimulator, ScenarioError, load_scenario
+from collectors.simulate.scenario import shortened
+from laggard.events import FaultTruth, encode
+from laggard.settings import get_settings
+
+
+class _Sink(Protocol):
+    failed: int
+
+    def sample(self, key: bytes, value: bytes) -> None: ...
+
+    def truth(self, event: FaultTruth) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Discard:
+    """Counts nothing, sends nothing: what is left is the simulator's own cost."""
+
+    failed = 0
+
+    def sample(self, key: bytes, value: bytes) -> None:
+        pass
+
+    def truth(self, event: FaultTruth) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Stdout:
+    def __init__(self, truth_file: Path | None) -> None:
+        self.failed = 0
+        self.out = sys.stdout.buffer
+        self.truth_out: IO[str] = truth_file.open("w", encoding="utf-8") if truth_file else sys.stderr
+
+    def sample(self, key: bytes, value: bytes) -> None:
+        self.out.write(value + b"\n")
+
+    def truth(self, event: FaultTruth) -> None:
+        self.truth_out.write(encode(event).decode() + "\n")
+
+    def close(self) -> None:
+        self.out.flush()
+        self.truth_out.flush()
+        if self.truth_out is not sys.stderr:
+            self.truth_out.close()
+
+
+class _Kafka:
+    def __init__(self) -> None:
+        from collectors.publisher import Publisher  # Kafka only when publishing
+
+        self.settings = get_settings()
+        self.publisher = Publisher(self.settings)
+
+    @property
+    def failed(self) -> int:
+        return self.publisher.stats.failed
+
+    def sample(self, key: bytes, value: bytes) -> None:
+        self.publisher.publish_raw(key, value)
+
+    def truth(self, event: FaultTruth) -> None:
+        key = (event.job or event.node or event.scenario).encode()
+        self.publisher.publish_raw(key, encode(event), topic=self.settings.topic_truth)
+
+    def close(self) -> None:
+        self.publisher.close()
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"laggard simulate: {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+def _start_ts(start: str | None, scenario_start: float | None) -> float:
+    """Unix seconds of the first tick: --start ('now' or seconds), else the scenario's, else now."""
+    if start is None:
+        return time.time() if scenario_start is None else scenario_start
+    if start == "now":
+        return time.time()
+    try:
+        return float(start)
+    except ValueError:
+        raise _fail(f"--start must be 'now' or unix seconds, got {start!r}") from None
+
+
+def simulate(
+    scenario: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="Scenario YAML (examples in collectors/scenarios/).")
+    ],
+    speed: Annotated[float, typer.Option(min=0.001, help="Simulated seconds per wall-clock second.")] = 1.0,
+    as_fast_as_possible: Annotated[bool, typer.Option("--as-fast-as-possible", help="Do not pace ticks.")] = False,
+    to_stdout: Annotated[
+        bool, typer.Option("--stdout", help="Print NodeSamples as JSON lines instead of publishing to Kafka.")
+    ] = False,
+    truth_file: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="With --stdout: ground truth JSON lines here [default: stderr].")
+    ] = None,
+    discard: Annotated[
+        bool, typer.Option("--discard", help="Generate and encode but send nothing; reports the simulator's rate.")
+    ] = False,
+    seed: Annotated[int | None, typer.Option(help="Override the scenario's seed.")] = None,
+    start: Annotated[
+        str | None, typer.Option(help="'now' or unix seconds of the first tick [default: the scenario's, else now].")
+    ] = None,
+    duration: Annotated[float | None, typer.Option(min=0.001, help="Override the scenario's duration, seconds.")] = None,
+) -> None:
+    """Simulate a GPU fleet running synchronous jobs with injected faults, and publish its ground truth."""
+    try:
+        spec = load_scenario(scenario)
+    except ScenarioError as err:
+        raise _fail(str(err)) from None
+    if seed is not None:
+        spec = spec.model_copy(update={"seed": seed})
+    if duration is not None:
+        spec = shortened(spec, duration)
+    sim = FleetSimulator(spec, start_ts=_start_ts(start, spec.start))
+    sink: _Sink = _Discard() if discard else _Stdout(truth_file) if to_stdout else _Kafka()
+    truth = deque(sim.truth())
+    clock = SystemClock(threading.Event())
+    interval = 0.0 if as_fast_as_possible else spec.tick_s / speed
+    gpu_samples = 0
+    began = clock.monotonic()
+    progress = Progress(
+        TextColumn(f"{spec.name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("ticks {task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+    try:
+        with StopSignals(clock.stop), progress:
+            task = progress.add_task("simulate", total=sim.tick_count, rate="")
+            for k, (ts, messages) in enumerate(sim.encoded_ticks()):
+                if interval and sleep_until(clock, began + k * interval):
+                    break
+                while truth and truth[0].start <= ts:
+                    sink.truth(truth.popleft())
+                for key, value in messages:
+                    sink.sample(key, value)
+                gpu_samples += sum(value.count(b'"index"') for _, value in messages)
+                rate = gpu_samples / max(clock.monotonic() - began, 1e-9)
+                progress.update(task, advance=1, rate=f"{rate:,.0f} GPU samples/s")
+            else:
+                while truth:  # faults that start after the last tick still count
+                    sink.truth(truth.popleft())
+    finally:
+        sink.close()
+    elapsed = max(clock.monotonic() - began, 1e-9)
+    err_console.print(
+        f"simulate {spec.name}: {sim.gpu_count} GPUs, {gpu_samples:,} GPU samples in {elapsed:.1f} s "
+        f"({gpu_samples / elapsed:,.0f} GPU samples/s)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if sink.failed:
+        err_console.print(f"laggard simulate: {sink.failed} messages failed to publish", highlight=False)
+        raise typer.Exit(1)

@@ -1,0 +1,193 @@
+"""CLI pieces for the lead to mount: `laggard rules …`, `laggard alerts …`, `laggard silence …`.
+
+Active alerts and silences live as JSON files under settings.state_dir for now: the worker
+writes `alerts-state.json` (AlertEngine.snapshot()) and reads `silences.json`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Column, Table
+
+from laggard.settings import get_settings
+from rules.evaluate import sample_context
+from rules.lifecycle import AlertSnapshot, EngineState, Notification, dashboard_url, fingerprint
+from rules.loader import DEFAULT_RULES, RulesFileInvalid, check_file, load_rules
+from rules.model import Matcher, RulesConfig, parse_duration
+from rules.receivers.delivery import DeadLetter, Dispatcher
+from rules.receivers.text import human_duration, iso_utc, pairs
+from rules.silences import SilenceStore
+
+ALERTS_STATE_FILE = "alerts-state.json"
+SILENCES_FILE = "silences.json"
+
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
+
+rules_app = typer.Typer(help="Check alert rule files.", no_args_is_help=True)
+alerts_app = typer.Typer(help="Active alerts and test notifications.", no_args_is_help=True)
+silence_app = typer.Typer(help="Mute alerts by label for a while.", no_args_is_help=True)
+
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", envvar="LAGGARD_RULES_FILE", help="rules file with receivers and routes")
+]
+
+
+def silence_store() -> SilenceStore:
+    return SilenceStore(get_settings().state_dir / SILENCES_FILE)
+
+
+@rules_app.callback()
+def rules_group() -> None:
+    """Check alert rule files."""  # a callback keeps `rules` a group even with one command
+
+
+@rules_app.command("check")
+def check(files: Annotated[list[Path], typer.Argument(help="rule files to check")]) -> None:
+    """Validate rule files; print each error as FILE:LINE: FIELD: MESSAGE; exit 1 on any error."""
+    failed = 0
+    for path in files:
+        config, problems = check_file(path)
+        for problem in problems:
+            errors.print(str(problem), markup=False, highlight=False)
+        if config is not None:
+            console.print(f"{path}: OK ({len(config.rules)} rules, {len(config.receivers)} receivers)", markup=False)
+        failed += len(problems)
+    if failed:
+        errors.print(f"{failed} error(s)", markup=False)
+        raise typer.Exit(1)
+
+
+def test_notification(config: RulesConfig, receiver: str, now: float) -> Notification:
+    """A firing notification built from the first rule's sample, marked as a test."""
+    if not config.rules:
+        raise typer.BadParameter("the rules file has no rules to build a sample from")
+    rule = config.rules[0]
+    context = sample_context(rule, config.external_url)
+    labels = {**context["labels"], "test": "true"}
+    alert = AlertSnapshot(
+        fingerprint=fingerprint(labels),
+        status="firing",
+        labels=labels,
+        annotations={"summary": f"Test notification from laggard (sample of rule {rule.name})"},
+        starts_at=now - 60,
+        evidence=context["evidence"],
+        cost=context["cost"],
+        generator_url=dashboard_url(config.external_url, labels),
+    )
+    return Notification(
+        idempotency_key=f"test-{int(now * 1000)}",
+        receiver=receiver,
+        group_key=f"test/{receiver}",
+        group_labels={"alertname": labels["alertname"]},
+        status="firing",
+        alerts=[alert],
+        common_labels=labels,
+        common_annotations=alert.annotations,
+        external_url=config.external_url,
+        sequence=1,
+        created_at=now,
+    )
+
+
+@alerts_app.command("test")
+def send_test(receiver: Annotated[str, typer.Argument(help="receiver name from the rules file")], config: ConfigOption = DEFAULT_RULES) -> None:
+    """Send a test notification through a configured receiver (URL from its url_env/url_file)."""
+    try:
+        rules = load_rules(config)
+        rules.receiver(receiver)
+    except RulesFileInvalid as err:
+        errors.print(str(err), markup=False)
+        raise typer.Exit(1) from None
+    except KeyError:
+        names = ", ".join(r.name for r in rules.receivers)
+        errors.print(f"unknown receiver {receiver!r}; defined: {names}", markup=False)
+        raise typer.Exit(1) from None
+    letters: list[DeadLetter] = []
+
+    async def send() -> str:
+        async with Dispatcher(rules.receivers, dead_letter=letters.append) as dispatcher:
+            outcome = await dispatcher.dispatch(test_notification(rules, receiver, time.time()))
+        return outcome.status
+
+    status = asyncio.run(send())
+    if status != "sent":
+        errors.print(f"receiver {receiver}: not delivered: {letters[0].reason if letters else status}", markup=False)
+        raise typer.Exit(1)
+    console.print(f"receiver {receiver}: test notification delivered", markup=False)
+
+
+@alerts_app.command("list")
+def list_alerts(
+    state_file: Annotated[Path | None, typer.Option("--state", help=f"engine state JSON (default: state_dir/{ALERTS_STATE_FILE})")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Active (pending and firing) alerts, from the state file the worker writes."""
+    path = state_file or get_settings().state_dir / ALERTS_STATE_FILE
+    if not path.exists():
+        errors.print(f"no alert state at {path} (is the worker running?)", markup=False)
+        raise typer.Exit(1)
+    state = EngineState.model_validate_json(path.read_bytes())
+    live = sorted((a for a in state.alerts.values() if a.status != "resolved"), key=lambda a: a.active_since)
+    if as_json:
+        console.print_json(json.dumps([a.model_dump(mode="json") for a in live]))
+        return
+    table = Table("status", Column("alert", no_wrap=True), "severity", "where", "since", "muted", "summary")
+    now = time.time()
+    for a in live:
+        since = a.starts_at if a.starts_at is not None else a.active_since
+        where = pairs({k: v for k, v in a.labels.items() if k in ("cluster", "job", "rank", "node", "gpu")})
+        muted = "silenced" if a.silenced_by else "inhibited" if a.inhibited else ""
+        table.add_row(a.status, a.labels.get("alertname", a.rule), a.labels.get("severity", ""), where,
+                      f"{iso_utc(since)} ({human_duration(now - since)})", muted, a.annotations.get("summary", ""))
+    console.print(table)
+
+
+@silence_app.command("add")
+def silence_add(
+    match: Annotated[list[str], typer.Option("--match", "-m", help="label matcher: k=v, k!=v, k=~regex, k!~regex")],
+    comment: Annotated[str, typer.Option("--comment", help="why (required)")],
+    duration: Annotated[str, typer.Option("--for", help="how long, e.g. 30m, 2h")] = "2h",
+    author: Annotated[str | None, typer.Option("--author", help="who (default: your user name)")] = None,
+) -> None:
+    """Add a silence starting now."""
+    try:
+        matchers = [Matcher.model_validate(text) for text in match]
+        seconds = parse_duration(duration)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    now = time.time()
+    silence = silence_store().add(
+        matchers, starts_at=now, ends_at=now + seconds, comment=comment, created_by=author or getpass.getuser(), now=now
+    )
+    console.print(f"silence {silence.id} until {iso_utc(silence.ends_at)}", markup=False)
+
+
+@silence_app.command("list")
+def silence_list(include_expired: Annotated[bool, typer.Option("--all", help="include expired silences")] = False) -> None:
+    """Pending and active silences (all with --all)."""
+    now = time.time()
+    table = Table(Column("id", no_wrap=True), "state", "matchers", "starts", "ends", "created by", "comment")
+    for s in silence_store().list(now, include_expired=include_expired):
+        table.add_row(s.id, s.state(now), " ".join(str(m) for m in s.matchers), iso_utc(s.starts_at),
+                      iso_utc(s.ends_at), s.created_by, s.comment)
+    console.print(table)
+
+
+@silence_app.command("expire")
+def silence_expire(silence_id: Annotated[str, typer.Argument(help="silence id from `silence list`")]) -> None:
+    """End a silence now."""
+    try:
+        silence = silence_store().expire(silence_id, time.time())
+    except KeyError:
+        errors.print(f"no silence with id {silence_id!r}", markup=False)
+        raise typer.Exit(1) from None
+    console.print(f"silence {silence.id} expired at {iso_utc(silence.ends_at)}", markup=False)

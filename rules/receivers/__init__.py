@@ -1,0 +1,16 @@
+"""Chat and webhook receivers: one module per kind builds the JSON body; delivery.py sends it."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from rules.lifecycle import Notification
+from rules.receivers import discord, mattermost, slack, teams, webhook
+
+PAYLOAD_BUILDERS: dict[str, Callable[[Notification], dict[str, Any]]] = {
+    "slack": slack.payload,
+    "discord": discord.payload,
+    "teams": teams.payload,
+    "mattermost": mattermost.payload,
+    "webhook": webhook.payload,
+}

@@ -1,0 +1,347 @@
+"""Send notifications to webhooks: retries, 429 handling, rate limits, dead letters, no URL leaks.
+
+- Network errors, timeouts and 5xx are retried with exponential backoff and jitter (tenacity).
+- 429 waits what the service asks: the Retry-After header, or Discord's `retry_after` JSON field
+  (seconds, may be fractional); the receiver's rate limiter is paused for that long too.
+- Each receiver has a rate limiter (GCRA, equivalent to a token bucket of `burst` tokens
+  refilled at `rate_per_s`).
+- A notification still undelivered after the retry budget, or refused for good (4xx), goes to
+  the dead-letter callable with the reason, and is counted.
+- The sent log remembers idempotency keys, so a replay after a restart does not send twice.
+- Webhook URLs are secrets (the path is the credential). httpx puts URLs in its exception
+  messages and its INFO log line, so errors are rebuilt from scratch with URLs redacted, and a
+  logging filter redacts URLs in httpx/httpcore log records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import re
+import time
+from collections import Counter, OrderedDict
+from email.utils import parsedate_to_datetime
+from typing import Any, Awaitable, Callable, Iterable, Literal, Sequence
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import BaseModel, SecretStr
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
+
+from rules.lifecycle import Notification
+from rules.model import ReceiverConfig
+from rules.receivers import PAYLOAD_BUILDERS
+
+log = logging.getLogger("laggard.rules.delivery")
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Replace known secret URLs, then any URL's path, query and credentials, keeping the host."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "<redacted-url>")
+
+    def _host_only(found: re.Match[str]) -> str:
+        parts = urlsplit(found.group())
+        host = parts.hostname or "?"
+        return f"{parts.scheme}://{host}{':' + str(parts.port) if parts.port else ''}/<redacted>"
+
+    return _URL.sub(_host_only, text)
+
+
+class RedactUrls(logging.Filter):
+    """Rewrites a record's message with URLs redacted (httpx logs every request URL at INFO)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), None
+        return True
+
+
+_HTTP_LOGGERS = ("httpx", "httpcore", "httpcore.connection", "httpcore.http11", "httpcore.http2", "httpcore.proxy")
+
+
+def install_log_redaction() -> None:
+    for name in _HTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactUrls) for f in logger.filters):
+            logger.addFilter(RedactUrls())
+
+
+install_log_redaction()
+
+
+class DeliveryFailed(Exception):
+    """A failed send; `reason` is safe to log (no URL)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TransientFailure(DeliveryFailed):
+    """Worth retrying: network error, timeout, 5xx."""
+
+
+class RateLimited(TransientFailure):
+    def __init__(self, reason: str, retry_after: float | None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class PermanentFailure(DeliveryFailed):
+    """Retrying will not help: 4xx other than 429/408, or a wait longer than allowed."""
+
+
+class RateLimiter:
+    """GCRA: at most `burst` sends at once, then one per 1/rate_per_s seconds."""
+
+    def __init__(self, rate_per_s: float, burst: int = 1) -> None:
+        self.interval = 1.0 / rate_per_s
+        self.tolerance = (burst - 1) * self.interval
+        self.tat = float("-inf")  # theoretical arrival time of the next send
+
+    def reserve(self, now: float) -> float:
+        """Take a slot; returns how long to wait before using it."""
+        tat = max(self.tat, now)
+        self.tat = tat + self.interval
+        return max(0.0, tat - self.tolerance - now)
+
+    def block_until(self, until: float) -> None:
+        """The service said "not before `until`": no slot before then."""
+        self.tat = max(self.tat, until + self.tolerance)
+
+
+def retry_after_seconds(headers: httpx.Headers, body: bytes, wall_now: float) -> float | None:
+    """Seconds to wait from a 429: Discord's JSON `retry_after` (fractional), else the Retry-After
+    header (seconds or an HTTP date). None if the response gives no hint."""
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:  # not JSON (Slack answers plain text)
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("retry_after"), (int, float)):
+        return max(0.0, float(data["retry_after"]))
+    header = headers.get("retry-after")
+    if header is None:
+        return None
+    try:
+        return max(0.0, float(header))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(header).timestamp() - wall_now)
+    except (TypeError, ValueError):
+        return None
+
+
+class DeadLetter(BaseModel):
+    idempotency_key: str
+    receiver: str
+    reason: str
+    attempts: int
+    failed_at: float
+    notification: dict[str, Any]
+
+
+class DeliveryOutcome(BaseModel):
+    idempotency_key: str
+    receiver: str
+    status: Literal["sent", "duplicate", "dead_lettered"]
+    attempts: int = 0
+    reason: str | None = None
+
+
+class SentLog:
+    """Idempotency keys already handled (sent or dead-lettered), oldest dropped past `max_keys`.
+    Serialisable so the worker can persist it beside the engine state."""
+
+    def __init__(self, keys: dict[str, str] | None = None, max_keys: int = 100_000) -> None:
+        self.max_keys = max_keys
+        self._keys: OrderedDict[str, str] = OrderedDict(keys or {})
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def record(self, key: str, outcome: str) -> None:
+        self._keys[key] = outcome
+        self._keys.move_to_end(key)
+        while len(self._keys) > self.max_keys:
+            self._keys.popitem(last=False)
+
+    def to_dict(self) -> dict[str, str]:
+        return dict(self._keys)
+
+
+class DeliveryStats:
+    """Counts per (receiver, event): sent, duplicate, retry, rate_limited, dead_lettered."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def incr(self, receiver: str, event: str) -> None:
+        self.counts[(receiver, event)] += 1
+
+    def get(self, receiver: str, event: str) -> int:
+        return self.counts[(receiver, event)]
+
+
+DeadLetterSink = Callable[[DeadLetter], Awaitable[None] | None]
+
+
+class Dispatcher:
+    """Delivers notifications to the receivers of a rules file."""
+
+    def __init__(
+        self,
+        receivers: Sequence[ReceiverConfig],
+        *,
+        dead_letter: DeadLetterSink,
+        environ: dict[str, str] | None = None,
+        sent_log: SentLog | None = None,
+        stats: DeliveryStats | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.receivers = {r.name: r for r in receivers}
+        self.dead_letter = dead_letter
+        self.sent_log = sent_log if sent_log is not None else SentLog()
+        self.stats = stats if stats is not None else DeliveryStats()
+        self.clock, self.wall_clock = clock, wall_clock
+        self.urls: dict[str, SecretStr] = {}
+        self.problems: dict[str, str] = {}  # receiver -> why it cannot send (no URL)
+        for receiver in receivers:
+            try:
+                self.urls[receiver.name] = receiver.resolve_url(environ)
+            except LookupError as err:
+                self.problems[receiver.name] = str(err)
+        self._limiters = {r.name: RateLimiter(r.rate_per_s, r.burst) for r in receivers}
+        self._in_flight: set[str] = set()
+        self._client = httpx.AsyncClient(transport=transport, follow_redirects=False)
+
+    async def __aenter__(self) -> Dispatcher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def dispatch(self, notification: Notification) -> DeliveryOutcome:
+        key, name = notification.idempotency_key, notification.receiver
+        if key in self.sent_log or key in self._in_flight:
+            self.stats.incr(name, "duplicate")
+            return DeliveryOutcome(idempotency_key=key, receiver=name, status="duplicate")
+        self._in_flight.add(key)
+        try:
+            attempts, reason = await self._deliver(notification)
+        finally:
+            self._in_flight.discard(key)
+        if reason is None:
+            self.sent_log.record(key, "sent")
+            self.stats.incr(name, "sent")
+            return DeliveryOutcome(idempotency_key=key, receiver=name, status="sent", attempts=attempts)
+        log.warning("notification %s for receiver %s dead-lettered after %d attempt(s): %s", key, name, attempts, reason)
+        letter = DeadLetter(
+            idempotency_key=key,
+            receiver=name,
+            reason=reason,
+            attempts=attempts,
+            failed_at=self.wall_clock(),
+            notification=notification.model_dump(mode="json"),
+        )
+        result = self.dead_letter(letter)
+        if inspect.isawaitable(result):
+            await result
+        self.sent_log.record(key, "dead_lettered")
+        self.stats.incr(name, "dead_lettered")
+        return DeliveryOutcome(idempotency_key=key, receiver=name, status="dead_lettered", attempts=attempts, reason=reason)
+
+    async def _deliver(self, notification: Notification) -> tuple[int, str | None]:
+        """(attempts, None) when sent, (attempts, reason) when it must be dead-lettered."""
+        name = notification.receiver
+        receiver = self.receivers.get(name)
+        if receiver is None:
+            return 0, f"unknown receiver {name!r}"
+        if name in self.problems:
+            return 0, f"receiver not configured: {self.problems[name]}"
+        body = PAYLOAD_BUILDERS[receiver.kind](notification)
+        attempts = 0
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(receiver.max_attempts),
+            wait=self._wait_strategy(receiver),
+            retry=retry_if_exception_type(TransientFailure),
+            before_sleep=lambda state: self._before_retry(name, state),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    await asyncio.sleep(self._limiters[name].reserve(self.clock()))
+                    await self._post(receiver, body)
+        except DeliveryFailed as failure:
+            return attempts, failure.reason
+        return attempts, None
+
+    def _wait_strategy(self, receiver: ReceiverConfig) -> Callable[[RetryCallState], float]:
+        # initial, 2x, 4x ... capped at backoff_max, plus up to `initial` of random jitter.
+        backoff = wait_exponential(multiplier=receiver.backoff_initial, max=receiver.backoff_max) + wait_random(
+            0, receiver.backoff_initial
+        )
+
+        def wait(state: RetryCallState) -> float:
+            failure = state.outcome.exception() if state.outcome else None
+            if isinstance(failure, RateLimited) and failure.retry_after is not None:
+                return failure.retry_after
+            return backoff(state)
+
+        return wait
+
+    def _before_retry(self, name: str, state: RetryCallState) -> None:
+        failure = state.outcome.exception() if state.outcome else None
+        self.stats.incr(name, "retry")
+        log.info("receiver %s: attempt %d failed (%s); retrying", name, state.attempt_number, getattr(failure, "reason", "?"))
+
+    async def _post(self, receiver: ReceiverConfig, body: dict[str, Any]) -> None:
+        url = self.urls[receiver.name].get_secret_value()
+        failure: DeliveryFailed | None = None
+        # Build our own error outside the `except` so the httpx exception (which holds the URL)
+        # is not even attached as __context__.
+        try:
+            response = await self._client.post(url, json=body, timeout=receiver.timeout)
+        except httpx.TimeoutException as err:
+            failure = TransientFailure(f"timed out after {receiver.timeout:g}s ({type(err).__name__})")
+        except httpx.TransportError as err:
+            failure = TransientFailure(f"network error: {type(err).__name__}: {redact(str(err), [url])}")
+        if failure is not None:
+            raise failure
+        self._check(receiver, response, url)
+
+    def _check(self, receiver: ReceiverConfig, response: httpx.Response, url: str) -> None:
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        snippet = redact(response.text[:200], [url])
+        if status == 429:
+            self.stats.incr(receiver.name, "rate_limited")
+            wait = retry_after_seconds(response.headers, response.content, self.wall_clock())
+            if wait is not None and wait > receiver.max_retry_after:
+                raise PermanentFailure(f"HTTP 429: asked to wait {wait:g}s, more than max_retry_after {receiver.max_retry_after:g}s")
+            if wait is not None:
+                self._limiters[receiver.name].block_until(self.clock() + wait)
+            raise RateLimited(f"HTTP 429 (retry after {wait if wait is not None else 'unspecified'}s)", wait)
+        if status >= 500 or status == 408:
+            raise TransientFailure(f"HTTP {status}: {snippet}")
+        raise PermanentFailure(f"HTTP {status}: {snippet}")

@@ -1,0 +1,48 @@
+"""Discord webhook: `content` (at most 2000 characters) plus up to 10 embeds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rules.lifecycle import Notification
+from rules.receivers.text import alert_fields, summary, title, truncate
+
+MAX_CONTENT = 2000
+MAX_EMBEDS = 10
+MAX_FIELDS = 25
+MAX_EMBEDS_CHARS = 6000  # Discord's limit over all embeds of one message
+_COLOR = {"critical": 0xD32F2F, "warning": 0xF9A825, "info": 0x1976D2, "resolved": 0x2E7D32}
+
+
+def _embed(alert: Any, now: float, budget: int) -> dict[str, Any]:
+    fields = [
+        {"name": truncate(name, 256), "value": truncate(value, 1024), "inline": name in ("Status", "Since")}
+        for name, value in alert_fields(alert, now)
+        if name != "Dashboard"
+    ][:MAX_FIELDS]
+    colour = "resolved" if alert.status == "resolved" else alert.labels.get("severity", "info")
+    embed: dict[str, Any] = {"title": truncate(summary(alert), 256), "color": _COLOR.get(colour, _COLOR["info"]), "fields": fields}
+    if alert.generator_url:
+        embed["url"] = alert.generator_url
+    # Keep the whole message under Discord's total: shorten field values until it fits.
+    while _chars(embed) > budget and any(len(f["value"]) > 40 for f in fields):
+        longest = max(fields, key=lambda f: len(f["value"]))
+        longest["value"] = truncate(longest["value"], max(40, len(longest["value"]) // 2))
+    return embed
+
+
+def _chars(embed: dict[str, Any]) -> int:
+    return len(embed["title"]) + sum(len(f["name"]) + len(f["value"]) for f in embed["fields"])
+
+
+def payload(n: Notification) -> dict[str, Any]:
+    shown = n.alerts[:MAX_EMBEDS]
+    budget = MAX_EMBEDS_CHARS // max(1, len(shown))
+    content = title(n)
+    if len(n.alerts) > MAX_EMBEDS:
+        content += f"\n…and {len(n.alerts) - MAX_EMBEDS} more: {n.external_url}"
+    return {
+        "content": truncate(content, MAX_CONTENT),
+        "embeds": [_embed(alert, n.created_at, budget) for alert in shown],
+        "allowed_mentions": {"parse": []},  # alert text must never ping @everyone
+    }

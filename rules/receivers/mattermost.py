@@ -1,0 +1,15 @@
+"""Mattermost incoming webhook: Slack-compatible; it renders markdown `text` (no Block Kit)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rules.lifecycle import Notification
+from rules.receivers.slack import markdown_lines
+from rules.receivers.text import truncate
+
+MAX_TEXT_CHARS = 16383  # Mattermost's post size limit
+
+
+def payload(n: Notification) -> dict[str, Any]:
+    return {"text": truncate("\n".join(markdown_lines(n)), MAX_TEXT_CHARS), "username": "laggard"}

@@ -1,0 +1,36 @@
+"""Microsoft Teams via a Workflows webhook: a message carrying one Adaptive Card attachment."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rules.lifecycle import Notification
+from rules.receivers.text import alert_fields, summary, title
+
+MAX_ALERTS = 20  # Teams rejects cards over about 28 KB
+
+
+def payload(n: Notification) -> dict[str, Any]:
+    body: list[dict[str, Any]] = [
+        {"type": "TextBlock", "size": "Large", "weight": "Bolder", "wrap": True, "text": title(n),
+         "color": "Attention" if n.status == "firing" else "Good"},
+    ]
+    for alert in n.alerts[:MAX_ALERTS]:
+        facts = [{"title": name, "value": value} for name, value in alert_fields(alert, n.created_at) if name != "Dashboard"]
+        body.append({"type": "TextBlock", "weight": "Bolder", "wrap": True, "separator": True, "text": summary(alert)})
+        body.append({"type": "FactSet", "facts": facts})
+    if len(n.alerts) > MAX_ALERTS:
+        body.append({"type": "TextBlock", "wrap": True, "text": f"…and {len(n.alerts) - MAX_ALERTS} more alerts"})
+    dashboard = n.alerts[0].generator_url if len(n.alerts) == 1 else n.external_url
+    card = {
+        "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+        "type": "AdaptiveCard",
+        "version": "1.4",
+        "msteams": {"width": "Full"},
+        "body": body,
+        "actions": [{"type": "Action.OpenUrl", "title": "Open dashboard", "url": dashboard}],
+    }
+    return {
+        "type": "message",
+        "attachments": [{"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": None, "content": card}],
+    }

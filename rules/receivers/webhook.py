@@ -1,0 +1,41 @@
+"""Generic JSON webhook in Alertmanager's webhook format (version "4"), so existing receivers
+(PagerDuty bridges, ticketing, custom handlers) work unchanged. Evidence and cost ride along
+as extra per-alert fields, which Alertmanager consumers ignore."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rules.lifecycle import Notification
+from rules.receivers.text import iso_utc
+
+# Alertmanager writes this for "no end time yet".
+ZERO_TIME = "0001-01-01T00:00:00Z"
+
+
+def payload(n: Notification) -> dict[str, Any]:
+    return {
+        "version": "4",
+        "groupKey": n.group_key,
+        "truncatedAlerts": 0,
+        "status": n.status,
+        "receiver": n.receiver,
+        "groupLabels": n.group_labels,
+        "commonLabels": n.common_labels,
+        "commonAnnotations": n.common_annotations,
+        "externalURL": n.external_url,
+        "alerts": [
+            {
+                "status": a.status,
+                "labels": a.labels,
+                "annotations": a.annotations,
+                "startsAt": iso_utc(a.starts_at),
+                "endsAt": iso_utc(a.ends_at) if a.ends_at is not None else ZERO_TIME,
+                "generatorURL": a.generator_url,
+                "fingerprint": a.fingerprint,
+                "evidence": a.evidence,
+                "cost": a.cost,
+            }
+            for a in n.alerts
+        ],
+    }

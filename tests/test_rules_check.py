@@ -1,0 +1,135 @@
+"""`laggard rules check`: every error names the file, the line and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rules.cli import rules_app
+from rules.loader import DEFAULT_RULES, RulesFileInvalid, check_file, load_rules
+from rules.model import FINDING_KINDS, parse_duration
+
+GOOD = """\
+receivers:
+  - name: chat
+    kind: slack
+    url_env: CHAT_URL
+route:
+  receiver: chat
+rules:
+  - name: Straggler
+    finding:
+      kind: straggler
+    for: 2m
+    annotations:
+      summary: "rank {{ labels.rank }} is slow"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "rules.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def only_error(tmp_path: Path, text: str) -> str:
+    path = write(tmp_path, text)
+    config, errors = check_file(path)
+    assert config is None
+    assert len(errors) == 1, [str(e) for e in errors]
+    return str(errors[0])
+
+
+def test_good_file_passes(tmp_path: Path) -> None:
+    config, errors = check_file(write(tmp_path, GOOD))
+    assert errors == [] and config is not None
+    assert config.rules[0].for_ == 120.0
+
+
+def test_default_rules_pass_and_cover_every_finding_kind() -> None:
+    config = load_rules(DEFAULT_RULES)
+    kinds = {rule.finding.kind for rule in config.rules if rule.finding}
+    assert kinds == set(FINDING_KINDS)
+    assert any(r.threshold and r.threshold.scope == "cluster" and r.threshold.metric == "effective_util" for r in config.rules)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    text = GOOD.replace("    for: 2m\n", "    for: [2m\n")
+    message = only_error(tmp_path, text)
+    assert message.startswith(f"{tmp_path / 'rules.yaml'}:")
+    assert "YAML syntax error" in message
+    line = int(message.split(":")[1])
+    assert 11 <= line <= 13
+
+
+SUMMARY = '      summary: "rank {{ labels.rank }} is slow"\n'
+AFTER_FOR = "    for: 2m\n"
+
+
+@pytest.mark.parametrize(
+    "old,new,expected",
+    [
+        pytest.param(AFTER_FOR, AFTER_FOR + "    severty: critical\n",
+                     ":12: rules[0].severty: unknown field (not part of the schema)", id="unknown-field"),
+        pytest.param("    url_env: CHAT_URL\n", "    url_env: CHAT_URL\n    url: https://hooks.slack.com/services/T/B/X\n",
+                     ":5: receivers[0].url: unknown field (inline webhook URLs are not allowed", id="inline-url"),
+        pytest.param(AFTER_FOR, AFTER_FOR + "    labels: [a, b]\n",
+                     ":12: rules[0].labels: Input should be a valid dictionary", id="wrong-type"),
+        pytest.param("for: 2m", "for: 2 minutes", ":11: rules[0].for: bad duration '2 minutes'", id="bad-duration"),
+        pytest.param("  receiver: chat\n", "  receiver: pager\n",
+                     ":6: route.receiver: unknown receiver 'pager'; defined: chat", id="unknown-receiver"),
+        pytest.param(AFTER_FOR, AFTER_FOR + "    receivers: [chat, pager]\n",
+                     ":12: rules[0].receivers[1]: unknown receiver 'pager'", id="unknown-receiver-in-rule"),
+        pytest.param("rank {{ labels.rank }} is slow", "{{ ''.__class__ }}",
+                     ":13: rules[0].annotations.summary: sandbox violation", id="sandbox-attr"),
+        pytest.param("rank {{ labels.rank }} is slow", "{{ labels.__class__.__mro__ }}",
+                     ":13: rules[0].annotations.summary: sandbox violation", id="sandbox-mro"),
+        pytest.param("rank {{ labels.rank }} is slow", "{{ labels['__class__'] }}",
+                     ":13: rules[0].annotations.summary: sandbox violation", id="sandbox-item"),
+        pytest.param("rank {{ labels.rank }} is slow", "{{ ''|attr('__class__') }}",
+                     ":13: rules[0].annotations.summary: sandbox violation", id="sandbox-attr-filter"),
+        pytest.param(SUMMARY, "      summary: x\n      description: |\n        fine\n        {{ labels.rank }\n",
+                     ":15: rules[0].annotations.description: template syntax error", id="template-syntax"),
+        pytest.param("labels.rank", "lables.rank",
+                     ":13: rules[0].annotations.summary: unknown template variable(s) lables", id="template-unknown-name"),
+        pytest.param(AFTER_FOR, "    threshold: {metric: m, scope: job, op: '<', threshold: 1}\n",
+                     ":8: rules[0]: a rule needs exactly one of 'finding' or 'threshold'", id="two-conditions"),
+        pytest.param("  receiver: chat\n", "  group_wait: 1s\n", ":5: route.receiver: required field is missing", id="missing"),
+    ],
+)
+def test_error_names_file_line_and_field(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    assert old in GOOD
+    message = only_error(tmp_path, GOOD.replace(old, new))
+    assert message.startswith(str(tmp_path / "rules.yaml") + expected)
+
+
+def test_load_rules_raises_with_all_errors(tmp_path: Path) -> None:
+    text = GOOD.replace("for: 2m", "for: soon").replace("  receiver: chat\n", "  receiver: pager\n")
+    with pytest.raises(RulesFileInvalid) as err:
+        load_rules(write(tmp_path, text))
+    assert [e.field for e in err.value.errors] == ["rules[0].for"]  # schema errors stop before cross-checks
+
+
+def test_cli_check_exit_codes_and_output(tmp_path: Path) -> None:
+    runner = CliRunner()
+    good = write(tmp_path, GOOD, "good.yaml")
+    bad = write(tmp_path, GOOD.replace("kind: straggler", "kind: slowpoke"), "bad.yaml")
+    ok = runner.invoke(rules_app, ["check", str(good), str(DEFAULT_RULES)])
+    assert ok.exit_code == 0, ok.output
+    assert "good.yaml: OK (1 rules, 1 receivers)" in ok.output
+    failed = runner.invoke(rules_app, ["check", str(good), str(bad)])
+    assert failed.exit_code == 1
+    assert f"{bad}:10: rules[0].finding.kind:" in failed.output
+
+
+@pytest.mark.parametrize("text,seconds", [("30s", 30), ("2m", 120), ("1h30m", 5400), ("1d", 86400), ("250ms", 0.25), (45, 45)])
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "2x", "m", "-5s", "1h 30m", True])
+def test_bad_durations(text: object) -> None:
+    with pytest.raises(ValueError, match="bad duration"):
+        parse_duration(text)

@@ -1,0 +1,345 @@
+"""Delivery against a real local HTTP server: payloads, retries, 429, timeouts, dead letters,
+rate limits, URL redaction, and no duplicate sends after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from rules.cli import alerts_app
+from rules.lifecycle import AlertEngine, EngineState, Notification
+from rules.model import ReceiverConfig, RulesConfig
+from rules.receivers import discord
+from rules.receivers.delivery import DeadLetter, Dispatcher, RateLimiter, SentLog, redact
+from tests.helpers.webhook_server import HANG, Reply, WebhookServer, webhook_server  # noqa: F401 (fixture)
+
+SECRET = "T000/B000/s3cr3t-t0ken"
+
+FAST = {"rate_per_s": 1000.0, "burst": 100, "timeout": 0.3, "max_attempts": 3, "backoff_initial": 0.01, "backoff_max": 0.05}
+
+
+def receiver(name: str, kind: str, **overrides: Any) -> ReceiverConfig:
+    return ReceiverConfig.model_validate({"name": name, "kind": kind, "url_env": f"HOOK_{name.upper()}", **FAST, **overrides})
+
+
+def hook_path(name: str) -> str:
+    return f"/hooks/{name}/{SECRET}"
+
+
+def environ(server: WebhookServer, *names: str) -> dict[str, str]:
+    return {f"HOOK_{n.upper()}": server.url(hook_path(n)) for n in names}
+
+
+def rules_config(receivers: list[ReceiverConfig]) -> RulesConfig:
+    return RulesConfig.model_validate({
+        "external_url": "http://dash.example/d/laggard",
+        "receivers": [r.model_dump(by_alias=True) for r in receivers],
+        "route": {"receiver": receivers[0].name, "group_wait": "0s", "group_interval": "1m", "repeat_interval": "1h"},
+        "rules": [{
+            "name": "Straggler",
+            "finding": {"kind": "straggler"},
+            "severity": "critical",
+            "annotations": {"summary": "rank {{ labels.rank }} of {{ labels.job }} paces its peers",
+                            "description": "score {{ evidence.score }}"},
+        }],
+    })
+
+
+def finding(rank: int, state: str = "firing") -> dict[str, Any]:
+    return {"kind": "straggler", "state": state, "cluster": "c1", "job": "train-1", "rank": rank, "node": f"n{rank}",
+            "gpu": 0, "model": "H100", "evidence": {"score": 0.61, "util": 97.0}, "cost": {"gpu_hours_lost": 3.2}}
+
+
+def notification(config: RulesConfig, ranks: tuple[int, ...] = (1, 2), now: float = 1_700_000_000.0) -> Notification:
+    engine = AlertEngine(config)
+    for rank in ranks:
+        engine.observe_finding(finding(rank), now)
+    (sent,) = engine.advance(now)
+    return sent
+
+
+def deliver(server: WebhookServer, recv: ReceiverConfig, notes: list[Notification],
+            sent_log: SentLog | None = None) -> tuple[list[Any], list[DeadLetter], Dispatcher]:
+    letters: list[DeadLetter] = []
+
+    async def go() -> tuple[list[Any], Dispatcher]:
+        async with Dispatcher([recv], dead_letter=letters.append, environ=environ(server, recv.name), sent_log=sent_log) as d:
+            return [await d.dispatch(n) for n in notes], d
+
+    outcomes, dispatcher = asyncio.run(go())
+    return outcomes, letters, dispatcher
+
+
+def test_slack_payload(webhook_server: WebhookServer) -> None:
+    recv = receiver("slack", "slack")
+    (outcome,), _, _ = deliver(webhook_server, recv, [notification(rules_config([recv]))])
+    assert outcome.status == "sent"
+    (req,) = webhook_server.requests(hook_path("slack"))
+    body = req.json
+    assert req.headers["content-type"] == "application/json"
+    assert body["text"].startswith("[FIRING:2] Straggler")
+    assert body["blocks"][0]["type"] == "header"
+    sections = [b["text"]["text"] for b in body["blocks"] if b["type"] == "section"]
+    assert len(sections) == 2
+    assert "rank 1 of train-1 paces its peers" in sections[0]
+    for needle in ("*Where:* cluster=c1, job=train-1, rank=1, node=n1, gpu=0", "*Since:*", "*Evidence:* score=0.61, util=97",
+                   "*Cost:* gpu_hours_lost=3.2", "*Dashboard:* http://dash.example/d/laggard?var-cluster=c1"):
+        assert needle in sections[0]
+
+
+def test_discord_payload(webhook_server: WebhookServer) -> None:
+    recv = receiver("discord", "discord")
+    deliver(webhook_server, recv, [notification(rules_config([recv]))])
+    (req,) = webhook_server.requests(hook_path("discord"))
+    body = req.json
+    assert body["content"].startswith("[FIRING:2] Straggler") and len(body["content"]) <= 2000
+    assert len(body["embeds"]) == 2
+    embed = body["embeds"][0]
+    assert embed["title"] == "rank 1 of train-1 paces its peers"
+    assert embed["url"].startswith("http://dash.example/d/laggard?")
+    assert {f["name"] for f in embed["fields"]} >= {"Where", "Since", "Evidence", "Cost"}
+    assert body["allowed_mentions"] == {"parse": []}
+
+
+def test_discord_limits_hold_for_many_long_alerts() -> None:
+    recv = receiver("discord", "discord")
+    config = rules_config([recv])
+    note = notification(config, ranks=tuple(range(30)))
+    long_alerts = [a.model_copy(update={"annotations": {"summary": "s" * 500, "description": "d" * 3000}}) for a in note.alerts]
+    body = discord.payload(note.model_copy(update={"alerts": long_alerts, "group_labels": {"job": "j" * 3000}}))
+    assert len(body["content"]) <= 2000
+    assert len(body["embeds"]) == 10
+    total = sum(len(e["title"]) + sum(len(f["name"]) + len(f["value"]) for f in e["fields"]) for e in body["embeds"])
+    assert total <= 6000
+    assert all(len(e["title"]) <= 256 for e in body["embeds"])
+
+
+def test_teams_payload_is_an_adaptive_card(webhook_server: WebhookServer) -> None:
+    recv = receiver("teams", "teams")
+    deliver(webhook_server, recv, [notification(rules_config([recv]), ranks=(4,))])
+    body = webhook_server.requests(hook_path("teams"))[0].json
+    assert body["type"] == "message"
+    (attachment,) = body["attachments"]
+    assert attachment["contentType"] == "application/vnd.microsoft.card.adaptive"
+    card = attachment["content"]
+    assert card["type"] == "AdaptiveCard" and card["version"] == "1.4"
+    facts = {f["title"]: f["value"] for block in card["body"] if block["type"] == "FactSet" for f in block["facts"]}
+    assert facts["Cost"] == "gpu_hours_lost=3.2" and "rank=4" in facts["Where"]
+    assert card["actions"][0]["type"] == "Action.OpenUrl"
+    assert card["actions"][0]["url"].endswith("var-node=n4&var-gpu=0")
+
+
+def test_mattermost_payload_is_slack_compatible_markdown(webhook_server: WebhookServer) -> None:
+    recv = receiver("mm", "mattermost")
+    deliver(webhook_server, recv, [notification(rules_config([recv]))])
+    body = webhook_server.requests(hook_path("mm"))[0].json
+    assert body["text"].startswith("*[FIRING:2] Straggler")
+    assert "• Evidence: score=0.61, util=97" in body["text"]
+
+
+def test_webhook_payload_is_alertmanager_v4(webhook_server: WebhookServer) -> None:
+    recv = receiver("am", "webhook")
+    deliver(webhook_server, recv, [notification(rules_config([recv]))])
+    body = webhook_server.requests(hook_path("am"))[0].json
+    assert body["version"] == "4" and body["status"] == "firing" and body["receiver"] == "am"
+    assert set(body) >= {"groupKey", "groupLabels", "commonLabels", "commonAnnotations", "externalURL", "alerts"}
+    assert body["groupLabels"] == {"alertname": "Straggler", "cluster": "c1", "job": "train-1"}
+    assert body["commonLabels"]["severity"] == "critical" and "rank" not in body["commonLabels"]
+    assert body["externalURL"] == "http://dash.example/d/laggard"
+    alert = body["alerts"][0]
+    assert set(alert) >= {"status", "labels", "annotations", "startsAt", "endsAt", "generatorURL", "fingerprint"}
+    assert alert["startsAt"] == "2023-11-14T22:13:20.000Z"
+    assert alert["endsAt"] == "0001-01-01T00:00:00Z"
+    assert re.fullmatch(r"[0-9a-f]{16}", alert["fingerprint"])
+
+
+def test_5xx_is_retried_until_success(webhook_server: WebhookServer) -> None:
+    recv = receiver("slack", "slack")
+    webhook_server.script(hook_path("slack"), Reply(status=503, body="busy"), times=2)
+    (outcome,), letters, dispatcher = deliver(webhook_server, recv, [notification(rules_config([recv]))])
+    assert outcome.status == "sent" and outcome.attempts == 3 and letters == []
+    assert len(webhook_server.requests()) == 3
+    assert dispatcher.stats.get("slack", "retry") == 2 and dispatcher.stats.get("slack", "sent") == 1
+
+
+def test_429_waits_for_retry_after_header(webhook_server: WebhookServer) -> None:
+    recv = receiver("slack", "slack")
+    webhook_server.script(hook_path("slack"), Reply(status=429, body="rate_limited", retry_after_header="0.4"))
+    (outcome,), _, dispatcher = deliver(webhook_server, recv, [notification(rules_config([recv]))])
+    first, second = webhook_server.requests()
+    assert outcome.status == "sent" and outcome.attempts == 2
+    assert second.received_at - first.received_at >= 0.39  # honoured, not the 10 ms backoff
+    assert dispatcher.stats.get("slack", "rate_limited") == 1
+
+
+def test_429_waits_for_discord_retry_after_json(webhook_server: WebhookServer) -> None:
+    recv = receiver("discord", "discord")
+    webhook_server.script(hook_path("discord"), Reply(status=429, retry_after_json=0.35, retry_after_header="1"))
+    (outcome,), _, _ = deliver(webhook_server, recv, [notification(rules_config([recv]))])
+    first, second = webhook_server.requests()
+    assert outcome.status == "sent"
+    gap = second.received_at - first.received_at
+    assert 0.34 <= gap < 1.0  # the precise JSON value wins over the rounded header
+
+
+def test_429_asking_for_too_long_goes_to_dead_letter(webhook_server: WebhookServer) -> None:
+    recv = receiver("slack", "slack", max_retry_after="5s")
+    webhook_server.script(hook_path("slack"), Reply(status=429, retry_after_header="3600"))
+    (outcome,), letters, _ = deliver(webhook_server, recv, [notification(rules_config([recv]))])
+    assert outcome.status == "dead_lettered" and outcome.attempts == 1
+    assert "asked to wait 3600s" in letters[0].reason
+
+
+def test_hanging_server_times_out_and_is_retried(webhook_server: WebhookServer) -> None:
+    recv = receiver("slack", "slack")
+    webhook_server.script(hook_path("slack"), HANG)
+    (outcome,), _, _ = deliver(webhook_server, recv, [notification(rules_config([recv]))])
+    assert outcome.status == "sent" and outcome.attempts == 2
+    assert len(webhook_server.requests()) == 2
+
+
+def test_undelivered_after_budget_goes_to_dead_letter_once(webhook_server: WebhookServer) -> None:
+    recv = receiver("slack", "slack")
+    webhook_server.script(hook_path("slack"), Reply(status=500, body="oops"), times=3)
+    note = notification(rules_config([recv]))
+    (outcome, again), letters, dispatcher = deliver(webhook_server, recv, [note, note])
+    assert outcome.status == "dead_lettered" and outcome.attempts == 3
+    assert again.status == "duplicate"
+    assert len(webhook_server.requests()) == 3
+    (letter,) = letters
+    assert letter.reason == "HTTP 500: oops" and letter.attempts == 3 and letter.receiver == "slack"
+    assert letter.notification["idempotency_key"] == note.idempotency_key
+    assert dispatcher.stats.get("slack", "dead_lettered") == 1
+
+
+def test_client_error_is_not_retried(webhook_server: WebhookServer) -> None:
+    recv = receiver("slack", "slack")
+    webhook_server.script(hook_path("slack"), Reply(status=404, body="no_service"))
+    (outcome,), letters, _ = deliver(webhook_server, recv, [notification(rules_config([recv]))])
+    assert outcome.status == "dead_lettered" and outcome.attempts == 1
+    assert letters[0].reason == "HTTP 404: no_service"
+
+
+def test_unconfigured_receiver_is_dead_lettered_naming_the_variable() -> None:
+    recv = receiver("slack", "slack")
+    letters: list[DeadLetter] = []
+
+    async def go() -> Any:
+        async with Dispatcher([recv], dead_letter=letters.append, environ={}) as d:
+            return await d.dispatch(notification(rules_config([recv])))
+
+    outcome = asyncio.run(go())
+    assert outcome.status == "dead_lettered" and outcome.attempts == 0
+    assert "HOOK_SLACK is not set" in letters[0].reason
+
+
+def test_rate_limit_spaces_sends(webhook_server: WebhookServer) -> None:
+    recv = receiver("slack", "slack", rate_per_s=5.0, burst=1)
+    config = rules_config([recv])
+    notes = [notification(config, ranks=(r,)) for r in range(4)]
+    deliver(webhook_server, recv, notes)
+    times = [r.received_at for r in webhook_server.requests()]
+    assert len(times) == 4
+    assert all(b - a >= 0.19 for a, b in zip(times, times[1:]))  # 1/5 s apart
+
+
+def test_rate_limiter_is_a_token_bucket() -> None:
+    limiter = RateLimiter(rate_per_s=2.0, burst=3)
+    assert [limiter.reserve(0.0) for _ in range(5)] == [0.0, 0.0, 0.0, 0.5, 1.0]
+    assert limiter.reserve(10.0) == 0.0  # refilled while idle
+    limiter.block_until(20.0)
+    assert limiter.reserve(10.0) == 10.0
+
+
+def test_webhook_urls_never_reach_logs_errors_or_dead_letters(webhook_server: WebhookServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    recv = receiver("slack", "slack")
+    config = rules_config([recv])
+    url = webhook_server.url(hook_path("slack"))
+    # A service that echoes the URL in its error body, then a server error, then success.
+    webhook_server.script(hook_path("slack"), Reply(status=502, body=f"bad gateway for {url}"))
+    webhook_server.script(hook_path("slack"), Reply(status=403, body=f"invalid token in {url}"))
+    outcomes, letters, _ = deliver(webhook_server, recv, [notification(config)])
+    with socket.socket() as sock:  # a port with nothing listening: connection refused
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    refused: list[DeadLetter] = []
+
+    async def go() -> Any:
+        env = {"HOOK_SLACK": f"http://127.0.0.1:{dead_port}{hook_path('slack')}"}
+        async with Dispatcher([recv], dead_letter=refused.append, environ=env) as d:
+            return await d.dispatch(notification(config))
+
+    refused_outcome = asyncio.run(go())
+    assert outcomes[0].status == "dead_lettered" and refused_outcome.status == "dead_lettered"
+    assert "network error: ConnectError" in refused[0].reason
+    texts = [caplog.text, *(r.getMessage() for r in caplog.records), *(o.model_dump_json() for o in [*outcomes, refused_outcome]),
+             *(letter.model_dump_json() for letter in [*letters, *refused])]
+    assert "HTTP Request: POST http://127.0.0.1" in caplog.text  # httpx did log the request...
+    for text in texts:
+        assert "s3cr3t" not in text  # ...but never the path that is the credential
+    assert "<redacted" in letters[0].reason
+
+
+def test_redact_keeps_host_and_drops_credential_parts() -> None:
+    text = "failed for 'https://user:pw@hooks.slack.com:8443/services/T/B/XYZ?x=1' now"
+    assert redact(text) == "failed for 'https://hooks.slack.com:8443/<redacted>' now"
+    assert redact("a SECRETVALUE b", ["SECRETVALUE"]) == "a <redacted-url> b"
+
+
+def test_restart_replaying_input_sends_nothing_twice(webhook_server: WebhookServer, tmp_path: Path) -> None:
+    recv = receiver("slack", "slack")
+    config = rules_config([recv])
+    env = environ(webhook_server, "slack")
+
+    def step(engine: AlertEngine, sent_log: SentLog, t: float, state: str = "firing") -> list[str]:
+        engine.observe_finding(finding(1, state), t)
+
+        async def go() -> list[str]:
+            async with Dispatcher([recv], dead_letter=lambda letter: None, environ=env, sent_log=sent_log) as d:
+                return [(await d.dispatch(n)).status for n in engine.advance(t)]
+
+        return asyncio.run(go())
+
+    engine, sent_log = AlertEngine(config), SentLog()
+    assert step(engine, sent_log, 0) == ["sent"]
+    # The worker persists its engine state after t=0; at t=60 it sends (the sent log is durable)
+    # and crashes before persisting the engine state again. On restart it replays t=60.
+    saved_state = json.dumps(engine.snapshot())
+    assert step(engine, sent_log, 60, "resolved") == ["sent"]
+    (tmp_path / "sent.json").write_text(json.dumps(sent_log.to_dict()))
+
+    restarted = AlertEngine(config, EngineState.model_validate_json(saved_state))
+    restored_log = SentLog(json.loads((tmp_path / "sent.json").read_text()))
+    assert step(restarted, restored_log, 60, "resolved") == ["duplicate"]
+    statuses = [r.json["text"][:10] for r in webhook_server.requests()]
+    assert statuses == ["[FIRING:1]", "[RESOLVED]"]
+    # New input after the replay is delivered normally.
+    assert step(restarted, restored_log, 120) == ["sent"]
+    assert len(webhook_server.requests()) == 3
+
+
+def test_alerts_test_command_sends_through_the_configured_receiver(webhook_server: WebhookServer, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(
+        "receivers:\n  - {name: chat, kind: mattermost, url_env: HOOK_CHAT}\nroute: {receiver: chat}\n"
+        "rules:\n  - name: Xid\n    finding: {kind: xid}\n    annotations: {summary: 'xid {{ labels.node }}'}\n"
+    )
+    monkeypatch.setenv("HOOK_CHAT", webhook_server.url(hook_path("chat")))
+    result = CliRunner().invoke(alerts_app, ["test", "chat", "--config", str(rules_file)])
+    assert result.exit_code == 0, result.output
+    assert "test notification delivered" in result.output and "s3cr3t" not in result.output
+    (req,) = webhook_server.wait_for(1, hook_path("chat"))
+    assert "Test notification from laggard" in req.json["text"]
+    monkeypatch.delenv("HOOK_CHAT")
+    failed = CliRunner().invoke(alerts_app, ["test", "chat", "--config", str(rules_file)])
+    assert failed.exit_code == 1 and "HOOK_CHAT is not set" in failed.output
