@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     topic_windows: str = "laggard.windows"
     topic_findings: str = "laggard.findings"
     topic_truth: str = "laggard.truth"
+    topic_fleet: str = "laggard.fleet"
     topic_partitions: int = Field(default=8, ge=1)
 
     # InfluxDB: version 1 speaks /write + InfluxQL (database), 2 and 3 speak /api/v2 (org, bucket,
@@ -68,6 +69,11 @@ class Settings(BaseSettings):
     window_s: float = Field(default=10.0, gt=0)
     trend_window_s: float = Field(default=300.0, gt=0)
     late_grace_s: float = Field(default=5.0, ge=0)
+    # Wall time a window waits for results from other partitions before it is judged anyway.
+    window_hold_s: float = Field(default=15.0, gt=0)
+    # Also run the naive "utilization below X%" detector (for `laggard eval` comparisons).
+    baseline_detector: bool = False
+    baseline_util_pct: float = Field(default=50.0, ge=0, le=100)
     worker_web_host: str = "127.0.0.1"
     worker_web_port: int = 6066
 

@@ -12,7 +12,7 @@ from laggard.settings import Settings
 
 def topic_names(settings: Settings) -> list[str]:
     return [settings.topic_samples, settings.topic_deadletter, settings.topic_windows,
-            settings.topic_findings, settings.topic_truth]
+            settings.topic_findings, settings.topic_truth, settings.topic_fleet]
 
 
 def ensure_topics(settings: Settings, names: list[str] | None = None) -> list[str]:

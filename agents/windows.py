@@ -1,0 +1,317 @@
+"""Event-time tumbling windows over GPU samples, with mergeable float accumulators.
+
+Hot path: one `GpuAccumulator` per GPU series (cluster, node, gpu, job, rank, model) per window,
+updated with plain float arithmetic from the decoded `NodeSample` (no per-sample model objects).
+When a window closes, GPU accumulators are rolled up into node, job, GPU-model and cluster scopes,
+so each sample is touched once however many scopes are reported.
+
+Window start = floor(ts / window_s) * window_s. The watermark is the largest event time seen
+minus `grace_s`; a window closes when the watermark passes its end. A sample whose window has
+already closed is late: it is counted (`late_samples`) and `add` reports it to the caller, which
+can dead-letter it; it is never merged silently into a closed window nor dropped without a count.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from itertools import accumulate
+from operator import add
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from agents.effective import effective_utilization, idle_power_w, power_share
+from agents.findings import Labels, Scope, WindowResult
+from laggard.events import THROTTLE_REASONS, ClockReason, NodeSample
+
+# Reported throttle reasons, in accumulator order; plain ints because IntFlag arithmetic is slow.
+THROTTLE_NAMES: tuple[tuple[str, int], ...] = (
+    ("power_cap", int(ClockReason.SW_POWER_CAP)),
+    ("hw_slowdown", int(ClockReason.HW_SLOWDOWN)),
+    ("sw_thermal", int(ClockReason.SW_THERMAL)),
+    ("hw_thermal", int(ClockReason.HW_THERMAL)),
+    ("power_brake", int(ClockReason.HW_POWER_BRAKE)),
+)
+_THROTTLE_MASK = int(THROTTLE_REASONS)
+
+# A GPU with a job whose window-mean utilization is at most this (%) counts as allocated-but-idle.
+IDLE_UTIL_PCT = 2.0
+# An interval longer than this between two samples of a GPU is a gap, not something to integrate.
+MAX_INTERVAL_S = 120.0
+
+GpuKey = tuple[str, str, int, str | None, int | None, str]  # cluster, node, gpu index, job, rank, model
+
+
+@dataclass(slots=True)
+class GpuAccumulator:
+    """Sums over one window; `merge` adds another accumulator of the same or another series."""
+
+    samples: int = 0
+    util_sum: float = 0.0
+    util_min: float = math.inf
+    util_max: float = -math.inf
+    util_hist: list[int] = field(default_factory=lambda: [0] * 101)  # 1% bins, for p50/p95
+    power_share_sum: float = 0.0
+    sm_active_sum: float = 0.0
+    sm_active_samples: int = 0
+    power_sum: float = 0.0
+    idle_power_sum: float = 0.0  # idle power of the model at its limit, for waiting-energy costs
+    energy_wh: float = 0.0
+    clock_sum: float = 0.0
+    temp_sum: float = 0.0
+    temp_max: float = -math.inf
+    throttled: int = 0
+    throttled_by: list[int] = field(default_factory=lambda: [0] * len(THROTTLE_NAMES))
+    xid_count: int = 0
+    xid_last: int | None = None
+
+    def merge(self, other: GpuAccumulator) -> None:
+        self.samples += other.samples
+        self.util_sum += other.util_sum
+        self.util_min = min(self.util_min, other.util_min)
+        self.util_max = max(self.util_max, other.util_max)
+        self.util_hist = list(map(add, self.util_hist, other.util_hist))
+        self.power_share_sum += other.power_share_sum
+        self.sm_active_sum += other.sm_active_sum
+        self.sm_active_samples += other.sm_active_samples
+        self.power_sum += other.power_sum
+        self.idle_power_sum += other.idle_power_sum
+        self.energy_wh += other.energy_wh
+        self.clock_sum += other.clock_sum
+        self.temp_sum += other.temp_sum
+        self.temp_max = max(self.temp_max, other.temp_max)
+        self.throttled += other.throttled
+        self.throttled_by = list(map(add, self.throttled_by, other.throttled_by))
+        self.xid_count += other.xid_count
+        if other.xid_last is not None:
+            self.xid_last = other.xid_last
+
+    def effective(self) -> float:
+        """Effective utilization of one GPU series over the window (see agents.effective)."""
+        if not self.samples:
+            return 0.0
+        sm_active = self.sm_active_sum / self.sm_active_samples if self.sm_active_samples else None
+        return effective_utilization(self.util_sum / self.samples / 100.0, self.power_share_sum / self.samples, sm_active)
+
+
+@dataclass(slots=True)
+class Rollup:
+    """A scope above GPU level: merged GPU sums plus per-GPU effective utilization and counts."""
+
+    acc: GpuAccumulator = field(default_factory=GpuAccumulator)
+    effective_weighted: float = 0.0  # sum over GPU series of effective * samples
+    gpus: int = 0
+    allocated: int = 0
+    idle_allocated: int = 0
+
+    @classmethod
+    def of_gpu(cls, gpu: GpuAccumulator, job: str | None) -> Rollup:
+        """One GPU series as its own scope (shares its accumulator, no copy)."""
+        allocated = job is not None
+        idle = allocated and gpu.util_sum / gpu.samples <= IDLE_UTIL_PCT
+        return cls(gpu, gpu.effective() * gpu.samples, 1, int(allocated), int(idle))
+
+    def add(self, gpu: Rollup) -> None:
+        self.acc.merge(gpu.acc)
+        self.effective_weighted += gpu.effective_weighted
+        self.gpus += gpu.gpus
+        self.allocated += gpu.allocated
+        self.idle_allocated += gpu.idle_allocated
+
+
+def _percentile(cumulative: list[int], q: float) -> float:
+    """Smallest 1% bin holding at least q of the samples, from the cumulative histogram."""
+    return float(min(100, bisect_left(cumulative, q * cumulative[-1])))
+
+
+def _result(scope: Scope, key: str, labels: Labels, start: float, size: float, rollup: Rollup) -> WindowResult:
+    a = rollup.acc
+    n = a.samples
+    cumulative = list(accumulate(a.util_hist))
+    return WindowResult(
+        scope=scope,
+        key=key,
+        labels=labels,
+        window_start=start,
+        window_s=size,
+        samples=n,
+        gpus=rollup.gpus,
+        allocated_gpus=rollup.allocated,
+        idle_allocated_gpus=rollup.idle_allocated,
+        util_mean=a.util_sum / n,
+        util_min=a.util_min,
+        util_max=a.util_max,
+        util_p50=_percentile(cumulative, 0.50),
+        util_p95=_percentile(cumulative, 0.95),
+        effective_util=rollup.effective_weighted / n,
+        power_w_mean=a.power_sum / n,
+        idle_power_w=a.idle_power_sum / n,
+        energy_wh=a.energy_wh,
+        sm_clock_mhz_mean=a.clock_sum / n,
+        temp_c_mean=a.temp_sum / n,
+        temp_c_max=a.temp_max,
+        throttled_share=a.throttled / n,
+        throttle_share={name: c / n for (name, _), c in zip(THROTTLE_NAMES, a.throttled_by)},
+        xid_count=a.xid_count,
+        xid_last=a.xid_last,
+    )
+
+
+@dataclass(slots=True)
+class ClosedWindow:
+    """One closed window: its GPU series accumulators and the results of every scope."""
+
+    window_start: float
+    window_s: float
+    series: dict[GpuKey, GpuAccumulator]
+
+    @property
+    def window_end(self) -> float:
+        return self.window_start + self.window_s
+
+    def gpu_results(self) -> list[WindowResult]:
+        out = []
+        for (cluster, node, gpu, job, rank, model), acc in self.series.items():
+            series_key = f"{cluster}/{node}/{gpu}" + (f"@{job}" if job is not None else "")
+            labels = Labels(cluster=cluster, node=node, gpu=gpu, job=job, rank=rank, model=model)
+            out.append(_result("gpu", series_key, labels, self.window_start, self.window_s, Rollup.of_gpu(acc, job)))
+        return out
+
+    def rollup_results(self) -> list[WindowResult]:
+        """Node, job, GPU-model and cluster results (the cluster ones carry the fleet KPI)."""
+        scopes: dict[tuple[Scope, str], Rollup] = {}
+        labels: dict[tuple[Scope, str], Labels] = {}
+
+        def into(scope: Scope, key: str, gpu: Rollup, **label: str) -> None:
+            rollup = scopes.get((scope, key))
+            if rollup is None:
+                rollup = scopes[(scope, key)] = Rollup()
+                labels[(scope, key)] = Labels(**label)
+            rollup.add(gpu)
+
+        for (cluster, node, _gpu, job, _rank, model), acc in self.series.items():
+            gpu = Rollup.of_gpu(acc, job)
+            into("node", f"{cluster}/{node}", gpu, cluster=cluster, node=node)
+            if job is not None:
+                into("job", f"{cluster}/{job}", gpu, cluster=cluster, job=job)
+            into("model", f"{cluster}/{model}", gpu, cluster=cluster, model=model)
+            into("cluster", cluster, gpu, cluster=cluster)
+        return [
+            _result(scope, key, labels[(scope, key)], self.window_start, self.window_s, rollup)
+            for (scope, key), rollup in scopes.items()
+        ]
+
+    def results(self) -> list[WindowResult]:
+        return self.gpu_results() + self.rollup_results()
+
+
+class Windower:
+    """Assigns GPU samples to event-time tumbling windows and closes them by watermark."""
+
+    def __init__(self, window_s: float, grace_s: float = 0.0, max_interval_s: float = MAX_INTERVAL_S) -> None:
+        if window_s <= 0 or grace_s < 0:
+            raise ValueError(f"window_s must be > 0 and grace_s >= 0, got {window_s!r}, {grace_s!r}")
+        self.window_s = window_s
+        self.grace_s = grace_s
+        self.max_interval_s = max_interval_s
+        self.max_ts = -math.inf
+        self.late_samples = 0  # GPU samples whose window had closed when they arrived
+        self._open: dict[float, dict[GpuKey, GpuAccumulator]] = {}
+        self._closed_before = -math.inf  # every window starting before this has been emitted
+        self._last: dict[str, tuple[float, float | None]] = {}  # GPU uuid -> ts, energy_j of its last sample
+        self._idle: dict[tuple[str, float], float] = {}  # (model, power limit) -> idle power
+
+    @property
+    def watermark(self) -> float:
+        return self.max_ts - self.grace_s
+
+    def window_start(self, ts: float) -> float:
+        return math.floor(ts / self.window_s) * self.window_s
+
+    def add(self, sample: NodeSample) -> bool:
+        """Accumulate one node sample; False when it arrived after its window closed (counted late)."""
+        ts = sample.ts
+        start = self.window_start(ts)
+        if start < self._closed_before or start + self.window_s <= self.watermark:
+            self.late_samples += len(sample.gpus)
+            return False
+        if ts > self.max_ts:
+            self.max_ts = ts
+        series = self._open.get(start)
+        if series is None:
+            series = self._open[start] = {}
+        cluster, node = sample.cluster, sample.node
+        last, idle_cache, max_interval = self._last, self._idle, self.max_interval_s
+        for g in sample.gpus:  # hot path: plain arithmetic on locals, no per-sample objects
+            key = (cluster, node, g.index, g.job, g.rank, g.model)
+            acc = series.get(key)
+            if acc is None:
+                acc = series[key] = GpuAccumulator()
+            util = g.util_gpu
+            power = g.power_w
+            acc.samples += 1
+            acc.util_sum += util
+            if util < acc.util_min:
+                acc.util_min = util
+            if util > acc.util_max:
+                acc.util_max = util
+            acc.util_hist[int(util + 0.5)] += 1
+            limit = g.power_limit_w
+            idle = idle_cache.get((g.model, limit))
+            if idle is None:
+                idle = idle_cache[(g.model, limit)] = idle_power_w(g.model, limit)
+            acc.power_share_sum += power_share(power, limit, idle)
+            acc.power_sum += power
+            acc.idle_power_sum += idle
+            if g.sm_active is not None:
+                acc.sm_active_sum += g.sm_active
+                acc.sm_active_samples += 1
+            acc.clock_sum += g.sm_clock_mhz
+            temp = g.temp_c
+            acc.temp_sum += temp
+            if temp > acc.temp_max:
+                acc.temp_max = temp
+            reasons = g.clocks_event_reasons
+            if reasons & _THROTTLE_MASK:
+                acc.throttled += 1
+                for i, (_, bit) in enumerate(THROTTLE_NAMES):
+                    if reasons & bit:
+                        acc.throttled_by[i] += 1
+            if g.xid:
+                acc.xid_count += 1
+                acc.xid_last = g.xid
+            # Energy since this GPU's previous sample: counter delta when both have one, else power x
+            # interval; nothing for a first sample, a gap, or an out-of-order one (the later sample's
+            # interval already covers it).
+            energy = g.energy_j
+            prev = last.get(g.uuid)
+            if prev is None or ts > prev[0]:
+                last[g.uuid] = (ts, energy)
+                if prev is not None and ts - prev[0] <= max_interval:
+                    if energy is not None and prev[1] is not None and energy >= prev[1]:
+                        acc.energy_wh += (energy - prev[1]) / 3600.0
+                    else:
+                        acc.energy_wh += power * (ts - prev[0]) / 3600.0
+        return True
+
+    def pop_closed(self) -> list[ClosedWindow]:
+        """Windows whose end the watermark has passed, oldest first; each is returned once."""
+        return self._pop(lambda start: start + self.window_s <= self.watermark)
+
+    def flush(self) -> list[ClosedWindow]:
+        """Close every open window (end of a replay or shutdown)."""
+        return self._pop(lambda start: True)
+
+    def _pop(self, ready: Callable[[float], bool]) -> list[ClosedWindow]:
+        starts = sorted(s for s in self._open if ready(s))
+        if starts:
+            self._closed_before = max(self._closed_before, starts[-1] + self.window_s)
+        return [ClosedWindow(s, self.window_s, self._open.pop(s)) for s in starts]
+
+
+def windows_of(samples: Iterable[NodeSample], windower: Windower) -> Iterator[ClosedWindow]:
+    """Run samples through a windower, yielding windows as they close and the rest at the end."""
+    for sample in samples:
+        windower.add(sample)
+        yield from windower.pop_closed()
+    yield from windower.flush()

@@ -1,0 +1,201 @@
+"""Detectors on small hand-built jobs: the inverted straggler signature, persistence, resolution, costs,
+small jobs, mixed generations, idle and stalled jobs, XIDs, silent GPUs, the baseline, and state
+round-trips."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+
+from agents.detectors import DetectorConfig, FleetDetector, LowUtilizationBaseline
+from agents.findings import Finding
+from agents.windows import Windower
+from laggard.events import ClockReason, GpuSample, NodeSample
+from tests.test_windows import T0, gpu_sample
+
+WINDOW_S = 10.0
+GPUS_PER_NODE = 8
+
+# (rank, window index) -> GpuSample field overrides (util_gpu at least), or None for no sample
+RankFn = Callable[[int, int], dict[str, object] | None]
+
+
+def job_samples(ranks: int, windows: int, fn: RankFn, job: str = "llm", seed: int = 1, noise: float = 4.0,
+                models: Callable[[int], str] = lambda r: "H200") -> list[NodeSample]:
+    """1 s ticks of a job whose rank r sits on node n{r // 8}, GPU r % 8; util gets uniform noise."""
+    rng = random.Random(seed)
+    out = []
+    for t in range(int(windows * WINDOW_S)):
+        w = int(t // WINDOW_S)
+        nodes: dict[int, list[GpuSample]] = {}
+        for r in range(ranks):
+            over = fn(r, w)
+            if over is None:
+                continue
+            over = dict(over)
+            util = float(over.pop("util_gpu"))
+            if util > 0:
+                util = min(100.0, max(0.0, util + rng.uniform(-noise, noise)))
+            nodes.setdefault(r // GPUS_PER_NODE, []).append(
+                gpu_sample(r % GPUS_PER_NODE, util, job=job, rank=r, model=models(r), **over))
+        for n, gpus in nodes.items():
+            out.append(NodeSample(ts=T0 + t, cluster="c", node=f"n{n}", gpus=gpus))
+    return out
+
+
+def run(samples: list[NodeSample], detector: FleetDetector | LowUtilizationBaseline) -> list[tuple[int, Finding]]:
+    """(window index, finding) for every transition, feeding windows in order as they close."""
+    w = Windower(WINDOW_S, grace_s=2.0)
+    out = []
+    for sample in sorted(samples, key=lambda s: s.ts):
+        w.add(sample)
+        for closed in w.pop_closed():
+            for f in detector.observe(closed.window_start, closed.window_s, closed.gpu_results()):
+                out.append((int((closed.window_start - T0) // WINDOW_S), f))
+    for closed in w.flush():
+        for f in detector.observe(closed.window_start, closed.window_s, closed.gpu_results()):
+            out.append((int((closed.window_start - T0) // WINDOW_S), f))
+    return out
+
+
+def straggler_job(culprit: int, onset: int, until: int, slowdown: float, healthy: float = 80.0) -> RankFn:
+    """Healthy ranks busy `healthy`%; from `onset` to `until` the culprit computes `slowdown` times longer
+    (busy ~ healthy * slowdown capped at 99, thermally throttled) and its peers wait (busy / slowdown)."""
+    def fn(r: int, w: int) -> dict[str, object]:
+        if not onset <= w < until:
+            return {"util_gpu": healthy}
+        if r == culprit:
+            return {"util_gpu": min(99.0, healthy * 1.1), "sm_clock_mhz": 1980 / slowdown, "temp_c": 82.0,
+                    "clocks_event_reasons": int(ClockReason.SW_THERMAL)}
+        return {"util_gpu": min(99.0, healthy * 1.1) / slowdown}
+    return fn
+
+
+def firing(events: list[tuple[int, Finding]], kind: str) -> list[tuple[int, Finding]]:
+    return [(w, f) for w, f in events if f.kind == kind and f.state == "firing"]
+
+
+def resolved(events: list[tuple[int, Finding]], kind: str) -> list[tuple[int, Finding]]:
+    return [(w, f) for w, f in events if f.kind == kind and f.state == "resolved"]
+
+
+def test_straggler_is_named_after_two_windows_with_evidence_and_cost() -> None:
+    events = run(job_samples(32, 10, straggler_job(culprit=17, onset=3, until=7, slowdown=1.4)), FleetDetector())
+    [(w, f)] = firing(events, "straggler")
+    assert w == 4  # onset window 3 + persistence of 2 windows
+    assert (f.job, f.rank, f.node, f.gpu, f.model) == ("llm", 17, "n2", 1, "H200")
+    assert f.evidence["rank_util_pct"] > f.evidence["peer_util_median_pct"] * 1.25
+    assert f.evidence["sm_clock_mhz"] < f.evidence["peer_sm_clock_median_mhz"]
+    assert f.evidence["throttle_reasons"] == "sw_thermal"
+    assert f.evidence["peers"] == 31
+    # peers wait ~ 1 - 1/1.4 = 29% of each step: 31 peers x 0.29 x 10 s ~ 88 GPU-seconds per window
+    assert f.cost["peer_wait_share"] == pytest.approx(1 - 1 / 1.4, abs=0.03)
+    assert f.cost["peer_gpu_s_wasted"] == pytest.approx(31 * (88 - 88 / 1.4) / 100 * 10, rel=0.1)
+    assert f.cost["energy_wh_wasted"] == pytest.approx(f.cost["peer_gpu_s_wasted"] * 120 / 3600, rel=0.01)
+    assert "paced by rank 17 on node n2" in f.summary and "thermal throttling" in f.summary
+    [(rw, r)] = resolved(events, "straggler")
+    assert rw == 8 and r.fingerprint == f.fingerprint and r.idempotency_key != f.idempotency_key
+    # the victims are never named
+    assert all(f.rank == 17 for _, f in events if f.kind == "straggler")
+
+
+def test_one_window_blip_does_not_fire() -> None:
+    events = run(job_samples(16, 6, straggler_job(culprit=3, onset=2, until=3, slowdown=1.5)), FleetDetector())
+    assert firing(events, "straggler") == []
+
+
+def test_mild_fifteen_percent_straggler_is_found_in_a_noisy_job() -> None:
+    events = run(job_samples(64, 8, straggler_job(culprit=40, onset=2, until=8, slowdown=1.15), noise=8.0),
+                 FleetDetector())
+    assert [(w, f.rank) for w, f in firing(events, "straggler")] == [(3, 40)]
+
+
+def test_healthy_noisy_jobs_raise_nothing() -> None:
+    for seed in range(5):
+        for ranks in (2, 3, 8, 64):
+            events = run(job_samples(ranks, 12, lambda r, w: {"util_gpu": 75.0}, seed=seed, noise=10.0), FleetDetector())
+            assert events == [], (seed, ranks, events)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_small_jobs_need_a_clear_gap(ranks: int) -> None:
+    severe = run(job_samples(ranks, 6, straggler_job(culprit=1, onset=1, until=6, slowdown=1.5)), FleetDetector())
+    assert [f.rank for _, f in firing(severe, "straggler")] == [1]
+    tiny = run(job_samples(ranks, 6, straggler_job(culprit=1, onset=1, until=6, slowdown=1.05)), FleetDetector())
+    assert firing(tiny, "straggler") == []
+
+
+def test_mixed_generation_names_the_waiting_model_and_its_waste() -> None:
+    # H100 ranks pace: busy 90%; H200 ranks (1.4x faster) are busy 90 / 1.4 = 64%.
+    def fn(r: int, w: int) -> dict[str, object]:
+        return {"util_gpu": 90.0 if r < 8 else 90.0 / 1.4}
+    events = run(job_samples(24, 5, fn, models=lambda r: "H100" if r < 8 else "H200"), FleetDetector())
+    [(w, f)] = firing(events, "mixed_generation")
+    assert w == 1 and f.job == "llm" and f.rank is None
+    assert (f.evidence["slow_model"], f.evidence["fast_model"]) == ("H100", "H200")
+    assert f.cost["fast_rank_waste_share"] == pytest.approx(1 - 1 / 1.4, abs=0.03)
+    assert firing(events, "straggler") == []  # the slower model is not a straggler among its own peers
+
+
+def test_allocated_idle_gpu_and_stalled_job_are_told_apart() -> None:
+    def fn(r: int, w: int) -> dict[str, object]:
+        if r == 5:
+            return {"util_gpu": 0.0, "power_w": 125.0}  # left out of the job from the start
+        if 4 <= w < 8:
+            return {"util_gpu": 0.0, "power_w": 125.0}  # whole job stalled
+        return {"util_gpu": 80.0}
+    events = run(job_samples(8, 12, fn), FleetDetector())
+    idle = firing(events, "idle_allocated")
+    assert [(w, f.rank) for w, f in idle] == [(1, 5)]
+    [(w, stalled)] = firing(events, "job_stalled")
+    assert w == 5 and stalled.job == "llm" and stalled.cost["gpu_s_idle"] == 80.0
+    assert [w for w, _ in resolved(events, "job_stalled")] == [9]
+
+
+def test_job_idle_from_its_start_is_one_allocated_idle_finding_not_a_stall() -> None:
+    events = run(job_samples(4, 4, lambda r, w: {"util_gpu": 0.0}), FleetDetector())
+    [(w, f)] = firing(events, "idle_allocated")
+    assert w == 1 and (f.job, f.rank, f.gpu) == ("llm", None, None) and f.evidence["ranks"] == 4
+    assert f.cost["gpu_s_idle"] == 40.0
+    assert firing(events, "job_stalled") == []
+
+
+def test_xid_fires_on_its_window_and_resolves_after_clean_windows() -> None:
+    def fn(r: int, w: int) -> dict[str, object]:
+        return {"util_gpu": 80.0, "xid": 79 if (r == 2 and w == 1) else None}
+    events = run(job_samples(4, 7, fn), FleetDetector())
+    [(w, f)] = firing(events, "xid")
+    assert w == 1 and (f.node, f.gpu) == ("n0", 2) and f.evidence["xid"] == 79
+    assert [w for w, _ in resolved(events, "xid")] == [4]
+
+
+def test_gpu_that_stops_reporting_fires_after_n_windows_and_resolves_when_back() -> None:
+    def fn(r: int, w: int) -> dict[str, object] | None:
+        return None if (r == 3 and 2 <= w < 6) else {"util_gpu": 80.0}
+    events = run(job_samples(8, 9, fn), FleetDetector())
+    [(w, f)] = firing(events, "silent_gpu")
+    assert w == 3 and (f.node, f.gpu, f.rank) == ("n0", 3, 3)
+    assert [w for w, _ in resolved(events, "silent_gpu")] == [6]
+
+
+def test_baseline_pages_the_victims_not_the_culprit() -> None:
+    samples = job_samples(16, 6, straggler_job(culprit=9, onset=1, until=6, slowdown=1.6, healthy=70.0))
+    ranks = {f.rank for _, f in firing(run(samples, LowUtilizationBaseline(50.0)), "low_utilization")}
+    assert 9 not in ranks and len(ranks) == 15
+    assert {f.rank for _, f in firing(run(samples, FleetDetector()), "straggler")} == {9}
+
+
+def test_detector_state_round_trips_through_a_dict_mid_episode() -> None:
+    samples = job_samples(16, 8, straggler_job(culprit=4, onset=2, until=8, slowdown=1.3))
+    w = Windower(WINDOW_S)
+    closed = [c for s in samples for c in (w.add(s), w.pop_closed())[1]] + w.flush()
+    first, restored_events = FleetDetector(), []
+    for c in closed[:3]:  # onset window 2 seen once: not firing yet
+        assert first.observe(c.window_start, c.window_s, c.gpu_results()) == []
+    restored = FleetDetector.from_dict(first.to_dict(), DetectorConfig())
+    for c in closed[3:]:
+        restored_events += restored.observe(c.window_start, c.window_s, c.gpu_results())
+    assert [(f.kind, f.rank, f.window_start) for f in restored_events] == [("straggler", 4, T0 + 30)]
+    assert [f.rank for f in restored.firing()] == [4]
