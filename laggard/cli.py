@@ -76,6 +76,25 @@ def stack_status() -> None:
         raise typer.Exit(1)
 
 
+@app.command("worker")
+def worker(
+    loglevel: str = typer.Option("info", "--loglevel", "-l", help="crit, error, warn, info or debug"),
+) -> None:
+    """Run a laggard worker (Faust): windows, detectors, InfluxDB sink, alerts. Start several to
+    share the partitions; give each its own LAGGARD_WORKER_WEB_PORT."""
+    import sys
+
+    from agents.app import app as faust_app
+    from laggard.topics import ensure_topics
+
+    settings = get_settings()
+    ensure_topics(settings)  # Faust ignores a missing input topic instead of waiting for it
+    datadir = settings.state_dir / f"worker-{settings.worker_web_port}"
+    sys.argv = ["laggard worker", "--datadir", str(datadir), "worker", "--loglevel", loglevel,
+                "--web-host", settings.worker_web_host, "--web-port", str(settings.worker_web_port)]
+    faust_app.main()
+
+
 @app.command("demo")
 def demo() -> None:
     """Bring the local stack up and run the demo end to end, printing what it found."""

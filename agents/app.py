@@ -1,0 +1,216 @@
+"""The laggard worker: a Faust app, run by `laggard worker`; more workers share the partitions.
+
+Agents (the arithmetic is in agents/stages.py and the modules it uses):
+- `window_samples`   gpu.samples (keyed by node) -> GPU and node windows to InfluxDB, GPU results
+                     re-keyed by job to laggard.windows, partial cluster results to laggard.fleet;
+                     bad or late messages to the dead-letter topic with their reason.
+- `detect`           laggard.windows (keyed by job) -> findings to laggard.findings and InfluxDB.
+- `fleet_kpi`        laggard.fleet (keyed by cluster) -> the fleet KPI to InfluxDB.
+
+Detector state is checkpointed in a Faust table (changelog in Kafka) per input partition, and
+every output has a deterministic id (window id, finding idempotency key), so a replay overwrites
+rather than doubles. Open windows live in memory: Faust acknowledges a message once the agent has
+taken it, and its rebalance waits for every unacknowledged message, so holding acknowledgements
+until a window closes deadlocks the first rebalance (tried; see the README's limitations). A
+worker killed mid-window therefore loses the windows it had open (at most window + grace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+
+from agents.detectors import FleetDetector, LowUtilizationBaseline
+from agents.findings import Finding, WindowResult
+from agents.points import finding_point, fleet_point, window_point
+from agents.sink import InfluxSink
+from agents.stages import DetectStage, PendingWindows, SampleStage, detect_key, merge_fleet
+from agents.windows import ClosedWindow
+from laggard.settings import get_settings
+
+log = logging.getLogger("laggard.worker")
+settings = get_settings()
+
+
+def _broker_url() -> str:
+    return ";".join(f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(","))
+
+
+app = faust.App(
+    settings.worker_app_id,
+    broker=_broker_url(),
+    store="memory://",
+    topic_partitions=settings.topic_partitions,
+    consumer_auto_offset_reset="earliest",
+    web_host=settings.worker_web_host,
+    web_bind=settings.worker_web_host,  # loopback by default: /stats and /metrics are not public
+    web_port=settings.worker_web_port,
+    broker_session_timeout=15.0,
+    broker_heartbeat_interval=3.0,
+    producer_compression_type="lz4",
+    producer_max_request_size=8 * 1024 * 1024,
+    stream_buffer_maxsize=16384,
+)
+samples_topic = app.topic(settings.topic_samples, value_serializer="raw", key_serializer="raw")
+windows_topic = app.topic(settings.topic_windows, value_serializer="raw", key_serializer="raw")
+fleet_topic = app.topic(settings.topic_fleet, value_serializer="raw", key_serializer="raw")
+findings_topic = app.topic(settings.topic_findings, value_serializer="raw", key_serializer="raw")
+deadletter_topic = app.topic(settings.topic_deadletter, value_serializer="raw", key_serializer="raw")
+detector_state = app.Table("detector-state", default=dict, partitions=settings.topic_partitions)
+
+sink = InfluxSink(settings)
+
+
+@dataclass
+class Counters:
+    accepted: int = 0
+    rejected: int = 0
+    late: int = 0
+    windows_closed: int = 0
+    findings: int = 0
+    fleet_windows: int = 0
+
+
+counters = Counters()
+
+
+async def dead_letter(raw: bytes | None, reason: str, event: Any) -> None:
+    message = event.message
+    record = {"reason": reason, "topic": message.topic, "partition": message.partition, "offset": message.offset,
+              "at": time.time(), "payload": (raw or b"")[:4096].decode("utf-8", "replace")}
+    await deadletter_topic.send(key=message.topic.encode(), value=json.dumps(record).encode())
+
+
+async def write(points: list) -> None:
+    """Blocks this agent (not the event loop) until InfluxDB has the points."""
+    if points:
+        await asyncio.to_thread(sink.write, points, "ms")
+
+
+# --- stage 1: samples -> windows ----------------------------------------------------------------
+
+sample_stages: dict[int, SampleStage] = {}
+
+
+async def emit_closed(closed: ClosedWindow, partition: int) -> None:
+    gpu_results = closed.gpu_results()
+    rollups = closed.rollup_results()
+    await write([window_point(r) for r in gpu_results] + [window_point(r) for r in rollups if r.scope == "node"])
+    for result in gpu_results:
+        await windows_topic.send(key=detect_key(result).encode(), value=result.model_dump_json().encode())
+    # Tell every stage-2 partition this partition is done with the window (see PendingWindows).
+    marker = json.dumps({"part": partition, "closed_before": closed.window_end}).encode()
+    for target in range(settings.topic_partitions):
+        await windows_topic.send(key=None, value=marker, partition=target)
+    for result in rollups:
+        if result.scope == "cluster":
+            partial = {"part": partition, "result": result.model_dump(mode="json")}
+            await fleet_topic.send(key=result.labels.cluster.encode(), value=json.dumps(partial).encode())
+    counters.windows_closed += 1
+
+
+@app.agent(samples_topic)
+async def window_samples(stream: faust.StreamT) -> None:
+    async for event in stream.events():
+        partition = event.message.partition
+        stage = sample_stages.get(partition)
+        if stage is None:
+            stage = sample_stages[partition] = SampleStage(settings.window_s, settings.late_grace_s)
+        raw = event.value
+        outcome = stage.add(raw)
+        if outcome.rejected or outcome.late:
+            reason = outcome.rejected.reason if outcome.rejected else (
+                f"late: sample at {outcome.sample.ts:.3f} is older than its window allows "
+                f"(watermark {stage.windower.watermark:.3f}, grace {settings.late_grace_s} s)")
+            counters.rejected += outcome.rejected is not None
+            counters.late += outcome.late
+            await dead_letter(raw, reason, event)
+            continue
+        counters.accepted += 1
+        for closed in stage.closed():
+            await emit_closed(closed, partition)
+
+
+# --- stage 2: GPU windows -> findings -----------------------------------------------------------
+
+detect_stages: dict[int, DetectStage] = {}
+
+
+async def publish_findings(findings: list[Finding]) -> None:
+    for finding in findings:
+        await findings_topic.send(key=finding.fingerprint.encode(), value=finding.model_dump_json().encode())
+    await write([finding_point(f) for f in findings])
+    counters.findings += len(findings)
+
+
+def new_detect_stage(partition: int) -> DetectStage:
+    saved = detector_state.get(str(partition))
+    baseline = LowUtilizationBaseline(settings.baseline_util_pct) if settings.baseline_detector else None
+    return DetectStage(settings.window_s, settings.window_hold_s, settings.topic_partitions,
+                       FleetDetector.from_dict(saved) if saved else FleetDetector(), baseline)
+
+
+@app.agent(windows_topic)
+async def detect(stream: faust.StreamT) -> None:
+    async for event in stream.events():
+        partition = event.message.partition
+        stage = detect_stages.get(partition)
+        if stage is None:
+            stage = detect_stages[partition] = new_detect_stage(partition)
+        message = json.loads(event.value)
+        before = stage.released_before
+        if "closed_before" in message:
+            await publish_findings(stage.mark(message["part"], message["closed_before"]))
+        else:
+            stage.add(WindowResult.model_validate(message))
+        if stage.released_before > before:
+            detector_state[str(partition)] = stage.detector.to_dict()
+
+
+# --- stage 3: partial cluster results -> fleet KPI ----------------------------------------------
+
+fleet_pending: dict[str, PendingWindows] = {}
+
+
+@app.agent(fleet_topic)
+async def fleet_kpi(stream: faust.StreamT) -> None:
+    async for raw in stream:
+        partial = json.loads(raw)
+        result = WindowResult.model_validate(partial["result"])
+        pending = fleet_pending.get(result.labels.cluster)
+        if pending is None:
+            pending = fleet_pending[result.labels.cluster] = PendingWindows(
+                settings.window_s, settings.window_hold_s, settings.topic_partitions)
+        pending.add(result, str(partial["part"]))
+        await write_fleet(pending.mark(partial["part"], result.window_end))
+
+
+async def write_fleet(released: list[list[WindowResult]]) -> None:
+    await write([fleet_point(merge_fleet(results)) for results in released])
+    counters.fleet_windows += len(released)
+
+
+# --- timers: close what no new data will close -------------------------------------------------
+
+@app.timer(interval=1.0)
+async def close_idle_windows() -> None:
+    """Close on wall time what no new data will close (the end of a replay, a quiet partition)."""
+    for partition, stage in sample_stages.items():
+        for closed in stage.close_idle(settings.window_hold_s):
+            await emit_closed(closed, partition)
+    for stage in detect_stages.values():
+        await publish_findings(stage.tick())
+    for pending in fleet_pending.values():
+        await write_fleet(pending.tick())
+
+
+@app.page("/stats")
+async def stats(web: Any, request: Any) -> Any:
+    return web.json({**counters.__dict__, "influx_points_written": sink.points_written,
+                     "influx_write_failures": sink.write_failures})

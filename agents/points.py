@@ -1,0 +1,57 @@
+"""What the sink writes: one InfluxDB point per window result, fleet KPI and finding.
+
+Measurements `<scope>_window` (gpu, node), `fleet`, `finding`. Tags are bounded labels only
+(cluster, node, gpu, model, job, rank, kind, state); the point time is the window start, so a
+replayed window lands on the same series and timestamp and overwrites instead of doubling.
+"""
+
+from __future__ import annotations
+
+from influxdb_client import Point
+
+from agents.findings import Finding, WindowResult
+from agents.stages import FleetKpi
+
+WINDOW_FIELDS = (
+    "samples", "util_mean", "util_min", "util_max", "util_p50", "util_p95", "effective_util",
+    "power_w_mean", "energy_wh", "sm_clock_mhz_mean", "temp_c_mean", "temp_c_max", "throttled_share", "xid_count",
+)
+FLEET_FIELDS = ("gpus", "allocated_gpus", "idle_allocated_gpus", "samples", "util_mean", "effective_util",
+                "power_w_mean", "energy_wh", "parts")
+
+
+def _ms(ts: float) -> int:
+    return round(ts * 1000)
+
+
+def window_point(result: WindowResult) -> Point:
+    point = Point(f"{result.scope}_window")
+    for tag, value in result.labels.model_dump(exclude_none=True).items():
+        point.tag(tag, str(value))
+    for name in WINDOW_FIELDS:
+        point.field(name, float(getattr(result, name)))
+    for reason, share in result.throttle_share.items():
+        point.field(f"throttle_{reason}", float(share))
+    if result.scope != "gpu":
+        point.field("gpus", result.gpus).field("idle_allocated_gpus", result.idle_allocated_gpus)
+    return point.time(_ms(result.window_start), "ms")
+
+
+def fleet_point(kpi: FleetKpi) -> Point:
+    point = Point("fleet").tag("cluster", kpi.cluster)
+    for name in FLEET_FIELDS:
+        point.field(name, float(getattr(kpi, name)))
+    return point.time(_ms(kpi.window_start), "ms")
+
+
+def finding_point(finding: Finding) -> Point:
+    point = Point("finding").tag("kind", finding.kind).tag("state", finding.state).tag("cluster", finding.cluster)
+    for tag in ("job", "node", "gpu", "rank", "model"):
+        value = getattr(finding, tag)
+        if value is not None:
+            point.tag(tag, str(value))
+    point.field("summary", finding.summary).field("firing", int(finding.state == "firing"))
+    for name, value in {**finding.evidence, **{f"cost_{k}": v for k, v in finding.cost.items()}}.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            point.field(name, float(value))
+    return point.time(_ms(finding.window_start), "ms")

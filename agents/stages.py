@@ -1,0 +1,193 @@
+"""The worker's three stages as plain classes (no Faust): the agents in agents/app.py feed them.
+
+1. `SampleStage` (input partitioned by node): decode, reject, window per GPU. Closed windows give
+   GPU and node results (complete: a node lives in one partition), and a partial cluster result.
+2. `DetectStage` (GPU results re-keyed by job, or node when unallocated): all ranks of a job meet
+   in one partition; a window is judged once every stage-1 partition has marked it closed (a
+   marker goes to every stage-2 partition) or, on the timer, once it has waited `hold_s`.
+3. `FleetStage` (partial cluster results keyed by cluster, one per input partition): the fleet KPI.
+Every stage keeps its state per input partition, so a replay after a crash or a rebalance
+produces the same results with the same ids (idempotent writes downstream).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agents.detectors import FleetDetector, LowUtilizationBaseline
+from agents.findings import Finding, WindowResult
+from agents.windows import ClosedWindow, Windower
+from laggard.events import EventRejected, NodeSample, decode_node_sample
+
+
+@dataclass
+class Rejected:
+    reason: str
+    raw: bytes
+
+
+@dataclass
+class SampleOutcome:
+    sample: NodeSample | None = None
+    rejected: Rejected | None = None
+    late: bool = False
+
+
+class SampleStage:
+    def __init__(self, window_s: float, grace_s: float) -> None:
+        self.windower = Windower(window_s, grace_s)
+        self.accepted = 0
+        self.rejected = 0
+        self.last_arrival = time.monotonic()
+
+    def add(self, raw: bytes) -> SampleOutcome:
+        self.last_arrival = time.monotonic()
+        try:
+            sample = decode_node_sample(raw)
+        except EventRejected as err:
+            self.rejected += 1
+            return SampleOutcome(rejected=Rejected(err.reason, raw))
+        self.accepted += 1
+        if not self.windower.add(sample):
+            return SampleOutcome(sample=sample, late=True)
+        return SampleOutcome(sample=sample)
+
+    def closed(self) -> list[ClosedWindow]:
+        return self.windower.pop_closed()
+
+    def close_idle(self, hold_s: float, now: float | None = None) -> list[ClosedWindow]:
+        """Close every open window once no sample has arrived for `hold_s` of wall time: event
+        time alone never closes the last windows of a partition that went quiet."""
+        now = time.monotonic() if now is None else now
+        return self.windower.flush() if now - self.last_arrival >= hold_s else []
+
+
+def detect_key(result: WindowResult) -> str:
+    """Partition key for stage 2: the job, so all its ranks meet; else the node."""
+    labels = result.labels
+    return f"{labels.cluster}/{labels.job}" if labels.job is not None else f"{labels.cluster}/node/{labels.node}"
+
+
+@dataclass
+class PendingWindows:
+    """Results gathered per window until the window is complete; each window is released once.
+
+    Complete = every one of the `parts` upstream partitions has said it closed the window
+    (`mark`), or nothing has arrived for `hold_s` of wall time (an upstream partition that
+    carries no data never marks anything; a slow one still sends, so it is waited for).
+    """
+
+    window_s: float
+    hold_s: float
+    parts: int
+    pending: dict[float, dict[str, WindowResult]] = field(default_factory=dict)
+    last_arrival: float = field(default_factory=time.monotonic)
+    closed_before: dict[int, float] = field(default_factory=dict)  # upstream partition -> watermark
+    released_before: float = float("-inf")
+    duplicates: int = 0
+    too_late: int = 0
+
+    def add(self, result: WindowResult, key: str, now: float | None = None) -> None:
+        start = result.window_start
+        if start < self.released_before:
+            self.too_late += 1
+            return
+        window = self.pending.setdefault(start, {})
+        if key in window:  # at-least-once delivery repeats a result: same key, same content
+            self.duplicates += 1
+        window[key] = result
+        self.last_arrival = time.monotonic() if now is None else now
+
+    def mark(self, part: int, closed_before: float) -> list[list[WindowResult]]:
+        """Upstream partition `part` has emitted every window ending at or before `closed_before`."""
+        self.last_arrival = time.monotonic()
+        self.closed_before[part] = max(closed_before, self.closed_before.get(part, float("-inf")))
+        if len(self.closed_before) < self.parts:
+            return []
+        everywhere = min(self.closed_before.values())
+        return self._release(lambda s: s + self.window_s <= everywhere)
+
+    def tick(self, now: float | None = None) -> list[list[WindowResult]]:
+        now = time.monotonic() if now is None else now
+        return self.flush() if now - self.last_arrival >= self.hold_s else []
+
+    def flush(self) -> list[list[WindowResult]]:
+        return self._release(lambda s: True)
+
+    def _release(self, ready: Callable[[float], bool]) -> list[list[WindowResult]]:
+        out = []
+        for start in sorted(s for s in self.pending if ready(s)):
+            out.append(list(self.pending.pop(start).values()))
+            self.released_before = max(self.released_before, start + self.window_s)
+        return out
+
+
+class DetectStage:
+    """One per input partition: the detectors over the jobs (and nodes) keyed to it, and the
+    naive baseline when asked for (evaluation only)."""
+
+    def __init__(self, window_s: float, hold_s: float, parts: int, detector: FleetDetector | None = None,
+                 baseline: LowUtilizationBaseline | None = None) -> None:
+        self.windows = PendingWindows(window_s, hold_s, parts)
+        self.detector = detector or FleetDetector()
+        self.baseline = baseline
+
+    @property
+    def released_before(self) -> float:
+        return self.windows.released_before
+
+    def _judge(self, released: list[list[WindowResult]]) -> list[Finding]:
+        findings: list[Finding] = []
+        for results in released:
+            start, size = results[0].window_start, results[0].window_s
+            findings += self.detector.observe(start, size, results)
+            if self.baseline is not None:
+                findings += self.baseline.observe(start, size, results)
+        return findings
+
+    def add(self, result: WindowResult, now: float | None = None) -> None:
+        self.windows.add(result, result.id, now)
+
+    def mark(self, part: int, closed_before: float) -> list[Finding]:
+        return self._judge(self.windows.mark(part, closed_before))
+
+    def tick(self, now: float | None = None) -> list[Finding]:
+        return self._judge(self.windows.tick(now))
+
+    def flush(self) -> list[Finding]:
+        return self._judge(self.windows.flush())
+
+
+@dataclass
+class FleetKpi:
+    cluster: str
+    window_start: float
+    window_s: float
+    gpus: int
+    allocated_gpus: int
+    idle_allocated_gpus: int
+    samples: int
+    util_mean: float
+    effective_util: float
+    power_w_mean: float
+    energy_wh: float
+    parts: int
+
+
+def merge_fleet(partials: list[WindowResult]) -> FleetKpi:
+    """Merge partial cluster results of one window (one per worker share), weighting by samples."""
+    first = partials[0]
+    samples = sum(p.samples for p in partials)
+
+    def weighted(name: str) -> float:
+        return sum(getattr(p, name) * p.samples for p in partials) / samples if samples else 0.0
+
+    return FleetKpi(
+        cluster=first.labels.cluster, window_start=first.window_start, window_s=first.window_s,
+        gpus=sum(p.gpus for p in partials), allocated_gpus=sum(p.allocated_gpus for p in partials),
+        idle_allocated_gpus=sum(p.idle_allocated_gpus for p in partials), samples=samples,
+        util_mean=weighted("util_mean"), effective_util=weighted("effective_util"),
+        power_w_mean=weighted("power_w_mean"), energy_wh=sum(p.energy_wh for p in partials), parts=len(partials),
+    )
