@@ -33,6 +33,11 @@ from agents.sink import InfluxSink
 from agents.stages import DetectStage, PendingWindows, SampleStage, detect_key, merge_fleet
 from agents.windows import ClosedWindow
 from laggard.settings import get_settings
+from rules.cli import ALERTS_STATE_FILE, SILENCES_FILE
+from rules.lifecycle import AlertEngine
+from rules.loader import DEFAULT_RULES, load_rules
+from rules.receivers.delivery import DeadLetter, Dispatcher, SentLog
+from rules.silences import SilenceStore
 
 log = logging.getLogger("laggard.worker")
 settings = get_settings()
@@ -75,6 +80,8 @@ class Counters:
     windows_closed: int = 0
     findings: int = 0
     fleet_windows: int = 0
+    notifications: int = 0
+    notifications_failed: int = 0
 
 
 counters = Counters()
@@ -208,6 +215,73 @@ async def close_idle_windows() -> None:
         await publish_findings(stage.tick())
     for pending in fleet_pending.values():
         await write_fleet(pending.tick())
+
+
+# --- stage 4: findings -> alerts -> chat webhooks -------------------------------------------------
+
+@dataclass
+class Alerting:
+    """The rules engine (rules/) fed with the findings that are firing now. Detectors emit state
+    changes only, so the firing set is kept here and shown to the engine on every tick."""
+
+    engine: AlertEngine
+    dispatcher: Dispatcher
+    firing: dict[str, Finding] = field(default_factory=dict)
+
+    def take(self, finding: Finding) -> None:
+        if finding.state == "firing":
+            self.firing[finding.fingerprint] = finding
+        else:
+            self.firing.pop(finding.fingerprint, None)
+
+    def state(self) -> dict[str, Any]:
+        return {"engine": self.engine.snapshot(), "sent": self.dispatcher.sent_log.to_dict(),
+                "firing": [f.model_dump(mode="json") for f in self.firing.values()]}
+
+
+alert_state = app.Table("alert-state", default=dict, partitions=1)
+alerting: Alerting | None = None
+
+
+async def notification_dead_letter(letter: DeadLetter) -> None:
+    await deadletter_topic.send(key=b"notification", value=letter.model_dump_json().encode())
+
+
+def make_alerting(saved: dict[str, Any]) -> Alerting:
+    config = load_rules(settings.rules_file or DEFAULT_RULES)
+    dispatcher = Dispatcher(config.receivers, dead_letter=notification_dead_letter, sent_log=SentLog(saved.get("sent")))
+    for name, why in dispatcher.problems.items():
+        log.warning("receiver %s cannot send: %s", name, why)
+    alerting = Alerting(AlertEngine(config, saved.get("engine")), dispatcher)
+    for data in saved.get("firing", []):
+        alerting.take(Finding.model_validate(data))
+    return alerting
+
+
+@app.agent(findings_topic)  # one partition (laggard.topics): grouping and dedup need every finding
+async def alert_on_findings(stream: faust.StreamT) -> None:
+    global alerting
+    async for raw in stream:
+        if alerting is None:
+            alerting = make_alerting(alert_state.get("state") or {})
+        alerting.take(Finding.model_validate_json(raw))
+        alert_state["state"] = alerting.state()
+
+
+@app.timer(interval=1.0)
+async def send_alerts() -> None:
+    if alerting is None:
+        return
+    now = time.time()
+    for finding in alerting.firing.values():
+        alerting.engine.observe_finding(finding, now)
+    silences = SilenceStore(settings.state_dir / SILENCES_FILE).load()
+    for notification in alerting.engine.advance(now, silences):
+        outcome = await alerting.dispatcher.dispatch(notification)
+        counters.notifications += outcome.status == "sent"
+        counters.notifications_failed += outcome.status == "dead_lettered"
+    (settings.state_dir / ALERTS_STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (settings.state_dir / ALERTS_STATE_FILE).write_text(json.dumps(alerting.engine.snapshot()))
 
 
 @app.page("/stats")

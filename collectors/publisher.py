@@ -1,24 +1,41 @@
 """The one publisher every source shares: events onto Kafka with kafka-python.
 
 It knows nothing of NVML or DCGM; sources know nothing of Kafka. Throughput comes from batching
-(`linger_ms`, `batch_size`) and compression, chosen by `bench/collectors.py`. Delivery is
-`acks=all` with idempotence; kafka-python retries inside its delivery timeout, and a message that
-still fails is queued and sent again here (counted as retried) up to `max_resends` times before
+(`linger_ms`, `batch_size`) and compression, chosen by `bench/collectors.py`, and from keeping the
+per-message work small: kafka-python's own per-record path costs tens of microseconds, so the
+publisher adds as little as it can on top (see "Why no callbacks" below).
+
+Delivery is `acks=all` with idempotence; kafka-python retries inside its delivery timeout, and a
+message that still fails is sent again here (counted as retried) up to `max_resends` times before
 it is counted as failed and logged. kafka-python 3 has no bound on its buffer, so the publisher
-bounds the bytes in flight itself: when the broker is slow, `publish` blocks until acknowledgements
-bring them under `max_in_flight_bytes` (backpressure with bounded memory, never a silent drop).
+bounds the bytes in flight itself: when the broker is slow, `publish` blocks until
+acknowledgements bring them under `max_in_flight_bytes` (backpressure with bounded memory, never
+a silent drop).
+
+Why no callbacks: a callback and an errback per message cost two `functools.partial`s, two lock
+round trips and a condition notify on kafka-python's I/O thread, which shares the one core with
+the caller. Instead every send's future waits in a FIFO, and the caller's thread settles the
+finished ones at the head on each publish (and all of them on flush): ack counts, freed bytes and
+resends all happen here, on the caller's thread. A Publisher is therefore used from one thread.
+
+Partitioning: a message goes to the partition kafka-python's (and the Java client's) default
+partitioner picks for its key, murmur2(key) mod the topic's partition count, so the node -> partition
+mapping is the standard one. It is computed once per key and remembered, since the pure-Python
+murmur2 (~4 us) and the partitioner's metadata lookups cost ~10 us a message.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.partitioner import murmur2
+from kafka.producer.future import FutureRecordMetadata
 
 from laggard.events import NodeSample, encode
 from laggard.kafka_config import client_config
@@ -26,7 +43,8 @@ from laggard.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-# Measured with bench/collectors.py (see README): lz4 cut bytes ~5x at little CPU cost.
+# Measured with bench/collectors.py (its docstring has the comparison): lz4 cuts bytes 4.5x for
+# ~3 us a message; shorter linger / smaller batches cost more per message, longer ones gain nothing.
 DEFAULT_PRODUCER_CONFIG: dict[str, Any] = {
     "acks": "all",
     "linger_ms": 50,
@@ -35,6 +53,18 @@ DEFAULT_PRODUCER_CONFIG: dict[str, Any] = {
     "max_block_ms": 60_000,
     "max_request_size": 8 * 1024 * 1024,
 }
+
+# Keys remembered per topic before the memo starts over (node names: a few thousand at most).
+PARTITION_MEMO_KEYS = 100_000
+# How often a topic's partition count is read again (kafka-python refreshes metadata every 5 min).
+PARTITION_RECHECK_S = 30.0
+# How long `flush` and backpressure wait on one future before looking again.
+WAIT_SLICE_S = 1.0
+
+
+def default_partition(key: bytes, partition_count: int) -> int:
+    """The partition kafka-python's DefaultPartitioner (and the Java client) picks for `key`."""
+    return (murmur2(key) & 0x7FFFFFFF) % partition_count
 
 
 @dataclass
@@ -47,10 +77,36 @@ class PublisherStats:
     bytes: int = 0
     in_flight_bytes: int = 0
     last_error: str = ""
-    _lock: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+        return dict(self.__dict__)
+
+
+# One send waiting for its acknowledgement, with what it takes to send it again:
+# (future, topic, key, value, attempt). A plain tuple: building one is the cheapest record there is.
+_Pending = tuple[FutureRecordMetadata, str, bytes | None, bytes, int]
+
+
+class _PartitionMemo:
+    """key -> partition for one topic. The partition count is read again every
+    PARTITION_RECHECK_S (partitions can be added to a topic); if it changed, the memo starts over."""
+
+    def __init__(self, partition_count: int) -> None:
+        self.partition_count = partition_count
+        self.recheck_at = time.monotonic() + PARTITION_RECHECK_S
+        self.by_key: dict[bytes, int] = {}
+
+    def recheck(self, partition_count: int) -> None:
+        if partition_count != self.partition_count:
+            self.partition_count = partition_count
+            self.by_key.clear()
+        self.recheck_at = time.monotonic() + PARTITION_RECHECK_S
+
+    def assign(self, key: bytes) -> int:
+        if len(self.by_key) >= PARTITION_MEMO_KEYS:
+            self.by_key.clear()
+        partition = self.by_key[key] = default_partition(key, self.partition_count)
+        return partition
 
 
 class Publisher:
@@ -64,7 +120,9 @@ class Publisher:
         self.max_resends = max_resends
         self.max_in_flight_bytes = max_in_flight_bytes
         self.stats = PublisherStats()
-        self._resend: collections.deque[tuple[str, bytes, bytes, int]] = collections.deque()
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._resend: collections.deque[_Pending] = collections.deque()
+        self._partitions: dict[str, _PartitionMemo] = {}
         config = {**client_config(self.settings), **DEFAULT_PRODUCER_CONFIG, **producer_overrides}
         self._producer = KafkaProducer(client_id="laggard-collector", **config)
         self._closed = False
@@ -79,65 +137,99 @@ class Publisher:
         self.publish_raw(sample.key(), encode(sample), topic)
 
     def publish_raw(self, key: bytes, value: bytes, topic: str | None = None) -> None:
-        self._drain_resends()
-        self._send(topic or self.topic, key, value, attempt=0)
+        pending = self._pending
+        if pending and pending[0][0].is_done:
+            self._settle_done()
+        if self._resend:
+            self._drain_resends()
+        self._send(topic or self.topic, key, value, 0)
 
-    def _send(self, topic: str, key: bytes, value: bytes, attempt: int) -> None:
-        self._wait_for_room()
+    def _send(self, topic: str, key: bytes | None, value: bytes, attempt: int) -> None:
+        if self.stats.in_flight_bytes > self.max_in_flight_bytes:
+            self._wait_for_room()
         while True:
             try:
-                future = self._producer.send(topic, key=key, value=value)
+                partition = None if key is None else self._partition(topic, key)
+                future = self._producer.send(topic, value, key, partition=partition)
                 break
             except KafkaTimeoutError as err:
                 # No metadata within max_block_ms: the broker is gone. Keep waiting rather than
                 # drop; the caller is blocked, which is the backpressure.
                 self.stats.blocked += 1
                 log.warning("kafka send blocked: %s; still waiting", err)
-        with self.stats._lock:
-            self.stats.sent += attempt == 0
-            self.stats.bytes += len(value)
-            self.stats.in_flight_bytes += len(value)
-        future.add_callback(self._on_ack, len(value))
-        future.add_errback(self._on_error, topic, key, value, attempt)
+        stats = self.stats
+        stats.sent += attempt == 0
+        stats.bytes += len(value)
+        stats.in_flight_bytes += len(value)
+        self._pending.append((future, topic, key, value, attempt))
+
+    def _partition(self, topic: str, key: bytes) -> int:
+        memo = self._partitions.get(topic)
+        if memo is None or time.monotonic() > memo.recheck_at:
+            # Blocks for the topic's metadata the first time (KafkaTimeoutError after max_block_ms).
+            count = len(self._producer.partitions_for(topic))
+            if memo is None:
+                memo = self._partitions[topic] = _PartitionMemo(count)
+            else:
+                memo.recheck(count)
+        partition = memo.by_key.get(key)
+        return memo.assign(key) if partition is None else partition
 
     def _wait_for_room(self) -> None:
-        with self.stats._lock:
-            if self.stats.in_flight_bytes <= self.max_in_flight_bytes:
-                return
-            self.stats.blocked += 1
-            while self.stats.in_flight_bytes > self.max_in_flight_bytes // 2:
-                self.stats._lock.wait(timeout=1.0)
+        """Block until acknowledgements bring the bytes in flight down to half the bound."""
+        self.stats.blocked += 1
+        self._settle_done()
+        while self.stats.in_flight_bytes > self.max_in_flight_bytes // 2:
+            self._wait_for_oldest()
+            self._settle_done()
 
-    def _on_ack(self, size: int, _metadata: object) -> None:
-        with self.stats._lock:
-            self.stats.acked += 1
-            self.stats.in_flight_bytes -= size
-            self.stats._lock.notify_all()
+    def _wait_for_oldest(self) -> None:
+        try:
+            self._pending[0][0].get(timeout=WAIT_SLICE_S)
+        except KafkaError:
+            pass  # failed (settled as such by the caller) or not done yet (it looks again)
 
-    def _on_error(self, topic: str, key: bytes, value: bytes, attempt: int, err: Exception) -> None:
-        # Runs on kafka-python's I/O thread: never send from here (a full buffer would deadlock).
-        with self.stats._lock:
-            self.stats.in_flight_bytes -= len(value)
-            self.stats._lock.notify_all()
-            self.stats.last_error = f"{type(err).__name__}: {err}"
-            if attempt < self.max_resends:
-                self.stats.retried += 1
-                self._resend.append((topic, key, value, attempt + 1))
+    def _settle_done(self) -> None:
+        """Count every finished send at the head of the FIFO; queue the failed ones to send again."""
+        pending, stats = self._pending, self.stats
+        acked = freed = 0
+        while pending and pending[0][0].is_done:
+            entry = pending.popleft()
+            freed += len(entry[3])
+            if entry[0].exception is None:
+                acked += 1
             else:
-                self.stats.failed += 1
-                log.error("delivery to %s failed after %d resends: %s", topic, attempt, err)
+                self._on_failure(entry)
+        stats.acked += acked
+        stats.in_flight_bytes -= freed
+
+    def _on_failure(self, entry: _Pending) -> None:
+        future, topic, key, value, attempt = entry
+        error = future.exception
+        self.stats.last_error = f"{type(error).__name__}: {error}"
+        if attempt < self.max_resends:
+            self.stats.retried += 1
+            self._resend.append((future, topic, key, value, attempt + 1))
+        else:
+            self.stats.failed += 1
+            log.error("delivery to %s failed after %d resends: %s", topic, attempt, error)
 
     def _drain_resends(self) -> None:
         while self._resend:
-            topic, key, value, attempt = self._resend.popleft()
+            _future, topic, key, value, attempt = self._resend.popleft()
             self._send(topic, key, value, attempt)
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait until everything sent so far is acknowledged or has failed (resends included)."""
-        self._producer.flush(timeout=timeout_s)
-        while self._resend:
+        while True:
             self._drain_resends()
             self._producer.flush(timeout=timeout_s)
+            while self._pending:
+                self._settle_done()
+                if self._pending:
+                    self._wait_for_oldest()
+            if not self._resend:
+                return
 
     def close(self, timeout_s: float | None = 120) -> None:
         if self._closed:

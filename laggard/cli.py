@@ -98,12 +98,15 @@ def worker(
 @app.command("demo")
 def demo() -> None:
     """Bring the local stack up and run the demo end to end, printing what it found."""
-    from laggard.demo import round_trip
+    from laggard.demo import run_demo
 
     bring_stack_up()
-    for line in round_trip(get_settings()):
-        console.print(line)
+    run_demo(get_settings(), console)
 
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     # Also run the naive "utilization below X%" detector (for `laggard eval` comparisons).
     baseline_detector: bool = False
     baseline_util_pct: float = Field(default=50.0, ge=0, le=100)
+    rules_file: Path | None = None  # alert rules and receivers; None = rules/default.yaml
     worker_app_id: str = "laggard-worker"  # Faust app id: consumer group and table topics
     worker_web_host: str = "127.0.0.1"
     worker_web_port: int = 6066

@@ -23,8 +23,10 @@ def ensure_topics(settings: Settings, names: list[str] | None = None) -> list[st
         missing = [n for n in (names or topic_names(settings)) if n not in existing]
         if not missing:
             return []
+        # Findings are few, and the alert lifecycle needs all of them in one place: 1 partition.
+        partitions = {settings.topic_findings: 1}
         try:
-            admin.create_topics([NewTopic(n, settings.topic_partitions, 1) for n in missing])
+            admin.create_topics([NewTopic(n, partitions.get(n, settings.topic_partitions), 1) for n in missing])
         except TopicAlreadyExistsError:  # another process won the race
             pass
         return missing

@@ -1,0 +1,110 @@
+"""One laggard worker's throughput through the real broker, in GPU-samples/s.
+
+Pre-publishes --messages simulator messages (event time in the past) to a unique samples topic,
+then starts one `laggard worker` (baseline detector on, as `laggard eval` runs it) and polls its
+/stats: the timed span runs from the first poll that sees an accepted sample to the one that sees
+all of them, so Faust's start-up and its consumer-group join are not counted. With --profile,
+py-spy samples the worker for --profile-s seconds of that span and the functions with the most
+own time go to stderr (py-spy slows the worker a little, so profile and measure in separate runs).
+The last line is one JSON object.
+
+    python bench/agents.py [--scenario collectors/scenarios/all_faults.yaml] [--messages 30000] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the
+# `agents` package: put the repository root there instead.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from laggard.evaluate import Worker, free_port, publish_scenario, run_settings
+from laggard.settings import get_settings
+from laggard.topics import ensure_topics
+
+ROOT = Path(__file__).resolve().parents[1]
+POLL_S = 0.1
+
+
+def top_functions(raw_profile: Path, count: int = 15) -> list[tuple[int, str]]:
+    """(samples, function) with the most own time, from py-spy's raw (collapsed stacks) output."""
+    own: collections.Counter[str] = collections.Counter()
+    for line in raw_profile.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        if stack:
+            own[stack.split(";")[-1]] += int(samples)
+    return [(samples, function) for function, samples in own.most_common(count)]
+
+
+def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                             "--format", "raw", "--output", str(out), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", type=Path, default=ROOT / "collectors/scenarios/all_faults.yaml")
+    parser.add_argument("--messages", type=int, default=30_000)
+    parser.add_argument("--timeout-s", type=float, default=600.0)
+    parser.add_argument("--profile", action="store_true", help="py-spy the worker; top functions to stderr")
+    parser.add_argument("--profile-s", type=float, default=15.0)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="laggard-bench-") as tmp:
+        settings = run_settings(get_settings(), f"bench-{uuid.uuid4().hex[:8]}", Path(tmp), free_port())
+        ensure_topics(settings)
+        published = publish_scenario(settings, args.scenario, limit=args.messages)
+        print(f"published {published.messages:,} messages ({published.gpu_samples:,} GPU samples)", file=sys.stderr)
+        profile = None
+        with Worker(settings, Path(tmp) / "worker.log") as worker:
+            deadline = time.monotonic() + args.timeout_s
+            first: tuple[float, int] | None = None
+            while True:
+                stats = worker.stats() or {}
+                now, accepted = time.perf_counter(), stats.get("accepted", 0)
+                if first is None and accepted > 0:
+                    first = (now, accepted)
+                    if args.profile:
+                        profile = start_profile(worker.process.pid, args.profile_s, Path(tmp) / "profile.txt")
+                if accepted >= published.messages:
+                    break
+                if time.monotonic() > deadline:
+                    sys.exit(f"worker took only {accepted:,} of {published.messages:,} messages in {args.timeout_s} s")
+                time.sleep(POLL_S)
+        assert first is not None
+        seconds = now - first[0]
+        messages = published.messages - first[1]
+        gpus_per_message = published.gpu_samples / published.messages
+        if profile is not None:
+            _, errors = profile.communicate()
+            out = Path(tmp) / "profile.txt"
+            if out.exists():
+                print("worker functions with the most own time (py-spy samples):", file=sys.stderr)
+                for samples, function in top_functions(out):
+                    print(f"{samples:8d}  {function}", file=sys.stderr)
+            else:
+                print(f"py-spy wrote no profile: {errors.decode(errors='replace')}", file=sys.stderr)
+    print(json.dumps({
+        "gpu_samples_per_s": round(messages * gpus_per_message / seconds),
+        "messages_per_s": round(messages / seconds),
+        "messages": messages,
+        "seconds": round(seconds, 2),
+        "gpus_per_message": round(gpus_per_message, 2),
+        "profiled": args.profile,
+    }))
+
+
+if __name__ == "__main__":
+    main()

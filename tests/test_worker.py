@@ -1,0 +1,58 @@
+"""The worker end to end on the real broker and InfluxDB: a simulated fleet with injected faults
+and malformed messages goes in; findings naming the culprits, window points, and dead letters
+with reasons come out."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from agents.sink import InfluxSink
+from collectors.publisher import Publisher
+from laggard.pipeline_run import PipelineRun
+from tests.helpers.samples import node_sample
+
+SCENARIO = "collectors/scenarios/demo.yaml"
+
+
+def test_worker_finds_injected_faults_and_dead_letters_bad_input(stack, tmp_path):
+    with PipelineRun(stack, prefix="test-worker") as run:
+        run.start_worker(tmp_path / "worker.log")
+        bad = {
+            "bad json": b"{not json",
+            "unknown version": json.dumps({**json.loads(node_sample().model_dump_json()), "v": 99}).encode(),
+            "absurd power": node_sample().model_dump_json().replace('"power_w":600.0', '"power_w":-40.0').encode(),
+            "huge": b"{" + b" " * 3_000_000 + b"}",
+        }
+        with Publisher(stack, topic=run.settings.topic_samples) as publisher:
+            for value in bad.values():
+                publisher.publish_raw(b"bad", value)
+        run.published += len(bad)
+        run.publish_scenario(SCENARIO)
+        stats = run.wait_until_quiet(timeout_s=240, settle_s=stack.window_hold_s + 5)
+        findings = run.findings()
+        letters = run.dead_letters()
+
+    assert stats["rejected"] == len(bad)
+    reasons = [letter["reason"] for letter in letters]
+    assert len(letters) == len(bad)
+    assert any("Invalid JSON" in r or "not a JSON" in r for r in reasons)
+    assert any(r.startswith("v = 99") for r in reasons)
+    assert any("power_w = -40" in r for r in reasons)
+    assert any("exceeds" in r for r in reasons)
+
+    stragglers = {(f.job, f.rank) for f in findings if f.kind == "straggler" and f.state == "firing"}
+    expected = {(t.job, t.rank) for t in run.truth if t.kind == "straggler"}
+    assert stragglers == expected
+    first = min((f for f in findings if f.kind == "straggler" and f.job == "llm-70b"), key=lambda f: f.window_start)
+    onset = next(t.start for t in run.truth if t.kind == "straggler" and t.job == "llm-70b")
+    assert (first.window_end - onset) / stack.window_s <= 3  # persistence of 2 windows after onset
+    kinds = {f.kind for f in findings}
+    assert {"xid", "silent_gpu", "idle_allocated", "job_stalled", "mixed_generation"} <= kinds
+
+    sink = InfluxSink(stack)
+    since = int(min(t.start for t in run.truth)) - 120
+    rows = sink.query(f"SELECT \"util_mean\", \"sm_clock_mhz_mean\" FROM \"gpu_window\" WHERE \"job\" = 'llm-70b' "
+                      f"AND \"rank\" = '17' AND time >= {since}s AND time <= {int(time.time())}s")
+    sink.close()
+    assert rows and max(r["util_mean"] for r in rows) > 90
