@@ -31,7 +31,7 @@ def test_worker_finds_injected_faults_and_dead_letters_bad_input(stack, tmp_path
         run.publish_scenario(SCENARIO)
         stats = run.wait_until_quiet(timeout_s=240, settle_s=stack.window_hold_s + 5)
         findings = run.findings()
-        letters = run.dead_letters()
+        letters = [d for d in run.dead_letters() if d.get("topic") == run.settings.topic_samples]
 
     assert stats["rejected"] == len(bad)
     reasons = [letter["reason"] for letter in letters]
