@@ -19,15 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from kafka import KafkaConsumer, TopicPartition
 
 from agents.findings import Finding
 from collectors.publisher import Publisher
 from collectors.simulate import FleetSimulator, load_scenario
 from laggard.events import FaultTruth, encode
-from laggard.kafka_config import client_config
 from laggard.settings import Settings
-from laggard.topics import ensure_topics
+from laggard.topics import ensure_topics, read_topic
 
 
 def free_port() -> int:
@@ -106,18 +104,7 @@ class PipelineRun:
         raise TimeoutError(f"worker not done after {timeout_s:.0f} s: {stats}")
 
     def read_topic(self, topic: str) -> list[bytes]:
-        consumer = KafkaConsumer(**client_config(self.settings), enable_auto_commit=False)
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning()
-        end = consumer.end_offsets(partitions)
-        values: list[bytes] = []
-        deadline = time.monotonic() + 30
-        while any(consumer.position(tp) < end[tp] for tp in partitions) and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=500).values():
-                values += [r.value for r in records]
-        consumer.close()
-        return values
+        return read_topic(self.settings, topic)
 
     def findings(self) -> list[Finding]:
         return [Finding.model_validate_json(v) for v in self.read_topic(self.settings.topic_findings)]

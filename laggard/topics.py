@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from kafka import KafkaAdminClient
+import time
+
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
@@ -32,3 +34,19 @@ def ensure_topics(settings: Settings, names: list[str] | None = None) -> list[st
         return missing
     finally:
         admin.close()
+
+
+def read_topic(settings: Settings, topic: str, timeout_s: float = 30) -> list[bytes]:
+    """Every message now in `topic`, all partitions, without joining a consumer group."""
+    consumer = KafkaConsumer(**client_config(settings), enable_auto_commit=False)
+    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning()
+    end = consumer.end_offsets(partitions)
+    values: list[bytes] = []
+    deadline = time.monotonic() + timeout_s
+    while any(consumer.position(tp) < end[tp] for tp in partitions) and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=500).values():
+            values += [r.value for r in records]
+    consumer.close()
+    return values

@@ -6,10 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
 from agents.sink import InfluxSink
 from collectors.publisher import Publisher
@@ -17,6 +15,7 @@ from laggard import stack
 from laggard.settings import Settings
 from laggard.stack.kafka import KafkaBroker
 from laggard.stack.process import StackError, wait_until
+from laggard.topics import read_topic
 
 
 def _free_port() -> int:
@@ -37,19 +36,7 @@ def private(tmp_path_factory) -> Settings:
 
 
 def _read_topic(settings: Settings, topic: str) -> list[bytes]:
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False,
-                             consumer_timeout_ms=5000)
-    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
-    consumer.assign(partitions)
-    consumer.seek_to_beginning()
-    end = consumer.end_offsets(partitions)
-    values = []
-    deadline = time.monotonic() + 30
-    while any(consumer.position(tp) < end[tp] for tp in partitions) and time.monotonic() < deadline:
-        for records in consumer.poll(timeout_ms=1000).values():
-            values += [r.value for r in records]
-    consumer.close()
-    return values
+    return read_topic(settings, topic)
 
 
 def _influx_values(settings: Settings) -> list[float]:
