@@ -20,11 +20,18 @@ stack: install
 demo: stack
 	$(BIN)/laggard demo
 
-test: stack
+# Headless Chromium renders the report page in tests/test_report.py.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
+test: stack $(CHROMIUM)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 bench: stack
 	$(BIN)/python bench/collectors.py
+	$(BIN)/python bench/agents.py
+	$(BIN)/python bench/sink.py
 
 down:
 	-$(BIN)/laggard stack down

@@ -7,12 +7,14 @@ Agents (the arithmetic is in agents/stages.py and the modules it uses):
 - `detect`           laggard.windows (keyed by job) -> findings to laggard.findings and InfluxDB.
 - `fleet_kpi`        laggard.fleet (keyed by cluster) -> the fleet KPI to InfluxDB.
 
-Detector state is checkpointed in a Faust table (changelog in Kafka) per input partition, and
-every output has a deterministic id (window id, finding idempotency key), so a replay overwrites
-rather than doubles. Open windows live in memory: Faust acknowledges a message once the agent has
-taken it, and its rebalance waits for every unacknowledged message, so holding acknowledgements
-until a window closes deadlocks the first rebalance (tried; see the README's limitations). A
-worker killed mid-window therefore loses the windows it had open (at most window + grace).
+Nothing accepted is lost when a worker dies. Open windows live in memory, and Faust commits a
+message's offset once the agent has taken it (holding acknowledgements until windows close was
+tried: Faust's rebalance waits for every unacknowledged message and deadlocks). So stages 1 and 2
+checkpoint, per input partition, in Faust tables (changelog in Kafka) what they have emitted and
+the lowest input offset still feeding an open window. A worker taking a partition over re-reads
+from that offset up to where Faust resumes, rebuilding the open windows exactly; what was
+already emitted is skipped. Outputs carry deterministic ids (window id = series + window start,
+finding idempotency key), so the at-least-once repeats of a crash overwrite instead of doubling.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ import faust
 
 from agents.detectors import FleetDetector, LowUtilizationBaseline
 from agents.findings import Finding, WindowResult
-from agents.points import finding_point, fleet_point, window_point
-from agents.sink import InfluxSink
-from agents.stages import DetectStage, PendingWindows, SampleStage, detect_key, merge_fleet
+from agents.points import finding_point, fleet_point, window_line
+from agents.sink import InfluxRejected, InfluxSink
+from agents.stages import (
+    MARKER_PREFIX, DetectStage, PendingWindows, SampleStage, detect_key, merge_fleet, parse_results, results_json,
+)
 from agents.windows import ClosedWindow
 from laggard.settings import get_settings
+from laggard.topics import read_range
 from rules.cli import ALERTS_STATE_FILE, SILENCES_FILE
 from rules.lifecycle import AlertEngine
 from rules.loader import DEFAULT_RULES, load_rules
@@ -67,7 +72,8 @@ windows_topic = app.topic(settings.topic_windows, value_serializer="raw", key_se
 fleet_topic = app.topic(settings.topic_fleet, value_serializer="raw", key_serializer="raw")
 findings_topic = app.topic(settings.topic_findings, value_serializer="raw", key_serializer="raw")
 deadletter_topic = app.topic(settings.topic_deadletter, value_serializer="raw", key_serializer="raw")
-detector_state = app.Table("detector-state", default=dict, partitions=settings.topic_partitions)
+window_checkpoints = app.Table("window-checkpoints", default=dict, partitions=settings.topic_partitions)
+detect_checkpoints = app.Table("detect-checkpoints", default=dict, partitions=settings.topic_partitions)
 
 sink = InfluxSink(settings)
 
@@ -77,6 +83,8 @@ class Counters:
     accepted: int = 0
     rejected: int = 0
     late: int = 0
+    replayed: int = 0
+    influx_rejected: int = 0
     windows_closed: int = 0
     findings: int = 0
     fleet_windows: int = 0
@@ -94,10 +102,28 @@ async def dead_letter(raw: bytes | None, reason: str, event: Any) -> None:
     await deadletter_topic.send(key=message.topic.encode(), value=json.dumps(record).encode())
 
 
+async def replay(topic: str, partition: int, start: int, end: int) -> list[tuple[int, bytes]]:
+    """Messages [start, end) of one partition, read directly (not through Faust's consumer)."""
+    if start >= end:
+        return []
+    records = await asyncio.to_thread(read_range, settings, topic, partition, start, end)
+    counters.replayed += len(records)
+    return records
+
+
 async def write(points: list) -> None:
-    """Blocks this agent (not the event loop) until InfluxDB has the points."""
-    if points:
+    """Blocks this agent (not the event loop) until InfluxDB has the points. Points InfluxDB
+    refuses (type conflicts, say) go to the dead-letter topic with its answer."""
+    if not points:
+        return
+    try:
         await asyncio.to_thread(sink.write, points, "ms")
+    except InfluxRejected as err:
+        counters.influx_rejected += len(points)
+        log.error("%s (%d points dead-lettered)", err, len(points))
+        lines = "\n".join(p if isinstance(p, str) else p.to_line_protocol() for p in points)
+        record = {"reason": str(err), "topic": "influxdb", "at": time.time(), "payload": lines[:4096]}
+        await deadletter_topic.send(key=b"influxdb", value=json.dumps(record).encode())
 
 
 # --- stage 1: samples -> windows ----------------------------------------------------------------
@@ -108,9 +134,13 @@ sample_stages: dict[int, SampleStage] = {}
 async def emit_closed(closed: ClosedWindow, partition: int) -> None:
     gpu_results = closed.gpu_results()
     rollups = closed.rollup_results()
-    await write([window_point(r) for r in gpu_results] + [window_point(r) for r in rollups if r.scope == "node"])
+    await write([window_line(r) for r in gpu_results] + [window_line(r) for r in rollups if r.scope == "node"])
+    # One message per job (or unallocated node) and window: all its ranks from this partition.
+    by_key: dict[str, list[WindowResult]] = {}
     for result in gpu_results:
-        await windows_topic.send(key=detect_key(result).encode(), value=result.model_dump_json().encode())
+        by_key.setdefault(detect_key(result), []).append(result)
+    for key, results in by_key.items():
+        await windows_topic.send(key=key.encode(), value=results_json(results))
     # Tell every stage-2 partition this partition is done with the window (see PendingWindows).
     marker = json.dumps({"part": partition, "closed_before": closed.window_end}).encode()
     for target in range(settings.topic_partitions):
@@ -122,15 +152,35 @@ async def emit_closed(closed: ClosedWindow, partition: int) -> None:
     counters.windows_closed += 1
 
 
+async def sample_stage(event: Any) -> SampleStage:
+    """This partition's stage; after a restart or a rebalance, rebuilt from its checkpoint."""
+    partition, offset = event.message.partition, event.message.offset
+    stage = sample_stages.get(partition)
+    if stage is not None:
+        return stage
+    stage = sample_stages[partition] = SampleStage(settings.window_s, settings.late_grace_s)
+    saved = window_checkpoints.get(str(partition))
+    if saved:
+        stage.restore(saved)
+        for replayed_offset, raw in await replay(event.message.topic, partition, saved["replay_from"], offset):
+            stage.add(raw, replayed_offset)  # rejects and late ones were dead-lettered the first time
+        await emit_windows(stage, stage.closed(), partition)
+    return stage
+
+
+async def emit_windows(stage: SampleStage, closed: list[ClosedWindow], partition: int) -> None:
+    for window in closed:
+        await emit_closed(window, partition)
+    if closed:
+        window_checkpoints[str(partition)] = stage.checkpoint()
+
+
 @app.agent(samples_topic)
 async def window_samples(stream: faust.StreamT) -> None:
     async for event in stream.events():
-        partition = event.message.partition
-        stage = sample_stages.get(partition)
-        if stage is None:
-            stage = sample_stages[partition] = SampleStage(settings.window_s, settings.late_grace_s)
+        stage = await sample_stage(event)
         raw = event.value
-        outcome = stage.add(raw)
+        outcome = stage.add(raw, event.message.offset)
         if outcome.rejected or outcome.late:
             reason = outcome.rejected.reason if outcome.rejected else (
                 f"late: sample at {outcome.sample.ts:.3f} is older than its window allows "
@@ -140,8 +190,7 @@ async def window_samples(stream: faust.StreamT) -> None:
             await dead_letter(raw, reason, event)
             continue
         counters.accepted += 1
-        for closed in stage.closed():
-            await emit_closed(closed, partition)
+        await emit_windows(stage, stage.closed(), event.message.partition)
 
 
 # --- stage 2: GPU windows -> findings -----------------------------------------------------------
@@ -156,28 +205,49 @@ async def publish_findings(findings: list[Finding]) -> None:
     counters.findings += len(findings)
 
 
-def new_detect_stage(partition: int) -> DetectStage:
-    saved = detector_state.get(str(partition))
+def feed_detect(stage: DetectStage, raw: bytes, offset: int) -> list[Finding]:
+    """A batch of GPU results, or another partition's 'window closed' marker."""
+    if raw.startswith(MARKER_PREFIX):
+        marker = json.loads(raw)
+        return stage.mark(marker["part"], marker["closed_before"], offset)
+    stage.add(parse_results(raw), offset)
+    return []
+
+
+async def detect_stage(event: Any) -> DetectStage:
+    partition, offset = event.message.partition, event.message.offset
+    stage = detect_stages.get(partition)
+    if stage is not None:
+        return stage
     baseline = LowUtilizationBaseline(settings.baseline_util_pct) if settings.baseline_detector else None
-    return DetectStage(settings.window_s, settings.window_hold_s, settings.topic_partitions,
-                       FleetDetector.from_dict(saved) if saved else FleetDetector(), baseline)
+    stage = detect_stages[partition] = DetectStage(settings.window_s, settings.window_hold_s,
+                                                   settings.topic_partitions, baseline=baseline)
+    saved = detect_checkpoints.get(str(partition))
+    if saved:
+        stage.restore(saved)
+        for replayed_offset, raw in await replay(event.message.topic, partition, saved["replay_from"], offset):
+            await publish_findings(feed_detect(stage, raw, replayed_offset))
+    return stage
 
 
 @app.agent(windows_topic)
 async def detect(stream: faust.StreamT) -> None:
     async for event in stream.events():
-        partition = event.message.partition
-        stage = detect_stages.get(partition)
-        if stage is None:
-            stage = detect_stages[partition] = new_detect_stage(partition)
-        message = json.loads(event.value)
+        stage = await detect_stage(event)
         before = stage.released_before
-        if "closed_before" in message:
-            await publish_findings(stage.mark(message["part"], message["closed_before"]))
-        else:
-            stage.add(WindowResult.model_validate(message))
+        await publish_findings(feed_detect(stage, event.value, event.message.offset))
         if stage.released_before > before:
-            detector_state[str(partition)] = stage.detector.to_dict()
+            detect_checkpoints[str(event.message.partition)] = stage.checkpoint()
+
+
+@app.on_partitions_revoked.connect
+async def forget_revoked(app: faust.App, revoked: set, **kwargs: Any) -> None:
+    """A partition that moves away is rebuilt from its checkpoint if it comes back."""
+    for tp in revoked:
+        if tp.topic == settings.topic_samples:
+            sample_stages.pop(tp.partition, None)
+        elif tp.topic == settings.topic_windows:
+            detect_stages.pop(tp.partition, None)
 
 
 # --- stage 3: partial cluster results -> fleet KPI ----------------------------------------------
@@ -194,8 +264,8 @@ async def fleet_kpi(stream: faust.StreamT) -> None:
         if pending is None:
             pending = fleet_pending[result.labels.cluster] = PendingWindows(
                 settings.window_s, settings.window_hold_s, settings.topic_partitions)
-        pending.add(result, str(partial["part"]))
-        await write_fleet(pending.mark(partial["part"], result.window_end))
+        pending.add(result, str(partial["part"]), 0)
+        await write_fleet(pending.mark(partial["part"], result.window_end, 0))
 
 
 async def write_fleet(released: list[list[WindowResult]]) -> None:

@@ -27,6 +27,11 @@ class InfluxUnavailable(RuntimeError):
     pass
 
 
+class InfluxRejected(ValueError):
+    """InfluxDB refused the points themselves (HTTP 4xx: a field type conflict, bad syntax):
+    retrying cannot help, so the caller dead-letters them."""
+
+
 def detect_version(url: str, timeout_s: float = 5.0) -> int:
     """1, 2 or 3 from the `X-Influxdb-Version` header of /ping (e.g. '1.6.7~rc0', 'v2.7.11', '3.0.1')."""
     reply = httpx.get(f"{url}/ping", timeout=timeout_s)
@@ -91,7 +96,7 @@ class InfluxSink:
             if reply.status_code >= 500:
                 raise InfluxUnavailable(f"HTTP {reply.status_code}")
             if reply.status_code != 204:
-                raise ValueError(f"InfluxDB rejected the write: HTTP {reply.status_code} {reply.text[:300]}")
+                raise InfluxRejected(f"InfluxDB rejected the write: HTTP {reply.status_code} {reply.text[:300]}")
             return
         self._v2_client().write_api(write_options=SYNCHRONOUS).write(
             bucket=self.settings.influx_bucket, org=self.settings.influx_org, record=body,

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pydantic import TypeAdapter
+
 from agents.detectors import FleetDetector, LowUtilizationBaseline
 from agents.findings import Finding, WindowResult
 from agents.windows import ClosedWindow, Windower
@@ -35,15 +37,45 @@ class SampleOutcome:
     late: bool = False
 
 
+@dataclass
+class InputOffsets:
+    """The lowest input offset feeding each open window: where a restarted worker re-reads from
+    to rebuild what it had in memory (see agents/app.py, checkpoints)."""
+
+    first: dict[float, int] = field(default_factory=dict)
+    next: int = 0
+
+    def saw(self, offset: int, window_start: float | None = None) -> None:
+        if window_start is not None:
+            self.first.setdefault(window_start, offset)
+        self.next = max(self.next, offset + 1)
+
+    def done_before(self, window_end: float) -> None:
+        for start in [s for s in self.first if s < window_end]:
+            del self.first[start]
+
+    def replay_from(self) -> int:
+        return min(self.first.values(), default=self.next)
+
+
 class SampleStage:
     def __init__(self, window_s: float, grace_s: float) -> None:
         self.windower = Windower(window_s, grace_s)
+        self.offsets = InputOffsets()
         self.accepted = 0
         self.rejected = 0
         self.last_arrival = time.monotonic()
 
-    def add(self, raw: bytes) -> SampleOutcome:
+    def checkpoint(self) -> dict:
+        return {**self.windower.checkpoint(), "replay_from": self.offsets.replay_from()}
+
+    def restore(self, state: dict) -> None:
+        self.windower.restore(state)
+        self.offsets.next = state["replay_from"]
+
+    def add(self, raw: bytes, offset: int) -> SampleOutcome:
         self.last_arrival = time.monotonic()
+        self.offsets.saw(offset)
         try:
             sample = decode_node_sample(raw)
         except EventRejected as err:
@@ -52,16 +84,35 @@ class SampleStage:
         self.accepted += 1
         if not self.windower.add(sample):
             return SampleOutcome(sample=sample, late=True)
+        self.offsets.saw(offset, self.windower.window_start(sample.ts))
         return SampleOutcome(sample=sample)
 
+    def _done(self, windows: list[ClosedWindow]) -> list[ClosedWindow]:
+        if windows:
+            self.offsets.done_before(windows[-1].window_end)
+        return windows
+
     def closed(self) -> list[ClosedWindow]:
-        return self.windower.pop_closed()
+        return self._done(self.windower.pop_closed())
 
     def close_idle(self, hold_s: float, now: float | None = None) -> list[ClosedWindow]:
         """Close every open window once no sample has arrived for `hold_s` of wall time: event
         time alone never closes the last windows of a partition that went quiet."""
         now = time.monotonic() if now is None else now
-        return self.windower.flush() if now - self.last_arrival >= hold_s else []
+        return self._done(self.windower.flush()) if now - self.last_arrival >= hold_s else []
+
+
+_RESULTS = TypeAdapter(list[WindowResult])
+# Stage-1 -> stage-2 messages: a JSON list of GPU results, or a marker object.
+MARKER_PREFIX = b'{"part"'
+
+
+def results_json(results: list[WindowResult]) -> bytes:
+    return _RESULTS.dump_json(results)
+
+
+def parse_results(raw: bytes) -> list[WindowResult]:
+    return _RESULTS.validate_json(raw)
 
 
 def detect_key(result: WindowResult) -> str:
@@ -86,23 +137,38 @@ class PendingWindows:
     last_arrival: float = field(default_factory=time.monotonic)
     closed_before: dict[int, float] = field(default_factory=dict)  # upstream partition -> watermark
     released_before: float = float("-inf")
+    offsets: InputOffsets = field(default_factory=InputOffsets)
     duplicates: int = 0
     too_late: int = 0
 
-    def add(self, result: WindowResult, key: str, now: float | None = None) -> None:
+    def checkpoint(self) -> dict:
+        return {"closed_before": {str(p): t for p, t in self.closed_before.items()},
+                "released_before": None if self.released_before == float("-inf") else self.released_before,
+                "replay_from": self.offsets.replay_from()}
+
+    def restore(self, state: dict) -> None:
+        self.closed_before = {int(p): t for p, t in state["closed_before"].items()}
+        if state["released_before"] is not None:
+            self.released_before = state["released_before"]
+        self.offsets.next = state["replay_from"]
+
+    def add(self, result: WindowResult, key: str, offset: int, now: float | None = None) -> None:
         start = result.window_start
+        self.offsets.saw(offset)
         if start < self.released_before:
             self.too_late += 1
             return
+        self.offsets.saw(offset, start)
         window = self.pending.setdefault(start, {})
         if key in window:  # at-least-once delivery repeats a result: same key, same content
             self.duplicates += 1
         window[key] = result
         self.last_arrival = time.monotonic() if now is None else now
 
-    def mark(self, part: int, closed_before: float) -> list[list[WindowResult]]:
+    def mark(self, part: int, closed_before: float, offset: int) -> list[list[WindowResult]]:
         """Upstream partition `part` has emitted every window ending at or before `closed_before`."""
         self.last_arrival = time.monotonic()
+        self.offsets.saw(offset)
         self.closed_before[part] = max(closed_before, self.closed_before.get(part, float("-inf")))
         if len(self.closed_before) < self.parts:
             return []
@@ -121,6 +187,7 @@ class PendingWindows:
         for start in sorted(s for s in self.pending if ready(s)):
             out.append(list(self.pending.pop(start).values()))
             self.released_before = max(self.released_before, start + self.window_s)
+        self.offsets.done_before(self.released_before)
         return out
 
 
@@ -138,6 +205,14 @@ class DetectStage:
     def released_before(self) -> float:
         return self.windows.released_before
 
+    def checkpoint(self) -> dict:
+        """Detector state and window progress, consistent with each other: taken after a release."""
+        return {**self.windows.checkpoint(), "detector": self.detector.to_dict()}
+
+    def restore(self, state: dict) -> None:
+        self.windows.restore(state)
+        self.detector = FleetDetector.from_dict(state["detector"], self.detector.config)
+
     def _judge(self, released: list[list[WindowResult]]) -> list[Finding]:
         findings: list[Finding] = []
         for results in released:
@@ -147,11 +222,12 @@ class DetectStage:
                 findings += self.baseline.observe(start, size, results)
         return findings
 
-    def add(self, result: WindowResult, now: float | None = None) -> None:
-        self.windows.add(result, result.id, now)
+    def add(self, results: list[WindowResult], offset: int, now: float | None = None) -> None:
+        for result in results:
+            self.windows.add(result, result.id, offset, now)
 
-    def mark(self, part: int, closed_before: float) -> list[Finding]:
-        return self._judge(self.windows.mark(part, closed_before))
+    def mark(self, part: int, closed_before: float, offset: int) -> list[Finding]:
+        return self._judge(self.windows.mark(part, closed_before, offset))
 
     def tick(self, now: float | None = None) -> list[Finding]:
         return self._judge(self.windows.tick(now))

@@ -294,6 +294,14 @@ class Windower:
                         acc.energy_wh += power * (ts - prev[0]) / 3600.0
         return True
 
+    def checkpoint(self) -> dict[str, float | None]:
+        """Event-time progress (not the open windows): enough to resume after a replay."""
+        return {"max_ts": _finite(self.max_ts), "closed_before": _finite(self._closed_before)}
+
+    def restore(self, state: dict[str, float | None]) -> None:
+        self.max_ts = -math.inf if state["max_ts"] is None else state["max_ts"]
+        self._closed_before = -math.inf if state["closed_before"] is None else state["closed_before"]
+
     def pop_closed(self) -> list[ClosedWindow]:
         """Windows whose end the watermark has passed, oldest first; each is returned once."""
         return self._pop(lambda start: start + self.window_s <= self.watermark)
@@ -307,6 +315,10 @@ class Windower:
         if starts:
             self._closed_before = max(self._closed_before, starts[-1] + self.window_s)
         return [ClosedWindow(s, self.window_s, self._open.pop(s)) for s in starts]
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isinf(x) else x
 
 
 def windows_of(samples: Iterable[NodeSample], windower: Windower) -> Iterator[ClosedWindow]:

@@ -99,6 +99,17 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
+class PublisherCounts(Protocol):
+    sent: int
+    acked: int
+    failed: int
+
+
+def kafka_counts(stats: PublisherCounts) -> str:
+    """'kafka sent 120 acked 118 failed 2': the publisher's counters in every final status line."""
+    return f"kafka sent {stats.sent} acked {stats.acked} failed {stats.failed}"
+
+
 class StatusLine:
     """'nvml: 120 ticks, 120 node samples, 960 GPU readings, 2.0 ticks/s, 0 rejected, 0 missed[, kafka ...]'."""
 
@@ -129,7 +140,7 @@ class StatusLine:
         )
         stats = getattr(self.sink, "stats", None)
         if stats is not None:
-            line += f", kafka sent {stats.sent} acked {stats.acked} failed {stats.failed}"
+            line += f", {kafka_counts(stats)}"
         return line
 
     def __enter__(self) -> StatusLine:

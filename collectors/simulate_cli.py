@@ -3,7 +3,9 @@
 Samples go out as they are encoded (one message per node per tick, the fast path); each
 ground-truth event goes out when the simulation reaches its start, to `topic_truth` (or, with
 --stdout, to --truth-file or stderr). --discard sends nothing and reports the simulator's own rate.
-Exit codes: 0 done, 1 some messages failed to publish, 2 the scenario or options cannot be used.
+SIGTERM/SIGINT stop it before the next tick in every mode (a second one interrupts at once); the
+publisher is closed (flushed) either way and the last line says what Kafka acknowledged.
+Exit codes: 0 done or stopped, 1 some messages failed to publish, 2 the scenario or options cannot be used.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from collectors.base import SystemClock, sleep_until
-from collectors.cli import StopSignals, err_console
+from collectors.cli import StopSignals, err_console, kafka_counts
 from collectors.simulate import FleetSimulator, ScenarioError, load_scenario
 from collectors.simulate.scenario import shortened
 from laggard.events import FaultTruth, encode
@@ -28,6 +30,8 @@ from laggard.settings import get_settings
 
 class _Sink(Protocol):
     failed: int
+
+    def summary(self) -> str: ...
 
     def sample(self, key: bytes, value: bytes) -> None: ...
 
@@ -40,6 +44,9 @@ class _Discard:
     """Counts nothing, sends nothing: what is left is the simulator's own cost."""
 
     failed = 0
+
+    def summary(self) -> str:
+        return ""
 
     def sample(self, key: bytes, value: bytes) -> None:
         pass
@@ -56,6 +63,9 @@ class _Stdout:
         self.failed = 0
         self.out = sys.stdout.buffer
         self.truth_out: IO[str] = truth_file.open("w", encoding="utf-8") if truth_file else sys.stderr
+
+    def summary(self) -> str:
+        return ""
 
     def sample(self, key: bytes, value: bytes) -> None:
         self.out.write(value + b"\n")
@@ -80,6 +90,9 @@ class _Kafka:
     @property
     def failed(self) -> int:
         return self.publisher.stats.failed
+
+    def summary(self) -> str:
+        return f", {kafka_counts(self.publisher.stats)}"
 
     def sample(self, key: bytes, value: bytes) -> None:
         self.publisher.publish_raw(key, value)
@@ -159,7 +172,7 @@ def simulate(
         with StopSignals(clock.stop), progress:
             task = progress.add_task("simulate", total=sim.tick_count, rate="")
             for k, (ts, messages) in enumerate(sim.encoded_ticks()):
-                if interval and sleep_until(clock, began + k * interval):
+                if clock.stop.is_set() or (interval and sleep_until(clock, began + k * interval)):
                     break
                 while truth and truth[0].start <= ts:
                     sink.truth(truth.popleft())
@@ -172,11 +185,12 @@ def simulate(
                 while truth:  # faults that start after the last tick still count
                     sink.truth(truth.popleft())
     finally:
-        sink.close()
+        sink.close()  # flushes: the summary below counts every ack
     elapsed = max(clock.monotonic() - began, 1e-9)
+    stopped = " (stopped)" if clock.stop.is_set() else ""
     err_console.print(
-        f"simulate {spec.name}: {sim.gpu_count} GPUs, {gpu_samples:,} GPU samples in {elapsed:.1f} s "
-        f"({gpu_samples / elapsed:,.0f} GPU samples/s)",
+        f"simulate {spec.name}{stopped}: {sim.gpu_count} GPUs, {gpu_samples:,} GPU samples in {elapsed:.1f} s "
+        f"({gpu_samples / elapsed:,.0f} GPU samples/s){sink.summary()}",
         highlight=False,
         soft_wrap=True,
     )

@@ -22,11 +22,13 @@ def _add_room_commands() -> None:
     from collectors.cli import collect_app
     from collectors.simulate_cli import simulate
     from laggard.evaluate import eval_command
+    from laggard.report import report
     from rules.cli import alerts_app, rules_app, silence_app
 
     app.add_typer(collect_app, name="collect")
     app.command("simulate")(simulate)
     app.command("eval")(eval_command)
+    app.command("report")(report)
     app.add_typer(rules_app, name="rules")
     app.add_typer(alerts_app, name="alerts")
     app.add_typer(silence_app, name="silence")

@@ -50,3 +50,21 @@ def read_topic(settings: Settings, topic: str, timeout_s: float = 30) -> list[by
             values += [r.value for r in records]
     consumer.close()
     return values
+
+
+def read_range(settings: Settings, topic: str, partition: int, start: int, end: int,
+               timeout_s: float = 120) -> list[tuple[int, bytes]]:
+    """Messages at offsets [start, end) of one partition, as (offset, value)."""
+    consumer = KafkaConsumer(**client_config(settings), enable_auto_commit=False)
+    tp = TopicPartition(topic, partition)
+    consumer.assign([tp])
+    consumer.seek(tp, start)
+    records: list[tuple[int, bytes]] = []
+    deadline = time.monotonic() + timeout_s
+    while (position := consumer.position(tp)) < end and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=500).values():
+            records += [(r.offset, r.value) for r in batch if r.offset < end]
+    consumer.close()
+    if position < end:
+        raise TimeoutError(f"could not re-read {topic}[{partition}] offsets {start}..{end} in {timeout_s:.0f} s")
+    return records

@@ -14,6 +14,7 @@ from contextlib import closing
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 
 from collectors.publisher import Publisher, default_partition
@@ -62,7 +63,8 @@ def test_every_message_is_acked_and_read_back_exactly_once(stack, unique):
     stats = pub.stats.as_dict()
     assert stats | {"last_error": ""} == {
         "sent": 600, "acked": 600, "retried": 0, "failed": 0, "blocked": 0,
-        "bytes": sum(len(value) for _, value in messages), "in_flight_bytes": 0, "last_error": "",
+        "bytes": sum(len(value) for _, value in messages), "in_flight_bytes": 0, "replaced_producers": 0,
+        "last_error": "", "failed_reasons": {},
     }
 
     records = _read_all(stack, topic)
@@ -102,6 +104,41 @@ def test_tiny_in_flight_bound_blocks_but_delivers_everything(stack, unique):
     assert sorted(r.value for r in _read_all(stack, topic)) == values
 
 
+def test_a_message_too_large_for_the_topic_fails_alone_and_the_others_arrive_once(stack, unique):
+    topic = f"test.publisher.too-large.{unique}"
+    admin = KafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap_servers)
+    try:
+        admin.create_topics([NewTopic(topic, 3, 1, topic_configs={"max.message.bytes": "10000"})])
+    finally:
+        admin.close()
+    good = [(b"node-%d" % (i % 5), b'{"n": %d}' % i) for i in range(400)]
+    too_large = os.urandom(50_000)  # random bytes: lz4 cannot shrink it under the topic's limit
+    with Publisher(stack, topic=topic) as pub:
+        for key, value in good[:200]:
+            pub.publish_raw(key, value)
+        pub.publish_raw(b"node-big", too_large)
+        for key, value in good[200:]:
+            pub.publish_raw(key, value)
+    # close() above returned: the producer kafka-python left in its fatal state was replaced
+    assert (pub.stats.sent, pub.stats.acked, pub.stats.failed) == (401, 400, 1)
+    assert pub.stats.failed_reasons == {"MessageSizeTooLargeError": 1}
+    assert pub.stats.replaced_producers >= 1 and pub.stats.retried >= 1
+    assert pub.stats.in_flight_bytes == 0
+    assert Counter((r.key, r.value) for r in _read_all(stack, topic)) == Counter(good)  # each exactly once
+
+
+def test_a_message_over_max_request_size_is_refused_before_sending(stack, unique):
+    topic = f"test.publisher.max-request.{unique}"
+    with Publisher(stack, topic=topic, max_request_size=10_000) as pub:
+        pub.publish_raw(b"node-1", b"a")
+        pub.publish_raw(b"node-1", b"b" * 20_000)
+        pub.publish_raw(b"node-1", b"c")
+    assert (pub.stats.sent, pub.stats.acked, pub.stats.failed, pub.stats.replaced_producers) == (3, 2, 1, 0)
+    assert pub.stats.failed_reasons == {"MessageSizeTooLargeError": 1}
+    assert "max_request_size" in pub.stats.last_error
+    assert sorted(r.value for r in _read_all(stack, topic)) == [b"a", b"c"]
+
+
 def _simulated_samples_file(path: Path) -> int:
     """Write the quiet scenario's NodeSamples as JSON lines (the `replay --format samples` input)."""
     sim = FleetSimulator(load_scenario(ROOT / "collectors/scenarios/quiet.yaml"), start_ts=time.time() - 3600)
@@ -113,29 +150,38 @@ def _simulated_samples_file(path: Path) -> int:
     return count
 
 
-def test_sigterm_while_publishing_keeps_every_acknowledged_sample(stack, unique, tmp_path):
-    topic = f"test.publisher.sigterm.{unique}"
-    samples_file = tmp_path / "quiet.jsonl"
-    total = _simulated_samples_file(samples_file)
-    collector = subprocess.Popen(
-        [sys.executable, "-m", "collectors.cli", "replay", str(samples_file), "--format", "samples", "--speed", "0"],
-        cwd=ROOT, env={**os.environ, "LAGGARD_TOPIC_SAMPLES": topic},
+def _sigterm_once_published(stack: Settings, command: list[str], env: dict[str, str], topic: str,
+                            at_least: int) -> tuple[int, str]:
+    """Run `command`, SIGTERM it once `topic` holds `at_least` messages; its exit code and stderr.
+    It must still be running then, and must exit within the deadline."""
+    process = subprocess.Popen(
+        command, cwd=ROOT, env={**os.environ, **env},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
         with closing(_consumer(stack)) as consumer:
             published = wait_until(
-                lambda: collector.poll() is not None or sum(_end_offsets(consumer, topic).values()) >= 300,
+                lambda: process.poll() is not None or sum(_end_offsets(consumer, topic).values()) >= at_least,
                 timeout_s=90, interval_s=0.05,
             )
-        assert published and collector.poll() is None, "the collector published nothing, or ended, before SIGTERM"
-        collector.send_signal(signal.SIGTERM)
-        _, stderr = collector.communicate(timeout=120)
+        assert published and process.poll() is None, "it published nothing, or ended, before SIGTERM"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)  # the deadline: one SIGTERM is enough
     finally:
-        if collector.poll() is None:
-            collector.kill()
-            collector.wait()
-    assert collector.returncode == 0, stderr[-2000:]
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return process.returncode, stderr
+
+
+def test_sigterm_while_publishing_keeps_every_acknowledged_sample(stack, unique, tmp_path):
+    topic = f"test.publisher.sigterm.{unique}"
+    samples_file = tmp_path / "quiet.jsonl"
+    total = _simulated_samples_file(samples_file)
+    command = [sys.executable, "-m", "collectors.cli", "replay", str(samples_file), "--format", "samples",
+               "--speed", "0"]
+    returncode, stderr = _sigterm_once_published(stack, command, {"LAGGARD_TOPIC_SAMPLES": topic}, topic, 300)
+    assert returncode == 0, stderr[-2000:]
     status = STATUS_LINE.search(stderr)
     assert status is not None, stderr[-2000:]
     sent, acked, failed = map(int, status.groups())
@@ -147,3 +193,21 @@ def test_sigterm_while_publishing_keeps_every_acknowledged_sample(stack, unique,
     with samples_file.open("rb") as lines:
         published_first = [decode_node_sample(next(lines)) for _ in range(acked)]  # replay keeps file order
     assert not [(s.node, s.ts) for s in published_first if (s.node, s.ts) not in in_topic]
+
+
+def test_sigterm_stops_an_unpaced_simulation_with_everything_acknowledged_in_the_topic(stack, unique):
+    topic = f"test.publisher.simulate-sigterm.{unique}"
+    env = {"LAGGARD_TOPIC_SAMPLES": topic, "LAGGARD_TOPIC_TRUTH": f"{topic}.truth"}
+    # The quiet fleet (128 nodes, no faults, so no truth messages) for an hour: far more than it
+    # can publish before the signal.
+    command = [sys.executable, "-m", "laggard.cli", "simulate", str(ROOT / "collectors/scenarios/quiet.yaml"),
+               "--as-fast-as-possible", "--duration", "3600"]
+    returncode, stderr = _sigterm_once_published(stack, command, env, topic, 300)
+    assert returncode == 0, stderr[-2000:]
+    assert "(stopped)" in stderr, stderr[-2000:]
+    status = STATUS_LINE.search(stderr)
+    assert status is not None, stderr[-2000:]
+    sent, acked, failed = map(int, status.groups())
+    assert failed == 0 and acked == sent
+    in_topic = len(_read_all(stack, topic))
+    assert 300 <= acked <= in_topic < 128 * 3600
