@@ -24,6 +24,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -37,10 +38,11 @@ from agents.stages import (
 )
 from agents.windows import ClosedWindow
 from laggard.settings import get_settings
-from laggard.topics import read_range
+from laggard.topics import alert_ticks_name, read_range
 from rules.cli import ALERTS_STATE_FILE, SILENCES_FILE
 from rules.lifecycle import AlertEngine
-from rules.loader import DEFAULT_RULES, load_rules
+from rules.loader import DEFAULT_RULES, RulesFileInvalid, load_rules
+from rules.model import RulesConfig
 from rules.receivers.delivery import DeadLetter, Dispatcher, SentLog
 from rules.silences import SilenceStore
 
@@ -52,9 +54,12 @@ def _broker_url() -> str:
     return ";".join(f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(","))
 
 
+WORKER_DATA = settings.state_dir / "workers"
+WORKER_DATA.mkdir(parents=True, exist_ok=True)  # Faust creates only the last folder level
 app = faust.App(
     settings.worker_app_id,
     broker=_broker_url(),
+    datadir=str(WORKER_DATA / settings.worker_app_id),
     store="memory://",
     topic_partitions=settings.topic_partitions,
     consumer_auto_offset_reset="earliest",
@@ -90,6 +95,7 @@ class Counters:
     fleet_windows: int = 0
     notifications: int = 0
     notifications_failed: int = 0
+    rules_reload_failures: int = 0
 
 
 counters = Counters()
@@ -181,6 +187,8 @@ async def window_samples(stream: faust.StreamT) -> None:
         stage = await sample_stage(event)
         raw = event.value
         outcome = stage.add(raw, event.message.offset)
+        if outcome.seen:
+            continue
         if outcome.rejected or outcome.late:
             reason = outcome.rejected.reason if outcome.rejected else (
                 f"late: sample at {outcome.sample.ts:.3f} is older than its window allows "
@@ -296,6 +304,7 @@ class Alerting:
 
     engine: AlertEngine
     dispatcher: Dispatcher
+    rules_mtime: float
     firing: dict[str, Finding] = field(default_factory=dict)
 
     def take(self, finding: Finding) -> None:
@@ -309,6 +318,12 @@ class Alerting:
                 "firing": [f.model_dump(mode="json") for f in self.firing.values()]}
 
 
+# Findings and the timer's ticks share one single-partition channel, so every alert decision,
+# notification and state checkpoint happens inside stream iteration (Faust tables accept writes
+# only there): a restarted worker resumes with the sent log and sends nothing twice.
+alert_ticks_topic = app.topic(alert_ticks_name(settings), value_serializer="raw", key_serializer="raw")
+alert_input = app.topic(settings.topic_findings, alert_ticks_name(settings), value_serializer="raw",
+                        key_serializer="raw")
 alert_state = app.Table("alert-state", default=dict, partitions=1)
 alerting: Alerting | None = None
 
@@ -317,41 +332,71 @@ async def notification_dead_letter(letter: DeadLetter) -> None:
     await deadletter_topic.send(key=b"notification", value=letter.model_dump_json().encode())
 
 
-def make_alerting(saved: dict[str, Any]) -> Alerting:
-    config = load_rules(settings.rules_file or DEFAULT_RULES)
+def rules_path() -> Path:
+    return settings.rules_file or DEFAULT_RULES
+
+
+def make_alerting(saved: dict[str, Any], config: RulesConfig | None = None) -> Alerting:
+    path = rules_path()
+    config = config or load_rules(path)
     dispatcher = Dispatcher(config.receivers, dead_letter=notification_dead_letter, sent_log=SentLog(saved.get("sent")))
     for name, why in dispatcher.problems.items():
         log.warning("receiver %s cannot send: %s", name, why)
-    alerting = Alerting(AlertEngine(config, saved.get("engine")), dispatcher)
+    alerting = Alerting(AlertEngine(config, saved.get("engine")), dispatcher, path.stat().st_mtime)
     for data in saved.get("firing", []):
         alerting.take(Finding.model_validate(data))
     return alerting
 
 
-@app.agent(findings_topic)  # one partition (laggard.topics): grouping and dedup need every finding
+def reload_rules(current: Alerting) -> Alerting:
+    """A changed rules file is loaded; a bad one is refused with its errors and the last good
+    rules stay in force."""
+    path = rules_path()
+    mtime = path.stat().st_mtime
+    if mtime == current.rules_mtime:
+        return current
+    current.rules_mtime = mtime
+    try:
+        config = load_rules(path)
+    except RulesFileInvalid as err:
+        counters.rules_reload_failures += 1
+        log.error("rules file %s not reloaded, keeping the last good rules: %s", path, err)
+        return current
+    log.warning("rules file %s reloaded", path)
+    return make_alerting(current.state(), config)
+
+
+async def send_due_notifications(current: Alerting) -> None:
+    now = time.time()
+    for finding in current.firing.values():
+        current.engine.observe_finding(finding, now)
+    silences = SilenceStore(settings.state_dir / SILENCES_FILE).load()
+    for notification in current.engine.advance(now, silences):
+        outcome = await current.dispatcher.dispatch(notification)
+        counters.notifications += outcome.status == "sent"
+        counters.notifications_failed += outcome.status == "dead_lettered"
+    state_file = settings.state_dir / ALERTS_STATE_FILE
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps(current.engine.snapshot()))
+
+
+@app.agent(alert_input)
 async def alert_on_findings(stream: faust.StreamT) -> None:
     global alerting
-    async for raw in stream:
+    async for event in stream.events():
         if alerting is None:
             alerting = make_alerting(alert_state.get("state") or {})
-        alerting.take(Finding.model_validate_json(raw))
+        if event.message.topic == settings.topic_findings:
+            alerting.take(Finding.model_validate_json(event.value))
+        else:
+            alerting = reload_rules(alerting)
+            await send_due_notifications(alerting)
         alert_state["state"] = alerting.state()
 
 
 @app.timer(interval=1.0)
-async def send_alerts() -> None:
-    if alerting is None:
-        return
-    now = time.time()
-    for finding in alerting.firing.values():
-        alerting.engine.observe_finding(finding, now)
-    silences = SilenceStore(settings.state_dir / SILENCES_FILE).load()
-    for notification in alerting.engine.advance(now, silences):
-        outcome = await alerting.dispatcher.dispatch(notification)
-        counters.notifications += outcome.status == "sent"
-        counters.notifications_failed += outcome.status == "dead_lettered"
-    (settings.state_dir / ALERTS_STATE_FILE).parent.mkdir(parents=True, exist_ok=True)
-    (settings.state_dir / ALERTS_STATE_FILE).write_text(json.dumps(alerting.engine.snapshot()))
+async def alert_tick() -> None:
+    await alert_ticks_topic.send(value=b"tick", partition=0)
 
 
 @app.page("/stats")

@@ -35,6 +35,7 @@ class SampleOutcome:
     sample: NodeSample | None = None
     rejected: Rejected | None = None
     late: bool = False
+    seen: bool = False  # already taken before a restart: nothing to do, nothing to count
 
 
 @dataclass
@@ -62,28 +63,36 @@ class SampleStage:
     def __init__(self, window_s: float, grace_s: float) -> None:
         self.windower = Windower(window_s, grace_s)
         self.offsets = InputOffsets()
+        self.taken_before = -1  # offsets below this were taken before the restart
         self.accepted = 0
         self.rejected = 0
         self.last_arrival = time.monotonic()
 
     def checkpoint(self) -> dict:
-        return {**self.windower.checkpoint(), "replay_from": self.offsets.replay_from()}
+        return {**self.windower.checkpoint(), "replay_from": self.offsets.replay_from(), "next": self.offsets.next}
 
     def restore(self, state: dict) -> None:
         self.windower.restore(state)
         self.offsets.next = state["replay_from"]
+        self.taken_before = state["next"]
 
     def add(self, raw: bytes, offset: int) -> SampleOutcome:
+        """Take one message. After a restart, messages taken before it come again (re-read from
+        the checkpoint, or redelivered past Faust's last commit): those whose window was already
+        emitted are `seen`, and rejects among them were dead-lettered the first time."""
         self.last_arrival = time.monotonic()
         self.offsets.saw(offset)
+        retaken = offset < self.taken_before
         try:
             sample = decode_node_sample(raw)
         except EventRejected as err:
+            if retaken:
+                return SampleOutcome(seen=True)
             self.rejected += 1
             return SampleOutcome(rejected=Rejected(err.reason, raw))
-        self.accepted += 1
         if not self.windower.add(sample):
-            return SampleOutcome(sample=sample, late=True)
+            return SampleOutcome(sample=sample, seen=retaken, late=not retaken)
+        self.accepted += 1
         self.offsets.saw(offset, self.windower.window_start(sample.ts))
         return SampleOutcome(sample=sample)
 

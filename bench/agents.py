@@ -21,16 +21,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 # Run as a script, this file's folder comes first on sys.path and its name would shadow the
 # `agents` package: put the repository root there instead.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from laggard.evaluate import Worker, free_port, publish_scenario, run_settings
+from laggard.evaluate import EVAL_OVERRIDES
+from laggard.pipeline_run import PipelineRun
 from laggard.settings import get_settings
-from laggard.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parents[1]
 POLL_S = 0.1
@@ -63,30 +62,29 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="laggard-bench-") as tmp:
-        settings = run_settings(get_settings(), f"bench-{uuid.uuid4().hex[:8]}", Path(tmp), free_port())
-        ensure_topics(settings)
-        published = publish_scenario(settings, args.scenario, limit=args.messages)
-        print(f"published {published.messages:,} messages ({published.gpu_samples:,} GPU samples)", file=sys.stderr)
-        profile = None
-        with Worker(settings, Path(tmp) / "worker.log") as worker:
+        with PipelineRun(get_settings(), prefix="bench", state_root=Path(tmp), overrides=EVAL_OVERRIDES) as run:
+            run.publish_scenario(args.scenario, limit=args.messages)
+            print(f"published {run.published:,} messages ({run.gpu_samples:,} GPU samples)", file=sys.stderr)
+            profile = None
+            run.start_worker()
             deadline = time.monotonic() + args.timeout_s
             first: tuple[float, int] | None = None
             while True:
-                stats = worker.stats() or {}
+                stats = run.stats()
                 now, accepted = time.perf_counter(), stats.get("accepted", 0)
                 if first is None and accepted > 0:
                     first = (now, accepted)
                     if args.profile:
-                        profile = start_profile(worker.process.pid, args.profile_s, Path(tmp) / "profile.txt")
-                if accepted >= published.messages:
+                        profile = start_profile(run.worker.pid, args.profile_s, Path(tmp) / "profile.txt")
+                if accepted >= run.published:
                     break
                 if time.monotonic() > deadline:
-                    sys.exit(f"worker took only {accepted:,} of {published.messages:,} messages in {args.timeout_s} s")
+                    sys.exit(f"worker took only {accepted:,} of {run.published:,} messages in {args.timeout_s} s")
                 time.sleep(POLL_S)
         assert first is not None
         seconds = now - first[0]
-        messages = published.messages - first[1]
-        gpus_per_message = published.gpu_samples / published.messages
+        messages = run.published - first[1]
+        gpus_per_message = run.gpu_samples / run.published
         if profile is not None:
             _, errors = profile.communicate()
             out = Path(tmp) / "profile.txt"

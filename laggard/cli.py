@@ -93,8 +93,7 @@ def worker(
 
     settings = get_settings()
     ensure_topics(settings)  # Faust ignores a missing input topic instead of waiting for it
-    datadir = settings.state_dir / f"worker-{settings.worker_web_port}"
-    sys.argv = ["laggard worker", "--datadir", str(datadir), "worker", "--loglevel", loglevel,
+    sys.argv = ["laggard worker", "worker", "--loglevel", loglevel,
                 "--web-host", settings.worker_web_host, "--web-port", str(settings.worker_web_port)]
     faust_app.main()
 

@@ -55,8 +55,8 @@ def run_demo(settings: Settings, console: Console, scenario: Path = SCENARIO) ->
     with run, console.status("starting a worker ...") as status:
         run.start_worker(log)
         status.update("publishing the simulated fleet to Kafka ...")
-        gpus = run.publish_scenario(scenario, lambda n: status.update(f"publishing: {n:,} node samples"))
-        console.print(f"published {run.published:,} node samples ({gpus:,} GPU samples) of {scenario.name}")
+        run.publish_scenario(scenario, lambda n: status.update(f"publishing: {n:,} node samples"))
+        console.print(f"published {run.published:,} node samples ({run.gpu_samples:,} GPU samples) of {scenario.name}")
 
         def show(stats: dict) -> None:
             status.update(f"worker: {stats.get('accepted', 0):,}/{run.published:,} node samples, "

@@ -1,11 +1,19 @@
 """Run a scenario through the real pipeline: simulator -> Kafka -> one `laggard worker` process.
 
-Each run gets its own topics and Faust app id, so runs never see each other's data or state.
-Used by `laggard demo` and the worker's integration tests.
+Each run gets its own topics, Faust app id and web port (and, with `state_root`, its own state
+folder), so runs never see each other's data or state. Used by `laggard demo`, `laggard eval`,
+bench/agents.py and the worker's integration tests:
+
+    with PipelineRun(settings, prefix="demo") as run:   # creates the run's topics
+        run.start_worker()
+        run.publish_scenario(path)
+        stats = run.wait_until_quiet(timeout_s=150, settle_s=settings.window_hold_s + 5)
+        findings = run.findings()
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -14,7 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +31,26 @@ import httpx
 from agents.findings import Finding
 from collectors.publisher import Publisher
 from collectors.simulate import FleetSimulator, load_scenario
-from laggard.events import FaultTruth, encode
+from laggard.events import EARLIEST_TS, FaultTruth, encode
 from laggard.settings import Settings
+from laggard.stack.process import log_tail
 from laggard.topics import ensure_topics, read_topic
+
+# Event time of the first tick lies this far before (now - duration): all of it is in the past,
+# so every window closes by event time.
+PAST_MARGIN_S = 60.0
+STOP_GRACE_S = 20.0  # Faust can hang on shutdown: SIGKILL after this
+POLL_S = 0.5
+PROGRESS_EVERY = 1000  # messages between calls of publish_scenario's progress
+# Settings the worker subprocess must share with its run, passed as LAGGARD_* variables; anything
+# else it reads from the same environment and env file as this process.
+WORKER_SETTINGS = ("topic_samples", "topic_windows", "topic_fleet", "topic_findings", "topic_deadletter",
+                   "topic_truth", "worker_app_id", "worker_web_port", "state_dir", "baseline_detector",
+                   "kafka_bootstrap_servers", "window_s", "window_hold_s", "topic_partitions")
+
+
+class PipelineError(RuntimeError):
+    """A run that could not be completed; the message says which step and why."""
 
 
 def free_port() -> int:
@@ -34,48 +59,98 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def past_start_ts(duration_s: float, now: float | None = None) -> float:
+    """First tick's event time: the whole run ends PAST_MARGIN_S before now, and is still a valid timestamp."""
+    start = (time.time() if now is None else now) - duration_s - PAST_MARGIN_S
+    if start < EARLIEST_TS:
+        raise PipelineError(f"scenario duration {duration_s} s reaches before 2020-01-01, which events reject")
+    return start
+
+
+def gpus_in(value: bytes) -> int:
+    """GPU samples in one encoded NodeSample (each GPU entry carries one "index")."""
+    return value.count(b'"index"')
+
+
+def messages_taken(stats: Mapping[str, Any]) -> int:
+    """Samples the worker has dealt with, per its /stats: accepted, rejected or too late."""
+    return stats.get("accepted", 0) + stats.get("rejected", 0) + stats.get("late", 0)
+
+
 class PipelineRun:
-    def __init__(self, base: Settings, prefix: str = "run", extra_env: dict[str, str] | None = None) -> None:
+    """One run's settings and worker; use it as a context manager (entering creates the topics,
+    leaving stops the worker). `overrides` are settings changed for this run and its worker (e.g.
+    {"baseline_detector": True}); `extra_env` goes to the worker only (e.g. a webhook URL)."""
+
+    def __init__(self, base: Settings, prefix: str = "run", extra_env: Mapping[str, str] | None = None,
+                 state_root: Path | None = None, overrides: Mapping[str, Any] | None = None) -> None:
         self.run_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        port = free_port()
-        topics = {f"topic_{name}": f"{self.run_id}.{name}"
-                  for name in ("samples", "windows", "fleet", "findings", "deadletter", "truth")}
-        self.settings = base.model_copy(update={**topics, "worker_app_id": self.run_id, "worker_web_port": port})
-        self.env = {**os.environ, **{f"LAGGARD_{k.upper()}": v for k, v in topics.items()},
-                    "LAGGARD_WORKER_APP_ID": self.run_id, "LAGGARD_WORKER_WEB_PORT": str(port),
+        update: dict[str, Any] = {
+            **{f"topic_{name}": f"{self.run_id}.{name}"
+               for name in ("samples", "windows", "fleet", "findings", "deadletter", "truth")},
+            "worker_app_id": self.run_id, "worker_web_port": free_port(), **(overrides or {}),
+        }
+        if state_root is not None:
+            update["state_dir"] = state_root / self.run_id
+        self.settings = base.model_copy(update=update)
+        names = dict.fromkeys([*WORKER_SETTINGS, *(overrides or {})])
+        self.env = {**os.environ, **{f"LAGGARD_{name.upper()}": str(getattr(self.settings, name)) for name in names},
                     **(extra_env or {})}
-        self.worker: subprocess.Popen | None = None
-        self.published = 0
+        self.log_path = self.settings.state_dir / f"{self.run_id}.worker.log"
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.published = 0  # messages on the samples topic, as the worker should count them
+        self.gpu_samples = 0
         self.truth: list[FaultTruth] = []
+        self.start_ts = 0.0  # event time of the published scenario's first tick
 
-    def start_worker(self, log_path: Path) -> None:
+    def __enter__(self) -> PipelineRun:
         ensure_topics(self.settings)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.worker = subprocess.Popen(
-            [sys.executable, "-m", "laggard.cli", "worker", "-l", "warn"], env=self.env,
-            stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        return self
 
-    def publish_scenario(self, scenario: Path, progress: Callable[[int], None] | None = None) -> int:
-        """Publish the whole scenario as fast as possible, stamped in the recent past so that
-        every window closes by event time."""
-        spec = load_scenario(scenario)
-        sim = FleetSimulator(spec, start_ts=time.time() - spec.duration_s - 60)
+    def __exit__(self, *exc: object) -> None:
+        self.stop_worker()
+
+    def start_worker(self, log_path: Path | None = None) -> None:
+        """Start `laggard worker` on this run's settings; its output goes to `log_path` (default
+        `self.log_path`), whose tail is quoted when the worker fails."""
+        self.log_path = log_path or self.log_path
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("w") as log:
+            self.worker = subprocess.Popen(
+                [sys.executable, "-m", "laggard.cli", "worker", "-l", "warn"], env=self.env,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    def publish_scenario(self, scenario: Path | str, progress: Callable[[int], None] | None = None,
+                         limit: int | None = None) -> None:
+        """Publish the scenario's messages (at most `limit`) as fast as possible, stamped in the
+        recent past (see past_start_ts), and its truth to the truth topic. `progress` gets the
+        running count of published messages every PROGRESS_EVERY."""
+        spec = load_scenario(Path(scenario))
+        self.start_ts = past_start_ts(spec.duration_s)
+        sim = FleetSimulator(spec, start_ts=self.start_ts)
         self.truth = sim.truth()
-        gpus = 0
         with Publisher(self.settings) as publisher:
             for truth in self.truth:
-                publisher.publish_raw(b"truth", encode(truth), topic=self.settings.topic_truth)
-            for _ts, batch in sim.encoded_ticks():
-                for key, value in batch:
-                    publisher.publish_raw(key, value)
-                    gpus += value.count(b'"index"')
-                self.published += len(batch)
-                if progress:
+                publisher.publish_raw((truth.job or truth.node or truth.scenario).encode(), encode(truth),
+                                      topic=self.settings.topic_truth)
+            messages = (message for _ts, batch in sim.encoded_ticks() for message in batch)
+            for key, value in itertools.islice(messages, limit):
+                publisher.publish_raw(key, value)
+                self.published += 1
+                self.gpu_samples += gpus_in(value)
+                if progress and self.published % PROGRESS_EVERY == 0:
                     progress(self.published)
-        return gpus
+        if publisher.stats.failed:
+            raise PipelineError(f"{publisher.stats.failed} messages failed to publish: {publisher.stats.last_error}")
+
+    def _worker_error(self, what: str) -> PipelineError:
+        return PipelineError(f"{what}; worker log {self.log_path}:\n{log_tail(self.log_path)}")
 
     def stats(self) -> dict[str, Any]:
+        """The worker's /stats, or {} while it is not answering yet; PipelineError if it has exited."""
+        if self.worker is not None and self.worker.poll() is not None:
+            raise self._worker_error(f"the worker exited with code {self.worker.returncode}")
         try:
             return httpx.get(f"http://127.0.0.1:{self.settings.worker_web_port}/stats", timeout=2).json()
         except (httpx.HTTPError, ValueError):
@@ -83,36 +158,34 @@ class PipelineRun:
 
     def wait_until_quiet(self, timeout_s: float, settle_s: float,
                          progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Poll the worker until it has taken every published message and its findings count has
-        not moved for `settle_s` (windows close on the hold timer after the last sample)."""
+        """Poll the worker until it has taken every published message and its counts have not
+        moved for `settle_s` (windows close on the hold timer after the last sample); returns
+        the last stats. PipelineError past `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         last_change, last_key = time.monotonic(), None
         stats: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            if self.worker is not None and self.worker.poll() is not None:
-                raise RuntimeError(f"the worker exited with code {self.worker.returncode}")
             stats = self.stats()
-            key = (stats.get("accepted"), stats.get("findings"), stats.get("fleet_windows"), stats.get("notifications"))
+            key = (messages_taken(stats), stats.get("findings"), stats.get("fleet_windows"),
+                   stats.get("notifications"))
             if key != last_key:
                 last_change, last_key = time.monotonic(), key
             if progress:
                 progress(stats)
-            done = stats.get("accepted", 0) + stats.get("rejected", 0) + stats.get("late", 0) >= self.published
-            if done and time.monotonic() - last_change >= settle_s:
+            if messages_taken(stats) >= self.published and time.monotonic() - last_change >= settle_s:
                 return stats
-            time.sleep(0.5)
-        raise TimeoutError(f"worker not done after {timeout_s:.0f} s: {stats}")
-
-    def read_topic(self, topic: str) -> list[bytes]:
-        return read_topic(self.settings, topic)
+            time.sleep(POLL_S)
+        raise self._worker_error(f"the worker did not settle within {timeout_s:.0f} s (last stats {stats})")
 
     def findings(self) -> list[Finding]:
-        return [Finding.model_validate_json(v) for v in self.read_topic(self.settings.topic_findings)]
+        """Every finding on the run's findings topic, once each (a replayed one has the same idempotency key)."""
+        found = (Finding.model_validate_json(v) for v in read_topic(self.settings, self.settings.topic_findings))
+        return list({finding.idempotency_key: finding for finding in found}.values())
 
     def dead_letters(self) -> list[dict[str, Any]]:
-        return [json.loads(v) for v in self.read_topic(self.settings.topic_deadletter)]
+        return [json.loads(v) for v in read_topic(self.settings, self.settings.topic_deadletter)]
 
-    def stop_worker(self, grace_s: float = 20) -> None:
+    def stop_worker(self, grace_s: float = STOP_GRACE_S) -> None:
         if self.worker is None or self.worker.poll() is not None:
             return
         os.killpg(self.worker.pid, signal.SIGTERM)
@@ -121,9 +194,3 @@ class PipelineRun:
         except subprocess.TimeoutExpired:  # Faust can hang on shutdown; the data is in Kafka
             os.killpg(self.worker.pid, signal.SIGKILL)
             self.worker.wait()
-
-    def __enter__(self) -> PipelineRun:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_worker()

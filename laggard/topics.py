@@ -12,9 +12,14 @@ from laggard.kafka_config import client_config
 from laggard.settings import Settings
 
 
+def alert_ticks_name(settings: Settings) -> str:
+    """The worker's alerting clock: ticks share a single-partition channel with the findings."""
+    return f"{settings.topic_findings}.alert-ticks"
+
+
 def topic_names(settings: Settings) -> list[str]:
     return [settings.topic_samples, settings.topic_deadletter, settings.topic_windows,
-            settings.topic_findings, settings.topic_truth, settings.topic_fleet]
+            settings.topic_findings, settings.topic_truth, settings.topic_fleet, alert_ticks_name(settings)]
 
 
 def ensure_topics(settings: Settings, names: list[str] | None = None) -> list[str]:
@@ -26,7 +31,7 @@ def ensure_topics(settings: Settings, names: list[str] | None = None) -> list[st
         if not missing:
             return []
         # Findings are few, and the alert lifecycle needs all of them in one place: 1 partition.
-        partitions = {settings.topic_findings: 1}
+        partitions = {settings.topic_findings: 1, alert_ticks_name(settings): 1}
         try:
             admin.create_topics([NewTopic(n, partitions.get(n, settings.topic_partitions), 1) for n in missing])
         except TopicAlreadyExistsError:  # another process won the race
@@ -45,10 +50,12 @@ def read_topic(settings: Settings, topic: str, timeout_s: float = 30) -> list[by
     end = consumer.end_offsets(partitions)
     values: list[bytes] = []
     deadline = time.monotonic() + timeout_s
-    while any(consumer.position(tp) < end[tp] for tp in partitions) and time.monotonic() < deadline:
+    while (behind := any(consumer.position(tp) < end[tp] for tp in partitions)) and time.monotonic() < deadline:
         for records in consumer.poll(timeout_ms=500).values():
             values += [r.value for r in records]
     consumer.close()
+    if behind:
+        raise TimeoutError(f"could not read all of {topic} within {timeout_s:.0f} s")
     return values
 
 
