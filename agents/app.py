@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ import faust
 
 from agents.detectors import FleetDetector, LowUtilizationBaseline
 from agents.findings import Finding, WindowResult
+from agents.metrics import metrics_page, worker_registry
 from agents.points import finding_point, fleet_point, window_line
 from agents.sink import InfluxRejected, InfluxSink
 from agents.stages import (
@@ -54,11 +56,23 @@ def _broker_url() -> str:
     return ";".join(f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(","))
 
 
+def _broker_credentials() -> faust.SASLCredentials | faust.SSLCredentials | None:
+    """The same TLS/SASL settings the kafka-python clients use (laggard/kafka_config.py)."""
+    protocol = settings.kafka_security_protocol
+    context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile) if "SSL" in protocol else None
+    if protocol.startswith("SASL"):
+        password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
+        return faust.SASLCredentials(username=settings.kafka_sasl_username, password=password,
+                                     mechanism=settings.kafka_sasl_mechanism, ssl_context=context)
+    return faust.SSLCredentials(context) if context else None
+
+
 WORKER_DATA = settings.state_dir / "workers"
 WORKER_DATA.mkdir(parents=True, exist_ok=True)  # Faust creates only the last folder level
 app = faust.App(
     settings.worker_app_id,
     broker=_broker_url(),
+    broker_credentials=_broker_credentials(),
     datadir=str(WORKER_DATA / settings.worker_app_id),
     store="memory://",
     topic_partitions=settings.topic_partitions,
@@ -297,6 +311,11 @@ async def close_idle_windows() -> None:
 
 # --- stage 4: findings -> alerts -> chat webhooks -------------------------------------------------
 
+# Findings are re-delivered after a restart (at-least-once). A transition no newer than the last one
+# taken for its fingerprint is such a repeat; ended ones are remembered this long (event time).
+TRANSITION_MEMORY_S = 3600.0
+
+
 @dataclass
 class Alerting:
     """The rules engine (rules/) fed with the findings that are firing now. Detectors emit state
@@ -306,16 +325,26 @@ class Alerting:
     dispatcher: Dispatcher
     rules_mtime: float
     firing: dict[str, Finding] = field(default_factory=dict)
+    latest: dict[str, float] = field(default_factory=dict)  # finding fingerprint -> window_start taken
 
-    def take(self, finding: Finding) -> None:
+    def take(self, finding: Finding, now: float) -> None:
+        """Show a transition to the engine at once: a resolved one ends its alert (the firing set
+        alone would only let it go stale)."""
+        key = finding.fingerprint
+        if finding.window_start <= self.latest.get(key, float("-inf")):
+            return
+        self.latest[key] = finding.window_start
+        self.engine.observe_finding(finding, now)
         if finding.state == "firing":
-            self.firing[finding.fingerprint] = finding
-        else:
-            self.firing.pop(finding.fingerprint, None)
+            self.firing[key] = finding
+            return
+        self.firing.pop(key, None)
+        forget_before = finding.window_start - TRANSITION_MEMORY_S
+        self.latest = {k: t for k, t in self.latest.items() if k in self.firing or t >= forget_before}
 
     def state(self) -> dict[str, Any]:
         return {"engine": self.engine.snapshot(), "sent": self.dispatcher.sent_log.to_dict(),
-                "firing": [f.model_dump(mode="json") for f in self.firing.values()]}
+                "firing": [f.model_dump(mode="json") for f in self.firing.values()], "latest": self.latest}
 
 
 # Findings and the timer's ticks share one single-partition channel, so every alert decision,
@@ -336,23 +365,30 @@ def rules_path() -> Path:
     return settings.rules_file or DEFAULT_RULES
 
 
+def rules_mtime(path: Path) -> float:
+    """The file's mtime; -1 while it is missing (a change like any other, reported once)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return -1.0
+
+
 def make_alerting(saved: dict[str, Any], config: RulesConfig | None = None) -> Alerting:
     path = rules_path()
     config = config or load_rules(path)
     dispatcher = Dispatcher(config.receivers, dead_letter=notification_dead_letter, sent_log=SentLog(saved.get("sent")))
     for name, why in dispatcher.problems.items():
         log.warning("receiver %s cannot send: %s", name, why)
-    alerting = Alerting(AlertEngine(config, saved.get("engine")), dispatcher, path.stat().st_mtime)
-    for data in saved.get("firing", []):
-        alerting.take(Finding.model_validate(data))
-    return alerting
+    firing = (Finding.model_validate(data) for data in saved.get("firing", []))
+    return Alerting(AlertEngine(config, saved.get("engine")), dispatcher, rules_mtime(path),
+                    firing={f.fingerprint: f for f in firing}, latest=saved.get("latest", {}))
 
 
-def reload_rules(current: Alerting) -> Alerting:
-    """A changed rules file is loaded; a bad one is refused with its errors and the last good
-    rules stay in force."""
+async def reload_rules(current: Alerting) -> Alerting:
+    """A changed rules file is loaded; a bad (or vanished) one is refused with its errors and the
+    last good rules stay in force."""
     path = rules_path()
-    mtime = path.stat().st_mtime
+    mtime = rules_mtime(path)
     if mtime == current.rules_mtime:
         return current
     current.rules_mtime = mtime
@@ -363,11 +399,11 @@ def reload_rules(current: Alerting) -> Alerting:
         log.error("rules file %s not reloaded, keeping the last good rules: %s", path, err)
         return current
     log.warning("rules file %s reloaded", path)
+    await current.dispatcher.aclose()
     return make_alerting(current.state(), config)
 
 
-async def send_due_notifications(current: Alerting) -> None:
-    now = time.time()
+async def send_due_notifications(current: Alerting, now: float) -> None:
     for finding in current.firing.values():
         current.engine.observe_finding(finding, now)
     silences = SilenceStore(settings.state_dir / SILENCES_FILE).load()
@@ -375,9 +411,12 @@ async def send_due_notifications(current: Alerting) -> None:
         outcome = await current.dispatcher.dispatch(notification)
         counters.notifications += outcome.status == "sent"
         counters.notifications_failed += outcome.status == "dead_lettered"
+    # Replaced in one step: `laggard alerts list` never reads half a file.
     state_file = settings.state_dir / ALERTS_STATE_FILE
     state_file.parent.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps(current.engine.snapshot()))
+    partial = state_file.with_suffix(".tmp")
+    partial.write_text(json.dumps(current.engine.snapshot()))
+    partial.replace(state_file)
 
 
 @app.agent(alert_input)
@@ -387,11 +426,19 @@ async def alert_on_findings(stream: faust.StreamT) -> None:
         if alerting is None:
             alerting = make_alerting(alert_state.get("state") or {})
         if event.message.topic == settings.topic_findings:
-            alerting.take(Finding.model_validate_json(event.value))
+            alerting.take(Finding.model_validate_json(event.value), time.time())
         else:
-            alerting = reload_rules(alerting)
-            await send_due_notifications(alerting)
+            alerting = await reload_rules(alerting)
+            await send_due_notifications(alerting, time.time())
         alert_state["state"] = alerting.state()
+
+
+@app.on_partitions_revoked.connect
+async def forget_alerting(app: faust.App, revoked: set, **kwargs: Any) -> None:
+    """Whoever gets the alert channel next starts from the table, not from stale memory."""
+    global alerting
+    if any(tp.topic == settings.topic_findings for tp in revoked):
+        alerting = None
 
 
 @app.timer(interval=1.0)
@@ -403,3 +450,12 @@ async def alert_tick() -> None:
 async def stats(web: Any, request: Any) -> Any:
     return web.json({**counters.__dict__, "influx_points_written": sink.points_written,
                      "influx_write_failures": sink.write_failures})
+
+
+metrics_registry = worker_registry(app, counters, sink,
+                                   lambda: sum(stage.windower.gpus_tracked for stage in sample_stages.values()))
+
+
+@app.page("/metrics")
+async def metrics(web: Any, request: Any) -> Any:
+    return metrics_page(web, metrics_registry)

@@ -39,18 +39,30 @@ console = Console()
 
 
 @stack_app.command("up")
-def stack_up(reset: bool = typer.Option(False, "--reset", help="Stop and wipe all stack data first.")) -> None:
+def stack_up(
+    reset: bool = typer.Option(False, "--reset", help="Stop and wipe all stack data first."),
+    influx: int | None = typer.Option(
+        None, "--influx", min=1, max=2, show_default=False,
+        help="1: Debian's InfluxDB 1.6.7; 2: InfluxDB 2.7 on LAGGARD_INFLUX2_PORT, built from source the "
+             "first time (~13 CPU-minutes). Default: LAGGARD_LOCAL_INFLUX_VERSION (1).",
+    ),
+) -> None:
     """Start Kafka and InfluxDB (idempotent) and wait until each answers."""
-    bring_stack_up(reset=reset)
+    bring_stack_up(reset=reset, influx=influx)
 
 
-def bring_stack_up(reset: bool = False) -> None:
+def bring_stack_up(reset: bool = False, influx: int | None = None) -> None:
     """`stack up` for any command that needs the local stack; exits 1 with the reason on failure."""
     from laggard import stack
+    from laggard.settings import Settings
 
+    settings = get_settings() if influx is None else Settings(local_influx_version=influx)
     try:
-        for line in stack.up(get_settings(), reset=reset):
+        for line in stack.up(settings, reset=reset):
             console.print(line)
+        if settings.local_influx_version != get_settings().local_influx_version:
+            console.print(f"Other laggard commands use InfluxDB {settings.local_influx_version} at "
+                          f"{settings.influx_url} with: export LAGGARD_LOCAL_INFLUX_VERSION={influx}")
     except stack.StackError as err:
         console.print(f"[red]stack up failed:[/red] {err}", highlight=False)
         raise typer.Exit(1) from None

@@ -13,12 +13,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def _default_state_dir() -> Path:
     return Path(os.environ.get("LAGGARD_STATE_DIR", Path.cwd() / ".stack"))
+
+
+def local_influx2_token_file(state_dir: Path) -> Path:
+    """Where `stack up --influx 2` keeps the token it generated for the local InfluxDB 2 (mode 600)."""
+    return state_dir / "influx2" / "token"
 
 
 class Settings(BaseSettings):
@@ -64,6 +69,11 @@ class Settings(BaseSettings):
     kafka_port: int = 9092
     kafka_controller_port: int = 9093
     influx_port: int = 8086
+    # Which InfluxDB `stack up` runs: 1 = Debian's 1.6.7 on influx_port, 2 = InfluxDB 2.7 built from
+    # source (laggard/stack/build_influxd.py) on influx2_port. With 2, influx_url and influx_token
+    # default to that local server and the token `stack up` generated.
+    local_influx_version: int = Field(default=1, ge=1, le=2)
+    influx2_port: int = 8087
 
     # Worker
     window_s: float = Field(default=10.0, gt=0)
@@ -78,6 +88,16 @@ class Settings(BaseSettings):
     worker_app_id: str = "laggard-worker"  # Faust app id: consumer group and table topics
     worker_web_host: str = "127.0.0.1"
     worker_web_port: int = 6066
+
+    @model_validator(mode="after")
+    def _point_at_local_influx2(self) -> Settings:
+        if self.local_influx_version == 2:
+            if "influx_url" not in self.model_fields_set:
+                self.influx_url = f"http://127.0.0.1:{self.influx2_port}"
+            token_file = local_influx2_token_file(self.state_dir)
+            if self.influx_token is None and token_file.exists():
+                self.influx_token = SecretStr(token_file.read_text().strip())
+        return self
 
 
 @lru_cache(maxsize=1)

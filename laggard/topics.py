@@ -6,6 +6,7 @@ import time
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import TopicAlreadyExistsError
 
 from laggard.kafka_config import client_config
@@ -43,20 +44,25 @@ def ensure_topics(settings: Settings, names: list[str] | None = None) -> list[st
 
 def read_topic(settings: Settings, topic: str, timeout_s: float = 30) -> list[bytes]:
     """Every message now in `topic`, all partitions, without joining a consumer group."""
+    return [record.value for record in read_records(settings, topic, timeout_s)]
+
+
+def read_records(settings: Settings, topic: str, timeout_s: float = 30) -> list[ConsumerRecord]:
+    """As read_topic, whole records (key, value, timestamp in ms, partition, offset)."""
     consumer = KafkaConsumer(**client_config(settings), enable_auto_commit=False)
     partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
     consumer.assign(partitions)
     consumer.seek_to_beginning()
     end = consumer.end_offsets(partitions)
-    values: list[bytes] = []
+    records: list[ConsumerRecord] = []
     deadline = time.monotonic() + timeout_s
     while (behind := any(consumer.position(tp) < end[tp] for tp in partitions)) and time.monotonic() < deadline:
-        for records in consumer.poll(timeout_ms=500).values():
-            values += [r.value for r in records]
+        for batch in consumer.poll(timeout_ms=500).values():
+            records += batch
     consumer.close()
     if behind:
         raise TimeoutError(f"could not read all of {topic} within {timeout_s:.0f} s")
-    return values
+    return records
 
 
 def read_range(settings: Settings, topic: str, partition: int, start: int, end: int,

@@ -1,22 +1,31 @@
-"""The local stack: `laggard stack up | down | status` runs Kafka and InfluxDB on this machine."""
+"""The local stack: `laggard stack up | down | status` runs Kafka and InfluxDB on this machine.
+Which InfluxDB is `settings.local_influx_version`: 1 (Debian's 1.6.7) or 2 (2.7, built once)."""
 
 from __future__ import annotations
 
 import shutil
 
+from pydantic import SecretStr
+
 from laggard.settings import Settings
 from laggard.stack.influx import InfluxDB
+from laggard.stack.influx2 import InfluxDB2
 from laggard.stack.kafka import KafkaBroker
 from laggard.stack.process import ManagedService, ServiceStatus, StackError
 
 __all__ = ["services", "up", "down", "status", "StackError", "ServiceStatus"]
 
 
+def influx_services(settings: Settings) -> dict[int, ManagedService]:
+    return {
+        1: InfluxDB(settings.state_dir, settings.influx_port, settings.influx_database),
+        2: InfluxDB2(settings.state_dir, settings.influx2_port, settings.influx_org, settings.influx_bucket),
+    }
+
+
 def services(settings: Settings) -> list[ManagedService]:
-    return [
-        KafkaBroker(settings.state_dir, settings.kafka_port, settings.kafka_controller_port, settings.kafka_version),
-        InfluxDB(settings.state_dir, settings.influx_port, settings.influx_database),
-    ]
+    kafka = KafkaBroker(settings.state_dir, settings.kafka_port, settings.kafka_controller_port, settings.kafka_version)
+    return [kafka, influx_services(settings)[settings.local_influx_version]]
 
 
 def up(settings: Settings, reset: bool = False) -> list[str]:
@@ -29,6 +38,9 @@ def up(settings: Settings, reset: bool = False) -> list[str]:
             lines.append(f"{service.name}: data wiped ({service.home})")
     for service in services(settings):
         lines.append(service.start())
+        if isinstance(service, InfluxDB2) and settings.influx_token is None:
+            # Generated just now: hand it to the caller's clients (a new Settings reads it from the file).
+            settings.influx_token = SecretStr(service.token())
     from laggard.topics import ensure_topics
 
     created = ensure_topics(settings)
@@ -38,7 +50,9 @@ def up(settings: Settings, reset: bool = False) -> list[str]:
 
 
 def down(settings: Settings) -> list[str]:
-    return [service.stop() for service in reversed(services(settings))]
+    """Stops the stack, and the other InfluxDB kind too when it runs (after `local_influx_version` changed)."""
+    other = [s for v, s in influx_services(settings).items() if v != settings.local_influx_version and s.pid()]
+    return [service.stop() for service in reversed(services(settings) + other)]
 
 
 def status(settings: Settings) -> list[ServiceStatus]:

@@ -7,7 +7,9 @@
   refilled at `rate_per_s`).
 - A notification still undelivered after the retry budget, or refused for good (4xx), goes to
   the dead-letter callable with the reason, and is counted.
-- The sent log remembers idempotency keys, so a replay after a restart does not send twice.
+- The sent log remembers idempotency keys, so a replay after a restart does not send twice; each
+  request carries its key in an `Idempotency-Key` header, so a receiver can drop the repeat that
+  at-least-once delivery still allows (a crash between the send and the checkpoint).
 - Webhook URLs are secrets (the path is the credential). httpx puts URLs in its exception
   messages and its INFO log line, so errors are rebuilt from scratch with URLs redacted, and a
   logging filter redacts URLs in httpx/httpcore log records.
@@ -43,6 +45,8 @@ from rules.receivers import PAYLOAD_BUILDERS
 
 log = logging.getLogger("laggard.rules.delivery")
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
@@ -51,6 +55,10 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "<redacted-url>")
+            # The path is the credential, and error pages echo it alone ("Cannot POST /hooks/...").
+            path = urlsplit(secret).path
+            if len(path) > 1:
+                text = text.replace(path, "/<redacted>")
 
     def _host_only(found: re.Match[str]) -> str:
         parts = urlsplit(found.group())
@@ -290,7 +298,7 @@ class Dispatcher:
                 with attempt:
                     attempts += 1
                     await asyncio.sleep(self._limiters[name].reserve(self.clock()))
-                    await self._post(receiver, body)
+                    await self._post(receiver, body, notification.idempotency_key)
         except DeliveryFailed as failure:
             return attempts, failure.reason
         return attempts, None
@@ -314,13 +322,13 @@ class Dispatcher:
         self.stats.incr(name, "retry")
         log.info("receiver %s: attempt %d failed (%s); retrying", name, state.attempt_number, getattr(failure, "reason", "?"))
 
-    async def _post(self, receiver: ReceiverConfig, body: dict[str, Any]) -> None:
+    async def _post(self, receiver: ReceiverConfig, body: dict[str, Any], key: str) -> None:
         url = self.urls[receiver.name].get_secret_value()
         failure: DeliveryFailed | None = None
         # Build our own error outside the `except` so the httpx exception (which holds the URL)
         # is not even attached as __context__.
         try:
-            response = await self._client.post(url, json=body, timeout=receiver.timeout)
+            response = await self._client.post(url, json=body, headers={IDEMPOTENCY_HEADER: key}, timeout=receiver.timeout)
         except httpx.TimeoutException as err:
             failure = TransientFailure(f"timed out after {receiver.timeout:g}s ({type(err).__name__})")
         except httpx.TransportError as err:

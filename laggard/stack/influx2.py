@@ -1,0 +1,99 @@
+"""InfluxDB 2.7 (`influxd` built from source by laggard/stack/build_influxd.py), run with its own
+bolt and engine paths under <state>/influx2 on a loopback port of its own (8087 by default, so it
+can run beside the 1.x one). It speaks /api/v2 (token, org, bucket), Flux, and InfluxQL on /query.
+
+On first start it is set up (POST /api/v2/setup) with the org and bucket from the settings and a
+token generated here, kept in <state>/influx2/token (mode 600) where Settings picks it up.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import httpx
+
+from laggard.settings import local_influx2_token_file
+from laggard.stack.build_influxd import ensure_influxd
+from laggard.stack.process import ManagedService, StackError
+
+
+def write_private(path: Path, text: str) -> None:
+    """Create or replace `path` readable by its owner only (mode 600 from the start, no window)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
+class InfluxDB2(ManagedService):
+    name = "influx2"
+    start_timeout_s = 90.0
+    username = "laggard"  # the setup's first user; laggard itself only uses the token
+
+    def __init__(self, state_dir: Path, port: int, org: str, bucket: str) -> None:
+        super().__init__(state_dir, port)
+        self.org = org
+        self.bucket = bucket
+        self.url = f"http://127.0.0.1:{port}"
+        self.token_path = local_influx2_token_file(state_dir)
+
+    @property
+    def bolt_path(self) -> Path:
+        return self.home / "data" / "influxd.bolt"
+
+    def marker(self) -> str:
+        return str(self.bolt_path)
+
+    def prepare(self) -> None:
+        ensure_influxd()
+        self.bolt_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def command(self) -> list[str]:
+        data = self.bolt_path.parent
+        return [
+            str(ensure_influxd()),
+            "--bolt-path", str(self.bolt_path),
+            "--engine-path", str(data / "engine"),
+            "--sqlite-path", str(data / "influxd.sqlite"),
+            "--http-bind-address", f"127.0.0.1:{self.port}",
+            "--reporting-disabled",
+            "--log-level", "warn",
+        ]
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def token(self) -> str:
+        try:
+            return self.token_path.read_text().strip()
+        except FileNotFoundError:
+            raise StackError(
+                f"influx2: the server in {self.home} is set up, but its token file {self.token_path} is "
+                "missing. Wipe it and set it up again: laggard stack up --influx 2 --reset"
+            ) from None
+
+    def after_start(self) -> None:
+        """Set up org, bucket and token once; later starts check the token still opens the bucket."""
+        with httpx.Client(base_url=self.url, timeout=30) as http:
+            if http.get("/api/v2/setup").json().get("allowed"):
+                token = secrets.token_urlsafe(32)
+                write_private(self.token_path, token)  # kept before the server knows it, so never lost
+                reply = http.post("/api/v2/setup", json={
+                    "username": self.username, "org": self.org, "bucket": self.bucket, "token": token,
+                })
+                if reply.status_code != 201:
+                    raise StackError(f"influx2: setup failed: HTTP {reply.status_code} {reply.text[:300]}")
+                return
+            headers = {"Authorization": f"Token {self.token()}"}
+            reply = http.get("/api/v2/buckets", params={"org": self.org, "name": self.bucket}, headers=headers)
+            if reply.status_code != 200 or not reply.json().get("buckets"):
+                raise StackError(
+                    f"influx2: bucket {self.bucket!r} of org {self.org!r} is not reachable with the token in "
+                    f"{self.token_path}: HTTP {reply.status_code} {reply.text[:300]}. Were org or bucket "
+                    "renamed since the setup? `laggard stack up --influx 2 --reset` sets it up afresh."
+                )

@@ -1,0 +1,137 @@
+"""Bookkeeping for the fault-injection suite (tests/test_faults.py): what went in, what came out,
+and how long the pipeline took to recover, as plain functions; plus the Kafka and InfluxDB reads
+the tests count with."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+
+from agents.sink import InfluxSink
+from agents.stages import MARKER_PREFIX, parse_results
+from agents.windows import Windower
+from collectors.simulate import FleetSimulator, load_scenario
+from laggard.kafka_config import client_config
+from laggard.settings import Settings
+from laggard.topics import read_topic
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Identities that went in against identities that came out."""
+
+    events_in: int
+    results_out: int  # distinct identities that came out
+    lost: int  # went in (and were accepted) but never came out
+    duplicated: int  # came out more than once
+    unexpected: int  # came out but never went in
+
+
+def delivery(accepted: Iterable[Any], delivered: Iterable[Any]) -> Delivery:
+    """Compare accepted identities with delivered ones (a delivered identity may repeat)."""
+    accepted_set = set(accepted)
+    counts = Counter(delivered)
+    return Delivery(
+        events_in=len(accepted_set), results_out=len(counts),
+        lost=len(accepted_set - counts.keys()), duplicated=sum(n - 1 for n in counts.values()),
+        unexpected=len(counts.keys() - accepted_set),
+    )
+
+
+def summary_line(fault: str, events_in: int, results_out: int, lost: int, duplicated: int,
+                 recover_s: float | None) -> str:
+    """One row of the fault table, printed by each test (run pytest with -s to see them)."""
+    recovered = "n/a" if recover_s is None else f"{recover_s:.1f} s"
+    return (f"FAULT | {fault} | events in {events_in} | results out {results_out} | lost {lost} | "
+            f"duplicated {duplicated} | time to recover {recovered}")
+
+
+def expected_gpu_windows(settings: Settings, scenario: Path | str, start_ts: float) -> int:
+    """GPU windows a scenario stamped from `start_ts` yields, computed in-process with the worker's Windower."""
+    sim = FleetSimulator(load_scenario(Path(scenario)), start_ts=start_ts)
+    windower = Windower(settings.window_s, settings.late_grace_s)
+    expected = 0
+    for tick in sim.ticks():
+        for sample in tick:
+            windower.add(sample)
+        expected += sum(len(w.series) for w in windower.pop_closed())
+    return expected + sum(len(w.series) for w in windower.flush())
+
+
+def _aggregate(settings: Settings, function: str, measurement: str, field_name: str, where: str) -> int:
+    sink = InfluxSink(settings)
+    try:
+        rows = sink.query(f'SELECT {function}("{field_name}") FROM "{measurement}" WHERE {where}')
+    finally:
+        sink.close()
+    return int(rows[0][function]) if rows else 0
+
+
+def influx_count(settings: Settings, measurement: str, where: str) -> int:
+    """Points of `measurement` matching the InfluxQL condition `where` (0 when there are none)."""
+    return _aggregate(settings, "count", measurement, "samples", where)
+
+
+def influx_sum(settings: Settings, measurement: str, field_name: str, where: str) -> int:
+    """Sum of a numeric field over the points matching `where` (0 when there are none)."""
+    return _aggregate(settings, "sum", measurement, field_name, where)
+
+
+def gpu_windows_in_influx(settings: Settings, cluster: str, start_ts: float, duration_s: float) -> int:
+    """gpu_window points of one cluster around a run's event time (a series and time is one point:
+    a repeated write overwrites, so this counts distinct windows)."""
+    return influx_count(settings, "gpu_window", f"\"cluster\" = '{cluster}' AND time >= {int(start_ts) - 20}s "
+                                                f"AND time <= {int(start_ts + duration_s) + 20}s")
+
+
+def window_result_ids(settings: Settings) -> list[str]:
+    """Ids of every GPU window result on the run's stage-1 -> stage-2 topic, repeats included."""
+    return [result.id for value in read_topic(settings, settings.topic_windows)
+            if not value.startswith(MARKER_PREFIX) for result in parse_results(value)]
+
+
+def committed_offsets(settings: Settings, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offset per partition of `topic` (0 where nothing is committed)."""
+    consumer = KafkaConsumer(**client_config(settings))
+    partitions = sorted(consumer.partitions_for_topic(topic) or [])
+    consumer.close()
+    admin = KafkaAdminClient(**client_config(settings))
+    try:
+        committed = admin.list_group_offsets([group]).get(group, {})
+    finally:
+        admin.close()
+    offsets = {tp.partition: meta.offset for tp, meta in committed.items() if tp.topic == topic}
+    return {p: offsets.get(p, 0) for p in partitions}
+
+
+def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    consumer = KafkaConsumer(**client_config(settings))
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        return {tp.partition: offset for tp, offset in consumer.end_offsets(partitions).items()}
+    finally:
+        consumer.close()
+
+
+def group_members(settings: Settings, group: str) -> int:
+    """Members of a consumer group that is stable (0 while it rebalances or does not exist)."""
+    admin = KafkaAdminClient(**client_config(settings))
+    try:
+        group_info = admin.describe_groups([group]).get(group, {})
+    finally:
+        admin.close()
+    return len(group_info.get("members", [])) if group_info.get("group_state") == "Stable" else 0
+
+
+def worker_stats(port: int) -> dict[str, Any]:
+    """A worker's /stats, or {} while it does not answer."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/stats", timeout=2).json()
+    except (httpx.HTTPError, ValueError):
+        return {}

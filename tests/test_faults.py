@@ -1,0 +1,308 @@
+"""Fault injection on the real local stack: for each fault, what went in is counted against what
+came out, nothing accepted is lost, and the pipeline recovers by itself. Each test prints a
+`FAULT | ...` summary line (pytest -s shows them).
+
+Covered elsewhere, not repeated here:
+- a worker SIGKILLed mid-stream and restarted: tests/test_worker_restart.py;
+- malformed messages among good ones (bad JSON, unknown version, absurd values, several MB),
+  dead-lettered with reasons: tests/test_worker.py;
+- the webhook receiver answering 500 and 429, then recovering: tests/test_alerting_worker.py.
+
+The broker kill and the InfluxDB outage run on a private stack instance (own ports and state
+folder, as in tests/test_stack.py), never on the shared one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import pytest
+
+from collectors.publisher import Publisher, default_partition
+from collectors.simulate import load_scenario
+from laggard import stack as local_stack
+from laggard.pipeline_run import PipelineRun, free_port
+from laggard.settings import Settings
+from laggard.stack.process import wait_until
+from laggard.topics import ensure_topics, read_topic
+from tests.helpers.faults import (
+    committed_offsets, delivery, end_offsets, expected_gpu_windows, gpu_windows_in_influx, group_members,
+    influx_count, influx_sum, summary_line, window_result_ids, worker_stats,
+)
+from tests.helpers.samples import node_sample
+
+DEMO = "collectors/scenarios/demo.yaml"  # big enough that a worker is still busy when it is killed
+SMALL = "tests/scenarios/small_eval.yaml"
+OUTAGE_S = 30.0  # how long InfluxDB stays down: the fault itself, a timed wait on purpose
+
+
+@pytest.fixture(scope="module")
+def private(tmp_path_factory) -> Settings:
+    """A second stack instance's settings; each test starts the services it needs, all stop at the end."""
+    kafka = free_port()
+    settings = Settings(
+        state_dir=tmp_path_factory.mktemp("fault-stack"), kafka_port=kafka, kafka_controller_port=free_port(),
+        influx_port=free_port(), kafka_bootstrap_servers=f"127.0.0.1:{kafka}",
+    )
+    settings = settings.model_copy(update={"influx_url": f"http://127.0.0.1:{settings.influx_port}"})
+    yield settings
+    local_stack.down(settings)
+
+
+def _settled(stats_of, done, quiet_s: float):
+    """A poll condition: `done()` holds and the worker's counts have not moved for `quiet_s`."""
+    last = {"key": None, "at": time.monotonic()}
+
+    def check() -> bool:
+        stats = stats_of()
+        key = (stats.get("accepted"), stats.get("late"), stats.get("findings"), stats.get("windows_closed"),
+               stats.get("influx_points_written"))
+        if key != last["key"]:
+            last.update(key=key, at=time.monotonic())
+        return bool(stats) and done() and time.monotonic() - last["at"] >= quiet_s
+
+    return check
+
+
+def _lag(settings: Settings, group: str) -> int:
+    end = end_offsets(settings, settings.topic_samples)
+    committed = committed_offsets(settings, group, settings.topic_samples)
+    return sum(end[p] - committed[p] for p in end)
+
+
+# --- two workers in one group, one SIGKILLed -------------------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_two_workers_one_killed_its_partitions_move_to_the_other(stack, tmp_path):
+    with PipelineRun(stack, prefix="test-fault-group") as run:
+        run.start_worker(tmp_path / "survivor.log")
+        victim_port = free_port()
+        with (tmp_path / "victim.log").open("w") as log:
+            victim = subprocess.Popen(
+                [sys.executable, "-m", "laggard.cli", "worker", "-l", "warn"],
+                env={**run.env, "LAGGARD_WORKER_WEB_PORT": str(victim_port)},
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        try:
+            assert wait_until(lambda: group_members(run.settings, run.run_id) == 2, 120, 1.0), \
+                (tmp_path / "victim.log").read_text()[-3000:]
+            run.publish_scenario(DEMO)
+            assert wait_until(lambda: worker_stats(victim_port).get("accepted", 0) > 0
+                              and run.stats().get("accepted", 0) + worker_stats(victim_port).get("accepted", 0)
+                              >= run.published // 3, 120, 0.2)
+            at_kill = committed_offsets(run.settings, run.run_id, run.settings.topic_samples)
+            os.killpg(victim.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            victim.wait()
+            end = end_offsets(run.settings, run.settings.topic_samples)
+            behind = {p for p, offset in at_kill.items() if offset < end[p]}
+            assert behind, (at_kill, end)  # it really died mid-stream, with input left to take
+
+            def all_partitions_moving() -> bool:
+                now = committed_offsets(run.settings, run.run_id, run.settings.topic_samples)
+                return all(now[p] > at_kill[p] for p in behind)
+
+            assert wait_until(all_partitions_moving, 120, 0.5), (tmp_path / "survivor.log").read_text()[-3000:]
+            recover_s = time.monotonic() - killed_at
+            assert wait_until(_settled(run.stats, lambda: _lag(run.settings, run.run_id) == 0,
+                                       stack.window_hold_s + 5), 180, 0.5), \
+                (tmp_path / "survivor.log").read_text()[-3000:]
+            findings = run.findings()
+            result_ids = window_result_ids(run.settings)
+        finally:
+            if victim.poll() is None:
+                os.killpg(victim.pid, signal.SIGKILL)
+                victim.wait()
+
+    spec = load_scenario(DEMO)
+    expected = expected_gpu_windows(stack, DEMO, run.start_ts)
+    in_influx = gpu_windows_in_influx(stack, spec.cluster, run.start_ts, spec.duration_s)
+    on_topic = delivery(set(result_ids), result_ids)
+    print(summary_line("two workers, one SIGKILLed", run.published, in_influx, max(expected - in_influx, 0),
+                       on_topic.duplicated, recover_s))
+    print(f"  GPU windows expected {expected}, in InfluxDB {in_influx}, on the windows topic "
+          f"{on_topic.results_out} distinct + {on_topic.duplicated} at-least-once repeats (same id, overwritten)")
+    assert in_influx == expected  # every GPU window once: none lost, none extra
+    assert on_topic.results_out == expected
+    stragglers = {(f.job, f.rank) for f in findings if f.kind == "straggler" and f.state == "firing"}
+    assert stragglers == {(t.job, t.rank) for t in run.truth if t.kind == "straggler"}
+
+
+# --- the broker SIGKILLed while a collector publishes ----------------------------------------------
+
+@dataclass
+class Collector:
+    """Publishes numbered messages (key = value = the number) on its own thread until stopped,
+    at a collector-like pace, through the one Publisher every source uses."""
+
+    settings: Settings
+    topic: str
+    publisher: Publisher | None = None
+    sent: list[bytes] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with Publisher(self.settings, topic=self.topic) as self.publisher:
+                while not self.stop.is_set():
+                    message = b"m-%07d" % len(self.sent)
+                    self.publisher.publish_raw(message, message)
+                    self.sent.append(message)
+                    self.stop.wait(0.002)  # the collector's pace (~500 messages/s), not synchronisation
+        except BaseException as err:  # reported by the test, never swallowed
+            self.error = err
+
+    def acked(self) -> int:
+        return self.publisher.stats.acked if self.publisher else 0
+
+
+@pytest.mark.timeout(300)
+def test_broker_sigkill_while_publishing_loses_no_acknowledged_message(private, caplog):
+    kafka = local_stack.services(private)[0]
+    kafka.start()
+    topic = f"faults-{uuid.uuid4().hex[:8]}"
+    ensure_topics(private, [topic])
+    collector = Collector(private, topic)
+    thread = threading.Thread(target=collector.run, name="collector")
+    caplog.set_level(logging.ERROR, logger="collectors.publisher")
+    thread.start()
+    try:
+        assert wait_until(lambda: collector.acked() >= 500, 60, 0.1), collector.error
+        pid = kafka.pid()
+        os.kill(pid, signal.SIGKILL)
+        killed_at, sent_at_kill = time.monotonic(), len(collector.sent)
+        assert wait_until(lambda: kafka.pid() is None, 30)
+        # The collector keeps taking messages while the broker is gone (buffered, bounded).
+        assert wait_until(lambda: len(collector.sent) >= sent_at_kill + 200, 60, 0.1), collector.error
+        kafka.start()
+        back_at, acked_at_back = time.monotonic(), collector.acked()
+        assert wait_until(lambda: collector.acked() > acked_at_back, 150, 0.1), collector.error
+        recover_s = time.monotonic() - back_at
+        downtime_s = time.monotonic() - killed_at
+        sent_at_recovery = len(collector.sent)
+        assert wait_until(lambda: collector.acked() >= sent_at_recovery, 150, 0.2), collector.publisher.stats
+    finally:
+        collector.stop.set()
+        thread.join(180)
+    assert not thread.is_alive() and collector.error is None, collector.error
+
+    stats = collector.publisher.stats
+    failed = {record.args[1] for record in caplog.records if record.name == "collectors.publisher"
+              and record.levelno == logging.ERROR and record.msg.startswith("message to")}
+    present = read_topic(private, topic)
+    counted = delivery(set(collector.sent) - failed, present)
+    print(summary_line("broker SIGKILL while publishing", len(collector.sent), counted.results_out, counted.lost,
+                       counted.duplicated, recover_s))
+    print(f"  publisher {stats.as_dict()}; broker down to first new ack {downtime_s:.1f} s")
+    assert stats.acked + stats.failed == stats.sent == len(collector.sent)  # every message settled
+    assert len(failed) == stats.failed  # failures are counted and logged with their key, not silent
+    assert counted.lost == 0  # every acknowledged message is in the topic
+    assert counted.unexpected == len(set(present) & failed)  # nothing there that was never sent
+    assert len(set(present)) >= stats.acked
+
+
+# --- InfluxDB down for 30 s ----------------------------------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_influxdb_down_30s_every_window_lands_once(stack, private, tmp_path):
+    influx = local_stack.services(private)[1]
+    influx.start()
+    overrides = {"influx_url": private.influx_url}
+    with PipelineRun(stack, prefix="test-fault-influx", overrides=overrides) as run:
+        run.start_worker(tmp_path / "worker.log")
+        run.publish_scenario(SMALL)
+        expected = expected_gpu_windows(stack, SMALL, run.start_ts)
+        assert wait_until(lambda: run.stats().get("influx_points_written", 0) > 0, 120, 0.1), \
+            (tmp_path / "worker.log").read_text()[-3000:]
+        influx.stop()
+        down_at = time.monotonic()
+        written_before = run.stats()["influx_points_written"]
+        failures_before = run.stats()["influx_write_failures"]
+        # The worker notices (retries, counted) and holds its results while InfluxDB is down.
+        assert wait_until(lambda: run.stats().get("influx_write_failures", 0) > failures_before, OUTAGE_S, 0.2)
+        time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))  # the outage itself
+        held = run.stats()["influx_points_written"]
+        influx.start()
+        back_at = time.monotonic()
+        assert wait_until(lambda: run.stats().get("influx_points_written", 0) > held, 60, 0.1)
+        recover_s = time.monotonic() - back_at
+        assert wait_until(_settled(run.stats, lambda: run.stats().get("accepted", 0) >= run.published,
+                                   stack.window_hold_s + 5), 150, 0.5), \
+            (tmp_path / "worker.log").read_text()[-3000:]
+        stats = run.stats()
+
+    spec = load_scenario(SMALL)
+    in_influx = gpu_windows_in_influx(private, spec.cluster, run.start_ts, spec.duration_s)
+    print(summary_line("InfluxDB down 30 s", run.published, in_influx, max(expected - in_influx, 0),
+                       max(in_influx - expected, 0), recover_s))
+    print(f"  points written before the outage {written_before}, held during it {held - written_before}, "
+          f"write retries {stats['influx_write_failures']}")
+    assert held == written_before  # nothing written while it was down...
+    assert written_before < stats["influx_points_written"]  # ...and the rest after it came back
+    assert in_influx == expected  # every GPU window exactly once
+
+
+# --- a collector whose clock is 5 minutes off ------------------------------------------------------
+
+SKEW_S = 300.0
+
+
+def partition_mate(node: str, partitions: int) -> str:
+    """A normal node name whose messages share `node`'s input partition (and so its watermark)."""
+    target = default_partition(node.encode(), partitions)
+    return next(name for i in range(1000) if default_partition((name := f"ok-mate-{i:03d}").encode(), partitions)
+                == target)
+
+
+@pytest.mark.timeout(240)
+def test_collector_clock_five_minutes_off_nothing_silently_dropped(stack, tmp_path):
+    """One collector stamps now + 5 min, one now - 5 min, alongside normal ones, including one
+    normal collector on each skewed one's partition. Every sample is either in a GPU window or in
+    the dead-letter topic as late; windows at now + 5 min exist."""
+    ticks, gpus = 30, 2
+    start = time.time() - ticks - 2 * stack.window_s
+    skewed = {"fast-clock": SKEW_S, "slow-clock": -SKEW_S}
+    mates = {partition_mate(node, stack.topic_partitions): 0.0 for node in skewed}
+    offsets = {**{f"ok-{i:02d}": 0.0 for i in range(4)}, **mates, **skewed}
+    with PipelineRun(stack, prefix="test-fault-clock") as run:
+        run.start_worker(tmp_path / "worker.log")
+        with Publisher(run.settings) as publisher:
+            for tick in range(ticks):
+                for node, offset in offsets.items():
+                    sample = node_sample(node, gpus=gpus, ts=start + tick + offset).model_copy(
+                        update={"cluster": run.run_id})
+                    publisher.publish(sample)
+                    run.published += 1
+        stats = run.wait_until_quiet(timeout_s=120, settle_s=stack.window_hold_s + 5)
+        letters = [d for d in run.dead_letters() if d.get("topic") == run.settings.topic_samples]
+
+    late = [d for d in letters if d["reason"].startswith("late")]
+    late_by_node = {node: sum(f'"node":"{node}"' in d["payload"] for d in late) for node in offsets}
+    cluster = f"\"cluster\" = '{run.run_id}'"
+    windowed = {node: influx_sum(stack, "gpu_window", "samples", f"{cluster} AND \"node\" = '{node}'") // gpus
+                for node in offsets}
+    fast_windows = influx_count(stack, "gpu_window", f"{cluster} AND \"node\" = 'fast-clock'")
+    lost = sum(max(ticks - windowed[node] - late_by_node[node], 0) for node in offsets)
+    print(summary_line("collector clock 5 min off", run.published, sum(windowed.values()), lost, 0, None))
+    print(f"  accepted {stats['accepted']}, late (dead-lettered) {stats['late']}; per node: samples in windows "
+          f"{windowed}, late {late_by_node}; fast-clock GPU windows {fast_windows}")
+    assert stats["rejected"] == 0  # 5 minutes off is not absurd
+    assert stats["accepted"] + stats["late"] == run.published  # every sample accounted for
+    assert len(late) == stats["late"] == sum(late_by_node.values())  # each late one dead-lettered, with its node
+    assert all(windowed[node] + late_by_node[node] == ticks for node in offsets), (windowed, late_by_node)
+    assert fast_windows > 0 and windowed["fast-clock"] == ticks  # windows at now + 5 min exist
+    assert all(windowed[f"ok-{i:02d}"] == ticks for i in range(4))
+    fast_mate = next(iter(mates))
+    if late_by_node[fast_mate]:
+        pytest.xfail(f"known bug: a collector 5 min ahead drags its partition's watermark forward, so "
+                     f"{late_by_node[fast_mate]}/{ticks} samples of a normal node on that partition "
+                     f"({fast_mate}) are dead-lettered as late (agents/windows.py Windower.add, max_ts)")
