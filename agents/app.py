@@ -344,7 +344,8 @@ class Alerting:
 
     def state(self) -> dict[str, Any]:
         return {"engine": self.engine.snapshot(), "sent": self.dispatcher.sent_log.to_dict(),
-                "firing": [f.model_dump(mode="json") for f in self.firing.values()], "latest": self.latest}
+                "firing": [f.model_dump(mode="json") for f in self.firing.values()], "latest": self.latest,
+                "rules": self.engine.config.model_dump(mode="json", by_alias=True)}
 
 
 # Findings and the timer's ticks share one single-partition channel, so every alert decision,
@@ -373,9 +374,23 @@ def rules_mtime(path: Path) -> float:
         return -1.0
 
 
+def startup_rules(saved: dict[str, Any]) -> RulesConfig:
+    """The rules file; if it is bad, the last good rules from the checkpoint (a restart must not
+    stop alerting), or RulesFileInvalid when there are none."""
+    path = rules_path()
+    try:
+        return load_rules(path)
+    except RulesFileInvalid as err:
+        if not saved.get("rules"):
+            raise
+        counters.rules_reload_failures += 1
+        log.error("rules file %s is invalid, keeping the last good rules (from the checkpoint): %s", path, err)
+        return RulesConfig.model_validate(saved["rules"])
+
+
 def make_alerting(saved: dict[str, Any], config: RulesConfig | None = None) -> Alerting:
     path = rules_path()
-    config = config or load_rules(path)
+    config = config or startup_rules(saved)
     dispatcher = Dispatcher(config.receivers, dead_letter=notification_dead_letter, sent_log=SentLog(saved.get("sent")))
     for name, why in dispatcher.problems.items():
         log.warning("receiver %s cannot send: %s", name, why)

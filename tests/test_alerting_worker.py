@@ -59,7 +59,7 @@ rules:
 """
 
 
-class Alerting:
+class AlertingRun:
     """A pipeline run whose worker alerts into `server` with RULES, and its scenario."""
 
     def __init__(self, stack: Settings, tmp_path: Path, server: WebhookServer, prefix: str) -> None:
@@ -138,7 +138,7 @@ def test_straggler_alert_is_sent_once_survives_sigkill_and_resolves(stack, tmp_p
     with WebhookServer() as server:
         server.script("/hook", Reply(status=500, body="upstream down"), times=2)
         server.script("/chat", Reply(status=429, body="slow down", retry_after_header="1"))
-        alerting = Alerting(stack, tmp_path, server, "test-alerting")
+        alerting = AlertingRun(stack, tmp_path, server, "test-alerting")
         with alerting.run as run:
             run.start_worker(tmp_path / "first.log")
             alerting.publish(0, FAULT_ON_S)
@@ -211,40 +211,46 @@ def test_straggler_alert_is_sent_once_survives_sigkill_and_resolves(stack, tmp_p
 
 
 @pytest.mark.timeout(180)
-def test_silence_mutes_and_bad_rules_reload_keeps_last_good_rules(stack, tmp_path):
+def test_silence_mutes_and_a_bad_rules_file_keeps_the_last_good_rules(stack, tmp_path):
     with WebhookServer() as server:
-        alerting = Alerting(stack, tmp_path, server, "test-alert-silence")
+        alerting = AlertingRun(stack, tmp_path, server, "test-alert-silence")
         state_dir = alerting.run.settings.state_dir
         added = cli("silence", "add", "--match", "job=notebook", "--for", "1h", "--comment", "notebook is parked",
                     state_dir=state_dir).stdout
-        silence_id = added.split()[1]
+        silence_id = added.split()[1]  # "silence ID until ..."
         with alerting.run as run:
-            run.start_worker(tmp_path / "worker.log")
+            run.start_worker(tmp_path / "first.log")
             alerting.publish(0, FAULT_ON_S)
 
             def silenced_while_straggler_sent() -> bool:
                 idle = alerting.alerts().get("IdleAllocatedGpu/notebook", {})
-                straggler = HOOK_FIRING in map(describe, server.requests("/hook"))
-                return idle.get("status") == "firing" and straggler
-            wait_for(silenced_while_straggler_sent, 90, "no straggler notification and silenced idle alert", run)
+                return idle.get("status") == "firing" and HOOK_FIRING in map(describe, server.requests("/hook"))
+            wait_for(silenced_while_straggler_sent, 90, "no straggler notification and firing idle alert", run)
             idle = alerting.alerts()["IdleAllocatedGpu/notebook"]
-            notebook_before = [r for r in server.requests() if b"notebook" in r.raw]
+            notebook_while_silenced = [r for r in server.requests() if b"notebook" in r.raw]
 
-            # A bad file (a typo in a field, and without the IdleAllocatedGpu rule) is refused.
+            # A bad file (a typo in a field, and no IdleAllocatedGpu rule) is refused while running...
             bad = RULES.split("  - name: IdleAllocatedGpu")[0].replace("group_wait:", "group_wiat:")
             alerting.rules_file.write_text(bad)
             wait_for(lambda: run.stats().get("rules_reload_failures", 0) >= 1, 30, "bad rules not refused", run)
+            running_stats = run.stats()
+            # ... and by the restarted worker, which goes on with the rules from its checkpoint.
+            run.stop_worker()
+            run.start_worker(tmp_path / "second.log")
+            wait_for(lambda: run.stats().get("rules_reload_failures", 0) >= 1, 90, "restart: bad rules not refused", run)
 
-            # The old rules still hold: with the silence over, the idle alert goes out.
+            # The old rules hold: with the silence over, the idle alert goes out.
             cli("silence", "expire", silence_id, state_dir=state_dir)
             wait_for(lambda: any(b"notebook" in r.raw for r in server.requests("/hook")), 30,
                      "no notification once the silence expired", run)
             stats = run.stats()
-        log = run.log_path.read_text()
 
     assert idle["silenced_by"] == [silence_id]
-    assert notebook_before == []
+    assert notebook_while_silenced == []
     [notebook] = [r.json for r in server.requests("/hook") if b"notebook" in r.raw]
     assert notebook["status"] == "firing" and notebook["alerts"][0]["labels"]["alertname"] == "IdleAllocatedGpu"
-    assert stats["rules_reload_failures"] == 1 and stats["notifications_failed"] == 0
-    assert "keeping the last good rules" in log and "route.group_wiat: unknown field" in log
+    assert running_stats["rules_reload_failures"] == stats["rules_reload_failures"] == 1
+    assert stats["notifications_failed"] == 0
+    for log in (tmp_path / "first.log", tmp_path / "second.log"):
+        text = log.read_text()
+        assert "keeping the last good rules" in text and "route.group_wiat: unknown field" in text, text[-2000:]
