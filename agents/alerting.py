@@ -1,0 +1,174 @@
+"""Stage 4 of the worker (agents/app.py): findings -> alert rules -> chat webhooks.
+
+The rules engine and receivers are in rules/; this module keeps the firing findings, drives the
+engine on a clock, dispatches notifications and checkpoints the alert state in a Faust table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faust
+
+from agents.app import app, counters, deadletter_topic, log, settings
+from agents.findings import Finding
+from laggard.topics import alert_ticks_name
+from rules.cli import ALERTS_STATE_FILE, SILENCES_FILE
+from rules.lifecycle import AlertEngine
+from rules.loader import DEFAULT_RULES, RulesFileInvalid, load_rules
+from rules.model import RulesConfig
+from rules.receivers.delivery import DeadLetter, Dispatcher, SentLog
+from rules.silences import SilenceStore
+
+# Findings are re-delivered after a restart (at-least-once). A transition no newer than the last one
+# taken for its fingerprint is such a repeat; ended ones are remembered this long (event time).
+TRANSITION_MEMORY_S = 3600.0
+
+
+@dataclass
+class Alerting:
+    """The rules engine (rules/) fed with the findings that are firing now. Detectors emit state
+    changes only, so the firing set is kept here and shown to the engine on every tick."""
+
+    engine: AlertEngine
+    dispatcher: Dispatcher
+    rules_mtime: float
+    firing: dict[str, Finding] = field(default_factory=dict)
+    latest: dict[str, float] = field(default_factory=dict)  # finding fingerprint -> window_start taken
+
+    def take(self, finding: Finding, now: float) -> None:
+        """Show a transition to the engine at once: a resolved one ends its alert (the firing set
+        alone would only let it go stale)."""
+        key = finding.fingerprint
+        if finding.window_start <= self.latest.get(key, float("-inf")):
+            return
+        self.latest[key] = finding.window_start
+        self.engine.observe_finding(finding, now)
+        if finding.state == "firing":
+            self.firing[key] = finding
+            return
+        self.firing.pop(key, None)
+        forget_before = finding.window_start - TRANSITION_MEMORY_S
+        self.latest = {k: t for k, t in self.latest.items() if k in self.firing or t >= forget_before}
+
+    def state(self) -> dict[str, Any]:
+        return {"engine": self.engine.snapshot(), "sent": self.dispatcher.sent_log.to_dict(),
+                "firing": [f.model_dump(mode="json") for f in self.firing.values()], "latest": self.latest,
+                "rules": self.engine.config.model_dump(mode="json", by_alias=True)}
+
+
+# Findings and the timer's ticks share one single-partition channel, so every alert decision,
+# notification and state checkpoint happens inside stream iteration (Faust tables accept writes
+# only there): a restarted worker resumes with the sent log and sends nothing twice.
+alert_ticks_topic = app.topic(alert_ticks_name(settings), value_serializer="raw", key_serializer="raw")
+alert_input = app.topic(settings.topic_findings, alert_ticks_name(settings), value_serializer="raw",
+                        key_serializer="raw")
+alert_state = app.Table("alert-state", default=dict, partitions=1)
+alerting: Alerting | None = None
+
+
+async def notification_dead_letter(letter: DeadLetter) -> None:
+    await deadletter_topic.send(key=b"notification", value=letter.model_dump_json().encode())
+
+
+def rules_path() -> Path:
+    return settings.rules_file or DEFAULT_RULES
+
+
+def rules_mtime(path: Path) -> float:
+    """The file's mtime; -1 while it is missing (a change like any other, reported once)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return -1.0
+
+
+def startup_rules(saved: dict[str, Any]) -> RulesConfig:
+    """The rules file; if it is bad, the last good rules from the checkpoint (a restart must not
+    stop alerting), or RulesFileInvalid when there are none."""
+    path = rules_path()
+    try:
+        return load_rules(path)
+    except RulesFileInvalid as err:
+        if not saved.get("rules"):
+            raise
+        counters.rules_reload_failures += 1
+        log.error("rules file %s is invalid, keeping the last good rules (from the checkpoint): %s", path, err)
+        return RulesConfig.model_validate(saved["rules"])
+
+
+def make_alerting(saved: dict[str, Any], config: RulesConfig | None = None) -> Alerting:
+    path = rules_path()
+    config = config or startup_rules(saved)
+    dispatcher = Dispatcher(config.receivers, dead_letter=notification_dead_letter, sent_log=SentLog(saved.get("sent")))
+    for name, why in dispatcher.problems.items():
+        log.warning("receiver %s cannot send: %s", name, why)
+    firing = (Finding.model_validate(data) for data in saved.get("firing", []))
+    return Alerting(AlertEngine(config, saved.get("engine")), dispatcher, rules_mtime(path),
+                    firing={f.fingerprint: f for f in firing}, latest=saved.get("latest", {}))
+
+
+async def reload_rules(current: Alerting) -> Alerting:
+    """A changed rules file is loaded; a bad (or vanished) one is refused with its errors and the
+    last good rules stay in force."""
+    path = rules_path()
+    mtime = rules_mtime(path)
+    if mtime == current.rules_mtime:
+        return current
+    current.rules_mtime = mtime
+    try:
+        config = load_rules(path)
+    except RulesFileInvalid as err:
+        counters.rules_reload_failures += 1
+        log.error("rules file %s not reloaded, keeping the last good rules: %s", path, err)
+        return current
+    log.warning("rules file %s reloaded", path)
+    await current.dispatcher.aclose()
+    return make_alerting(current.state(), config)
+
+
+async def send_due_notifications(current: Alerting, now: float) -> None:
+    for finding in current.firing.values():
+        current.engine.observe_finding(finding, now)
+    silences = SilenceStore(settings.state_dir / SILENCES_FILE).load()
+    for notification in current.engine.advance(now, silences):
+        outcome = await current.dispatcher.dispatch(notification)
+        counters.notifications += outcome.status == "sent"
+        counters.notifications_failed += outcome.status == "dead_lettered"
+    # Replaced in one step: `laggard alerts list` never reads half a file.
+    state_file = settings.state_dir / ALERTS_STATE_FILE
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = state_file.with_suffix(".tmp")
+    partial.write_text(json.dumps(current.engine.snapshot()))
+    partial.replace(state_file)
+
+
+@app.agent(alert_input)
+async def alert_on_findings(stream: faust.StreamT) -> None:
+    global alerting
+    async for event in stream.events():
+        if alerting is None:
+            alerting = make_alerting(alert_state.get("state") or {})
+        if event.message.topic == settings.topic_findings:
+            alerting.take(Finding.model_validate_json(event.value), time.time())
+        else:
+            alerting = await reload_rules(alerting)
+            await send_due_notifications(alerting, time.time())
+        alert_state["state"] = alerting.state()
+
+
+@app.on_partitions_revoked.connect
+async def forget_alerting(app: faust.App, revoked: set, **kwargs: Any) -> None:
+    """Whoever gets the alert channel next starts from the table, not from stale memory."""
+    global alerting
+    if any(tp.topic == settings.topic_findings for tp in revoked):
+        alerting = None
+
+
+@app.timer(interval=1.0)
+async def alert_tick() -> None:
+    await alert_ticks_topic.send(value=b"tick", partition=0)
