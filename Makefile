@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install stack demo test bench down clean
+.PHONY: install stack demo influx2 test bench down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,7 +25,12 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 
-test: stack $(CHROMIUM)
+# InfluxDB 2.7's influxd for tests/test_influx2.py, built from source once per machine (~13
+# CPU-minutes and ~3 GB under ~/.cache/laggard/influxd-2.7.12; nothing to do once it is there).
+influx2: install
+	$(BIN)/python -m laggard.stack.build_influxd
+
+test: stack $(CHROMIUM) influx2
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 bench: stack

@@ -95,6 +95,9 @@ class PipelineRun:
         self.settings = base.model_copy(update=update)
         names = dict.fromkeys([*WORKER_SETTINGS, *(overrides or {})])
         self.env = {**os.environ, **{f"LAGGARD_{name.upper()}": str(getattr(self.settings, name)) for name in names},
+                    # a local 2.x server's token lives in the stack's state folder, not the run's
+                    **({"LAGGARD_INFLUX_TOKEN": self.settings.influx_token.get_secret_value()}
+                       if self.settings.influx_token else {}),
                     **(extra_env or {})}
         self.log_path = self.settings.state_dir / f"{self.run_id}.worker.log"
         self.worker: subprocess.Popen[bytes] | None = None

@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 
 from laggard.settings import local_influx2_token_file
-from laggard.stack.build_influxd import ensure_influxd
 from laggard.stack.process import ManagedService, StackError
 
 
@@ -38,6 +37,7 @@ class InfluxDB2(ManagedService):
         self.bucket = bucket
         self.url = f"http://127.0.0.1:{port}"
         self.token_path = local_influx2_token_file(state_dir)
+        self.influxd: Path | None = None  # set by prepare()
 
     @property
     def bolt_path(self) -> Path:
@@ -47,13 +47,16 @@ class InfluxDB2(ManagedService):
         return str(self.bolt_path)
 
     def prepare(self) -> None:
-        ensure_influxd()
+        # Imported here, not at the top: `python -m laggard.stack.build_influxd` imports this package first.
+        from laggard.stack.build_influxd import ensure_influxd
+
+        self.influxd = ensure_influxd()  # builds it the first time on this machine
         self.bolt_path.parent.mkdir(parents=True, exist_ok=True)
 
     def command(self) -> list[str]:
         data = self.bolt_path.parent
         return [
-            str(ensure_influxd()),
+            str(self.influxd),
             "--bolt-path", str(self.bolt_path),
             "--engine-path", str(data / "engine"),
             "--sqlite-path", str(data / "influxd.sqlite"),
