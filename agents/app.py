@@ -20,6 +20,7 @@ finding idempotency key), so the at-least-once repeats of a crash overwrite inst
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import ssl
@@ -39,7 +40,7 @@ from agents.stages import (
 )
 from agents.windows import ClosedWindow
 from laggard.settings import get_settings
-from laggard.topics import read_range
+from laggard.topics import committed_offsets, read_range
 
 log = logging.getLogger("laggard.worker")
 settings = get_settings()
@@ -124,11 +125,18 @@ async def replay(topic: str, partition: int, start: int, end: int) -> list[tuple
     return records
 
 
+# Writes in flight: while one waits (InfluxDB down), the agents stand still and no partition
+# may be taken for quiet by the idle timer.
+writes_waiting = 0
+
+
 async def write(points: list) -> None:
     """Blocks this agent (not the event loop) until InfluxDB has the points. Points InfluxDB
     refuses (type conflicts, say) go to the dead-letter topic with its answer."""
     if not points:
         return
+    global writes_waiting
+    writes_waiting += 1
     try:
         await asyncio.to_thread(sink.write, points, "ms")
     except InfluxRejected as err:
@@ -137,6 +145,11 @@ async def write(points: list) -> None:
         lines = "\n".join(p if isinstance(p, str) else p.to_line_protocol() for p in points)
         record = {"reason": str(err), "topic": "influxdb", "at": time.time(), "payload": lines[:4096]}
         await deadletter_topic.send(key=b"influxdb", value=json.dumps(record).encode())
+    finally:
+        writes_waiting -= 1
+        if not writes_waiting:  # the agents were blocked, not the partitions quiet
+            for stage in sample_stages.values():
+                stage.last_arrival = time.monotonic()
 
 
 # --- stage 1: samples -> windows ----------------------------------------------------------------
@@ -165,33 +178,42 @@ async def emit_closed(closed: ClosedWindow, partition: int) -> None:
     counters.windows_closed += 1
 
 
-async def sample_stage(event: Any) -> SampleStage:
-    """This partition's stage; after a restart or a rebalance, rebuilt from its checkpoint."""
-    partition, offset = event.message.partition, event.message.offset
-    stage = sample_stages.get(partition)
-    if stage is not None:
-        return stage
-    stage = sample_stages[partition] = SampleStage(settings.window_s, settings.late_grace_s)
-    saved = window_checkpoints.get(str(partition))
-    if saved:
-        stage.restore(saved)
-        for replayed_offset, raw in await replay(event.message.topic, partition, saved["replay_from"], offset):
-            stage.add(raw, replayed_offset)  # rejects and late ones were dead-lettered the first time
-        await emit_windows(stage, stage.closed(), partition)
-    return stage
+# A stage is rebuilt by whichever comes first after a restart or a rebalance: the partition's
+# next message, or the timer (a partition taken over with nothing new to read gets no message,
+# and its open windows would never close). The lock keeps the two from rebuilding it twice.
+stage_locks: dict[tuple[str, int], asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+
+
+async def sample_stage(partition: int, resume_offset: int) -> tuple[SampleStage, list[ClosedWindow]]:
+    """This partition's stage, rebuilt from its checkpoint by re-reading up to `resume_offset`
+    (where Faust's stream resumes) when this worker has none; with the windows that closed."""
+    async with stage_locks[("samples", partition)]:
+        stage = sample_stages.get(partition)
+        if stage is not None:
+            return stage, []
+        stage = SampleStage(settings.window_s, settings.late_grace_s)
+        saved = window_checkpoints.get(str(partition))
+        if saved:
+            stage.restore(saved)
+            for offset, raw in await replay(settings.topic_samples, partition, saved["replay_from"], resume_offset):
+                stage.add(raw, offset)  # rejects and late ones were dead-lettered the first time
+        sample_stages[partition] = stage
+        return stage, stage.closed()
 
 
 async def emit_windows(stage: SampleStage, closed: list[ClosedWindow], partition: int) -> None:
+    if not closed:
+        return
     for window in closed:
         await emit_closed(window, partition)
-    if closed:
-        window_checkpoints[str(partition)] = stage.checkpoint()
+    window_checkpoints[str(partition)] = stage.checkpoint()
 
 
 @app.agent(samples_topic)
 async def window_samples(stream: faust.StreamT) -> None:
     async for event in stream.events():
-        stage = await sample_stage(event)
+        stage, closed = await sample_stage(event.message.partition, event.message.offset)
+        await emit_windows(stage, closed, event.message.partition)
         raw = event.value
         outcome = stage.add(raw, event.message.offset)
         if outcome.seen:
@@ -229,26 +251,26 @@ def feed_detect(stage: DetectStage, raw: bytes, offset: int) -> list[Finding]:
     return []
 
 
-async def detect_stage(event: Any) -> DetectStage:
-    partition, offset = event.message.partition, event.message.offset
-    stage = detect_stages.get(partition)
-    if stage is not None:
+async def detect_stage(partition: int, resume_offset: int) -> DetectStage:
+    async with stage_locks[("windows", partition)]:
+        stage = detect_stages.get(partition)
+        if stage is not None:
+            return stage
+        baseline = LowUtilizationBaseline(settings.baseline_util_pct) if settings.baseline_detector else None
+        stage = DetectStage(settings.window_s, settings.window_hold_s, settings.topic_partitions, baseline=baseline)
+        saved = detect_checkpoints.get(str(partition))
+        if saved:
+            stage.restore(saved)
+            for offset, raw in await replay(settings.topic_windows, partition, saved["replay_from"], resume_offset):
+                await publish_findings(feed_detect(stage, raw, offset))
+        detect_stages[partition] = stage
         return stage
-    baseline = LowUtilizationBaseline(settings.baseline_util_pct) if settings.baseline_detector else None
-    stage = detect_stages[partition] = DetectStage(settings.window_s, settings.window_hold_s,
-                                                   settings.topic_partitions, baseline=baseline)
-    saved = detect_checkpoints.get(str(partition))
-    if saved:
-        stage.restore(saved)
-        for replayed_offset, raw in await replay(event.message.topic, partition, saved["replay_from"], offset):
-            await publish_findings(feed_detect(stage, raw, replayed_offset))
-    return stage
 
 
 @app.agent(windows_topic)
 async def detect(stream: faust.StreamT) -> None:
     async for event in stream.events():
-        stage = await detect_stage(event)
+        stage = await detect_stage(event.message.partition, event.message.offset)
         before = stage.released_before
         await publish_findings(feed_detect(stage, event.value, event.message.offset))
         if stage.released_before > before:
@@ -293,13 +315,36 @@ async def write_fleet(released: list[list[WindowResult]]) -> None:
 @app.timer(interval=1.0)
 async def close_idle_windows() -> None:
     """Close on wall time what no new data will close (the end of a replay, a quiet partition)."""
-    for partition, stage in sample_stages.items():
+    await rebuild_taken_over()
+    for partition, stage in list(sample_stages.items()) if not writes_waiting else []:
         for closed in stage.close_idle(settings.window_hold_s):
             await emit_closed(closed, partition)
     for stage in detect_stages.values():
         await publish_findings(stage.tick())
     for pending in fleet_pending.values():
         await write_fleet(pending.tick())
+
+
+async def rebuild_taken_over() -> None:
+    """Rebuild the stages of assigned partitions that have a checkpoint but no stage here."""
+    assigned = app.assignor.assigned_actives()
+    waiting = {
+        topic: [tp.partition for tp in assigned if tp.topic == topic and tp.partition not in stages
+                and str(tp.partition) in checkpoints]
+        for topic, stages, checkpoints in ((settings.topic_samples, sample_stages, window_checkpoints),
+                                           (settings.topic_windows, detect_stages, detect_checkpoints))
+    }
+    for topic, partitions in waiting.items():
+        if not partitions:
+            continue
+        committed = await asyncio.to_thread(committed_offsets, settings, settings.worker_app_id, topic)
+        for partition in partitions:
+            if topic == settings.topic_samples:
+                _stage, closed = await sample_stage(partition, committed[partition])
+                for window in closed:
+                    await emit_closed(window, partition)
+            else:
+                await detect_stage(partition, committed[partition])
 
 
 @app.page("/stats")

@@ -108,7 +108,9 @@ class SampleStage:
         """Close every open window once no sample has arrived for `hold_s` of wall time: event
         time alone never closes the last windows of a partition that went quiet."""
         now = time.monotonic() if now is None else now
-        return self._done(self.windower.flush()) if now - self.last_arrival >= hold_s else []
+        if now - self.last_arrival < hold_s:
+            return []
+        return self._done(self.windower.flush())
 
 
 _RESULTS = TypeAdapter(list[WindowResult])

@@ -81,3 +81,17 @@ def read_range(settings: Settings, topic: str, partition: int, start: int, end: 
     if position < end:
         raise TimeoutError(f"could not re-read {topic}[{partition}] offsets {start}..{end} in {timeout_s:.0f} s")
     return records
+
+
+def committed_offsets(settings: Settings, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offset per partition of `topic` (0 where nothing is committed)."""
+    consumer = KafkaConsumer(**client_config(settings))
+    partitions = sorted(consumer.partitions_for_topic(topic) or [])
+    consumer.close()
+    admin = KafkaAdminClient(**client_config(settings))
+    try:
+        committed = admin.list_group_offsets([group]).get(group, {})
+    finally:
+        admin.close()
+    offsets = {tp.partition: meta.offset for tp, meta in committed.items() if tp.topic == topic}
+    return {p: offsets.get(p, 0) for p in partitions}

@@ -96,20 +96,6 @@ def window_result_ids(settings: Settings) -> list[str]:
             if not value.startswith(MARKER_PREFIX) for result in parse_results(value)]
 
 
-def committed_offsets(settings: Settings, group: str, topic: str) -> dict[int, int]:
-    """The group's committed offset per partition of `topic` (0 where nothing is committed)."""
-    consumer = KafkaConsumer(**client_config(settings))
-    partitions = sorted(consumer.partitions_for_topic(topic) or [])
-    consumer.close()
-    admin = KafkaAdminClient(**client_config(settings))
-    try:
-        committed = admin.list_group_offsets([group]).get(group, {})
-    finally:
-        admin.close()
-    offsets = {tp.partition: meta.offset for tp, meta in committed.items() if tp.topic == topic}
-    return {p: offsets.get(p, 0) for p in partitions}
-
-
 def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     consumer = KafkaConsumer(**client_config(settings))
     try:
