@@ -37,6 +37,7 @@ bench: stack
 	$(BIN)/python bench/collectors.py
 	$(BIN)/python bench/agents.py
 	$(BIN)/python bench/sink.py
+	$(BIN)/python bench/scale.py
 
 down:
 	-$(BIN)/laggard stack down

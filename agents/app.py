@@ -137,6 +137,7 @@ async def write(points: list) -> None:
         return
     global writes_waiting
     writes_waiting += 1
+    started = time.monotonic()
     try:
         await asyncio.to_thread(sink.write, points, "ms")
     except InfluxRejected as err:
@@ -147,7 +148,7 @@ async def write(points: list) -> None:
         await deadletter_topic.send(key=b"influxdb", value=json.dumps(record).encode())
     finally:
         writes_waiting -= 1
-        if not writes_waiting:  # the agents were blocked, not the partitions quiet
+        if time.monotonic() - started > 1.0:  # the agents stood still, the partitions were not quiet
             for stage in sample_stages.values():
                 stage.last_arrival = time.monotonic()
 
@@ -197,6 +198,9 @@ async def sample_stage(partition: int, resume_offset: int) -> tuple[SampleStage,
             stage.restore(saved)
             for offset, raw in await replay(settings.topic_samples, partition, saved["replay_from"], resume_offset):
                 stage.add(raw, offset)  # rejects and late ones were dead-lettered the first time
+        else:  # first owner: a checkpoint from the start, so a takeover before any window closes replays it all
+            stage.offsets.next = resume_offset
+            window_checkpoints[str(partition)] = stage.checkpoint()
         sample_stages[partition] = stage
         return stage, stage.closed()
 
@@ -263,6 +267,9 @@ async def detect_stage(partition: int, resume_offset: int) -> DetectStage:
             stage.restore(saved)
             for offset, raw in await replay(settings.topic_windows, partition, saved["replay_from"], resume_offset):
                 await publish_findings(feed_detect(stage, raw, offset))
+        else:  # first owner: see sample_stage
+            stage.windows.offsets.next = resume_offset
+            detect_checkpoints[str(partition)] = stage.checkpoint()
         detect_stages[partition] = stage
         return stage
 

@@ -214,12 +214,7 @@ class Windower:
         self.window_s = window_s
         self.grace_s = grace_s
         self.max_interval_s = max_interval_s
-        # Event time is the median of the nodes' newest samples, not the newest overall: one
-        # collector whose clock runs minutes ahead would otherwise make every other node late.
         self.max_ts = -math.inf
-        self._node_ts: dict[str, float] = {}
-        self._event_time = -math.inf
-        self._since_median = 0
         self.late_samples = 0  # GPU samples whose window had closed when they arrived
         self._open: dict[float, dict[GpuKey, GpuAccumulator]] = {}
         self._closed_before = -math.inf  # every window starting before this has been emitted
@@ -228,23 +223,7 @@ class Windower:
 
     @property
     def watermark(self) -> float:
-        return self._event_time - self.grace_s
-
-    def _advance(self, node: str, ts: float) -> None:
-        if ts <= self._node_ts.get(node, -math.inf):
-            return
-        self._node_ts[node] = ts
-        self._since_median += 1
-        # The median costs a sort; take it every few hundred samples (and whenever few nodes).
-        if self._since_median >= 256 or len(self._node_ts) <= 256:
-            self._since_median = 0
-            newest = sorted(self._node_ts.values())
-            self._event_time = max(self._event_time, newest[(len(newest) - 1) // 2])
-
-    @property
-    def gpus_tracked(self) -> int:
-        """GPUs this windower keeps a last sample of (for energy deltas): its memory grows with them."""
-        return len(self._last)
+        return self.max_ts - self.grace_s
 
     def window_start(self, ts: float) -> float:
         return math.floor(ts / self.window_s) * self.window_s
@@ -258,7 +237,6 @@ class Windower:
             return False
         if ts > self.max_ts:
             self.max_ts = ts
-        self._advance(sample.node, ts)
         series = self._open.get(start)
         if series is None:
             series = self._open[start] = {}
@@ -318,13 +296,10 @@ class Windower:
 
     def checkpoint(self) -> dict[str, float | None]:
         """Event-time progress (not the open windows): enough to resume after a replay."""
-        return {"max_ts": _finite(self.max_ts), "event_time": _finite(self._event_time),
-                "closed_before": _finite(self._closed_before)}
+        return {"max_ts": _finite(self.max_ts), "closed_before": _finite(self._closed_before)}
 
     def restore(self, state: dict[str, float | None]) -> None:
         self.max_ts = -math.inf if state["max_ts"] is None else state["max_ts"]
-        event_time = state.get("event_time", state["max_ts"])
-        self._event_time = -math.inf if event_time is None else event_time
         self._closed_before = -math.inf if state["closed_before"] is None else state["closed_before"]
 
     def pop_closed(self) -> list[ClosedWindow]:
