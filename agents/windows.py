@@ -225,6 +225,11 @@ class Windower:
     def watermark(self) -> float:
         return self.max_ts - self.grace_s
 
+    @property
+    def gpus_tracked(self) -> int:
+        """GPUs this windower keeps a last sample of (for energy deltas): its memory grows with them."""
+        return len(self._last)
+
     def window_start(self, ts: float) -> float:
         return math.floor(ts / self.window_s) * self.window_s
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import collections
 import os
+from pathlib import Path
 import signal
 import time
 
 import pytest
+import yaml
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from agents.findings import Finding
@@ -22,7 +24,7 @@ from laggard.pipeline_run import PipelineRun
 from laggard.stack.process import wait_until
 from laggard.topics import read_topic
 
-SCENARIO = "collectors/scenarios/demo.yaml"
+DEMO = Path("collectors/scenarios/demo.yaml")
 
 
 def _lag(run: PipelineRun) -> int:
@@ -41,8 +43,13 @@ def _lag(run: PipelineRun) -> int:
 @pytest.mark.timeout(600)
 def test_sigkill_mid_stream_loses_and_doubles_nothing(stack, tmp_path):
     with PipelineRun(stack, prefix="test-restart") as run:
+        # The demo fleet under this run's own cluster name, so other runs' points never count here.
+        spec = yaml.safe_load(DEMO.read_text())
+        spec["cluster"] = run.run_id
+        scenario = tmp_path / "demo.yaml"
+        scenario.write_text(yaml.safe_dump(spec))
         run.start_worker(tmp_path / "first.log")
-        run.publish_scenario(SCENARIO)
+        run.publish_scenario(scenario)
         assert wait_until(lambda: run.stats().get("accepted", 0) >= run.published // 3, 120, 0.2)
         os.killpg(run.worker.pid, signal.SIGKILL)
         run.worker.wait()
@@ -63,7 +70,7 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(stack, tmp_path):
         raw_findings = [Finding.model_validate_json(v) for v in read_topic(run.settings, run.settings.topic_findings)]
 
     # Every GPU window of the scenario is in InfluxDB exactly once (same series + time = overwrite).
-    spec = load_scenario(SCENARIO)
+    spec = load_scenario(scenario)
     sim = FleetSimulator(spec, start_ts=run.start_ts)
     windower = Windower(stack.window_s, stack.late_grace_s)
     expected = 0
