@@ -154,7 +154,7 @@ def test_straggler_alert_is_sent_once_survives_sigkill_and_resolves(stack, tmp_p
             table = cli("alerts", "list", "--state", state, state_dir=state_dir).stdout
 
             sent_keys = {key_of(r) for r in delivered(server.requests("/hook"), 2) + delivered(server.requests("/chat"), 1)}
-            wait_for(lambda: sent_keys <= alerting.checkpointed_sent(), 30, "sent log not checkpointed", run)
+            wait_for(lambda: sent_keys <= alerting.checkpointed_sent(), 120, "sent log not checkpointed", run)
             before_kill = alerting.alerts()["StragglerRank/train-a"]
             requests_before_kill = len(server.requests())
             os.killpg(run.worker.pid, signal.SIGKILL)
