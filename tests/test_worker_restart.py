@@ -17,12 +17,12 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from agents.findings import Finding
 from agents.sink import InfluxSink
-from agents.windows import Windower
-from collectors.simulate import FleetSimulator, load_scenario
+from collectors.simulate import load_scenario
 from laggard.kafka_config import client_config
 from laggard.pipeline_run import PipelineRun
 from laggard.stack.process import wait_until
 from laggard.topics import read_topic
+from tests.helpers.faults import expected_gpu_windows
 
 DEMO = Path("collectors/scenarios/demo.yaml")
 
@@ -71,14 +71,7 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(stack, tmp_path):
 
     # Every GPU window of the scenario is in InfluxDB exactly once (same series + time = overwrite).
     spec = load_scenario(scenario)
-    sim = FleetSimulator(spec, start_ts=run.start_ts)
-    windower = Windower(stack.window_s, stack.late_grace_s)
-    expected = 0
-    for tick in sim.ticks():
-        for sample in tick:
-            windower.add(sample)
-        expected += sum(len(w.series) for w in windower.pop_closed())
-    expected += sum(len(w.series) for w in windower.flush())
+    expected = expected_gpu_windows(stack, scenario, run.start_ts)
     sink = InfluxSink(stack)
     rows = sink.query(f"SELECT count(\"util_mean\") FROM \"gpu_window\" WHERE \"cluster\" = '{spec.cluster}' "
                       f"AND time >= {int(run.start_ts) - 20}s AND time <= {int(run.start_ts + spec.duration_s) + 20}s")
