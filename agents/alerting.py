@@ -16,7 +16,7 @@ import faust
 
 from agents.app import app, counters, deadletter_topic, log, settings
 from agents.findings import Finding
-from laggard.topics import alert_ticks_name
+from laggard.topics import alert_ticks_name, worker_tables
 from rules.cli import ALERTS_STATE_FILE, SILENCES_FILE
 from rules.lifecycle import AlertEngine
 from rules.loader import DEFAULT_RULES, RulesFileInvalid, load_rules
@@ -67,7 +67,7 @@ class Alerting:
 alert_ticks_topic = app.topic(alert_ticks_name(settings), value_serializer="raw", key_serializer="raw")
 alert_input = app.topic(settings.topic_findings, alert_ticks_name(settings), value_serializer="raw",
                         key_serializer="raw")
-alert_state = app.Table("alert-state", default=dict, partitions=1)
+alert_state = app.Table("alert-state", default=dict, partitions=worker_tables(settings)["alert-state"])
 alerting: Alerting | None = None
 
 

@@ -40,7 +40,7 @@ from agents.stages import (
 )
 from agents.windows import ClosedWindow
 from laggard.settings import get_settings
-from laggard.topics import committed_offsets, read_range
+from laggard.topics import committed_offsets, read_range, worker_tables
 
 log = logging.getLogger("laggard.worker")
 settings = get_settings()
@@ -85,8 +85,9 @@ windows_topic = app.topic(settings.topic_windows, value_serializer="raw", key_se
 fleet_topic = app.topic(settings.topic_fleet, value_serializer="raw", key_serializer="raw")
 findings_topic = app.topic(settings.topic_findings, value_serializer="raw", key_serializer="raw")
 deadletter_topic = app.topic(settings.topic_deadletter, value_serializer="raw", key_serializer="raw")
-window_checkpoints = app.Table("window-checkpoints", default=dict, partitions=settings.topic_partitions)
-detect_checkpoints = app.Table("detect-checkpoints", default=dict, partitions=settings.topic_partitions)
+tables = worker_tables(settings)  # their changelog topics are created by ensure_topics
+window_checkpoints = app.Table("window-checkpoints", default=dict, partitions=tables["window-checkpoints"])
+detect_checkpoints = app.Table("detect-checkpoints", default=dict, partitions=tables["detect-checkpoints"])
 
 sink = InfluxSink(settings)
 

@@ -17,7 +17,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from collectors.publisher import Publisher
 from collectors.simulate import FleetSimulator, load_scenario
 from laggard.events import EARLIEST_TS, FaultTruth, encode
 from laggard.settings import Settings
-from laggard.stack.process import log_tail
+from laggard.stack.process import free_port, log_tail
 from laggard.topics import ensure_topics, read_topic
 
 # Event time of the first tick lies this far before (now - duration): all of it is in the past,
@@ -51,12 +50,6 @@ WORKER_SETTINGS = ("topic_samples", "topic_windows", "topic_fleet", "topic_findi
 
 class PipelineError(RuntimeError):
     """A run that could not be completed; the message says which step and why."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def past_start_ts(duration_s: float, now: float | None = None) -> float:

@@ -18,28 +18,57 @@ def alert_ticks_name(settings: Settings) -> str:
     return f"{settings.topic_findings}.alert-ticks"
 
 
-def topic_names(settings: Settings) -> list[str]:
-    return [settings.topic_samples, settings.topic_deadletter, settings.topic_windows,
-            settings.topic_findings, settings.topic_truth, settings.topic_fleet, alert_ticks_name(settings)]
+# The worker's Faust tables (name: partitions). Faust names each table's changelog topic
+# "{app id}-{table}-changelog" and checks its partition count against the source topic's on the
+# first write; created here beforehand, so a cold broker cannot show it with 0 partitions yet.
+def worker_tables(settings: Settings) -> dict[str, int]:
+    return {"window-checkpoints": settings.topic_partitions, "detect-checkpoints": settings.topic_partitions,
+            "alert-state": 1}
 
 
-def ensure_topics(settings: Settings, names: list[str] | None = None) -> list[str]:
-    """Create the topics that do not exist yet; returns the names created."""
+def changelog_name(settings: Settings, table: str) -> str:
+    return f"{settings.worker_app_id}-{table}-changelog"
+
+
+def topic_partitions(settings: Settings) -> dict[str, int]:
+    """laggard's topics with their partition counts."""
+    topics = {name: settings.topic_partitions for name in (
+        settings.topic_samples, settings.topic_deadletter, settings.topic_windows, settings.topic_truth,
+        settings.topic_fleet)}
+    # Findings are few, and the alert lifecycle needs all of them in one place: 1 partition.
+    topics |= {settings.topic_findings: 1, alert_ticks_name(settings): 1}
+    return topics | {changelog_name(settings, table): n for table, n in worker_tables(settings).items()}
+
+
+def ensure_topics(settings: Settings, timeout_s: float = 60) -> list[str]:
+    """Create laggard's topics that do not exist yet and wait until every partition of each has a
+    leader; returns the names created."""
+    wanted = topic_partitions(settings)
+    changelogs = {changelog_name(settings, table) for table in worker_tables(settings)}
     admin = KafkaAdminClient(**client_config(settings), client_id="laggard-topics")
     try:
-        existing = set(admin.list_topics())
-        missing = [n for n in (names or topic_names(settings)) if n not in existing]
-        if not missing:
-            return []
-        # Findings are few, and the alert lifecycle needs all of them in one place: 1 partition.
-        partitions = {settings.topic_findings: 1, alert_ticks_name(settings): 1}
-        try:
-            admin.create_topics([NewTopic(n, partitions.get(n, settings.topic_partitions), 1) for n in missing])
-        except TopicAlreadyExistsError:  # another process won the race
-            pass
+        missing = [name for name in wanted if name not in set(admin.list_topics())]
+        if missing:
+            try:
+                admin.create_topics([NewTopic(name, wanted[name], 1, topic_configs=(
+                    {"cleanup.policy": "compact"} if name in changelogs else {})) for name in missing])
+            except TopicAlreadyExistsError:  # another process won the race
+                pass
+        deadline = time.monotonic() + timeout_s
+        while not_ready := _topics_without_leaders(admin, wanted):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Kafka topics not ready within {timeout_s:.0f} s: {', '.join(not_ready)}")
+            time.sleep(0.2)  # polled against the deadline above
         return missing
     finally:
         admin.close()
+
+
+def _topics_without_leaders(admin: KafkaAdminClient, wanted: dict[str, int]) -> list[str]:
+    described = {t["name"]: t for t in admin.describe_topics(list(wanted))}
+    return [name for name, partitions in wanted.items()
+            if name not in described or described[name].get("error_code")
+            or sum(1 for p in described[name]["partitions"] if p["leader_id"] >= 0) < partitions]
 
 
 def read_topic(settings: Settings, topic: str, timeout_s: float = 30) -> list[bytes]:

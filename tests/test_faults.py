@@ -29,9 +29,9 @@ import pytest
 from collectors.publisher import Publisher, default_partition
 from collectors.simulate import load_scenario
 from laggard import stack as local_stack
-from laggard.pipeline_run import PipelineRun, free_port, gpus_in, messages_taken
+from laggard.pipeline_run import PipelineRun, gpus_in, messages_taken
 from laggard.settings import Settings
-from laggard.stack.process import wait_until
+from laggard.stack.process import free_port, wait_until
 from laggard.topics import committed_offsets, ensure_topics, read_topic
 from tests.helpers.faults import (
     delivery, end_offsets, expected_gpu_windows, gpu_windows_in_influx, group_members,
@@ -174,7 +174,7 @@ def test_broker_sigkill_while_publishing_loses_no_acknowledged_message(private, 
     kafka = local_stack.services(private)[0]
     kafka.start()
     topic = f"faults-{uuid.uuid4().hex[:8]}"
-    ensure_topics(private, [topic])
+    ensure_topics(private.model_copy(update={"topic_samples": topic}))
     collector = Collector(private, topic)
     thread = threading.Thread(target=collector.run, name="collector")
     caplog.set_level(logging.ERROR, logger="collectors.publisher")

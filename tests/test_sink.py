@@ -3,7 +3,6 @@ outage on a private InfluxDB loses nothing (the writer blocks and retries until 
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from agents.sink import InfluxSink
 from laggard.settings import Settings
 from laggard.stack.influx import InfluxDB
-from laggard.stack.process import wait_until
+from laggard.stack.process import free_port, wait_until
 from tests.helpers.telemetry import STRAGGLER_RANK, write_recent_run
 
 pytestmark = pytest.mark.stack
@@ -52,15 +51,9 @@ def test_points_are_read_back_and_a_replayed_window_does_not_double(stack: Setti
         sink.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def private_influx(tmp_path):
-    influx = InfluxDB(tmp_path, _free_port(), "laggard")
+    influx = InfluxDB(tmp_path, free_port(), "laggard")
     influx.start()
     yield influx
     influx.stop()

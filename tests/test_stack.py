@@ -14,19 +14,13 @@ from collectors.publisher import Publisher
 from laggard import stack
 from laggard.settings import Settings
 from laggard.stack.kafka import KafkaBroker
-from laggard.stack.process import StackError, wait_until
+from laggard.stack.process import StackError, free_port, wait_until
 from laggard.topics import read_topic
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def private(tmp_path_factory) -> Settings:
-    kafka, controller, influx = _free_port(), _free_port(), _free_port()
+    kafka, controller, influx = free_port(), free_port(), free_port()
     settings = Settings(
         state_dir=tmp_path_factory.mktemp("stack"), kafka_port=kafka, kafka_controller_port=controller,
         influx_port=influx, kafka_bootstrap_servers=f"127.0.0.1:{kafka}", influx_url=f"http://127.0.0.1:{influx}",

@@ -7,6 +7,7 @@ that process is alive and its command line still names the service's marker (pid
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,6 +16,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+
+PORT_RELEASE_S = 5.0
 
 
 class StackError(RuntimeError):
@@ -35,6 +39,20 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
+
+
+def free_port() -> int:
+    """A free local port below Linux's ephemeral range (32768-60999 by default). A port inside it
+    can be taken, while its server is down, by a client's own reconnect attempt: a TCP
+    self-connect whose source port happens to equal the destination port."""
+    for port in random.sample(range(20_000, 32_000), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise StackError("no free local port between 20000 and 32000")
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.25) -> bool:
@@ -117,7 +135,9 @@ class ManagedService(ABC):
                 f"{self.name} (pid {pid}) is running but does not answer on port {self.port}.\n"
                 f"Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
             )
-        if port_in_use(self.port):
+        # A killed process's sockets close only once its last thread has exited, which for a
+        # large JVM can lag behind its pid turning into a zombie: give that a few seconds.
+        if port_in_use(self.port) and not wait_until(lambda: not port_in_use(self.port), PORT_RELEASE_S):
             raise StackError(
                 f"{self.name}: port {self.port} is already taken by another process. Stop that "
                 f"process or choose another port (LAGGARD_{self.name.upper()}_PORT)."
