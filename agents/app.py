@@ -32,7 +32,7 @@ import faust
 
 from agents.detectors import LowUtilizationBaseline
 from agents.findings import Finding, WindowResult
-from agents.metrics import metrics_page, worker_registry
+from agents.metrics import consumer_lags, input_partitions, metrics_page, worker_registry
 from agents.points import finding_point, fleet_point, window_line
 from agents.sink import InfluxRejected, InfluxSink
 from agents.stages import (
@@ -355,10 +355,21 @@ async def rebuild_taken_over() -> None:
                 await detect_stage(partition, committed[partition])
 
 
+def backlog() -> dict[str, int]:
+    """Work this worker still holds: unread input of stages 1-3, windows open in stage 1, windows
+    waiting in stages 2 and 3. All zero once everything published has reached InfluxDB."""
+    stage_topics = {settings.topic_samples, settings.topic_windows, settings.topic_fleet}
+    lags = consumer_lags(app, [tp for tp in input_partitions(app) if tp.topic in stage_topics])
+    return {"input_lag": sum(lag.lag for lag in lags),
+            "open_windows": sum(stage.windower.open_windows for stage in sample_stages.values()),
+            "pending_windows": sum(len(stage.windows.pending) for stage in detect_stages.values())
+            + sum(len(pending.pending) for pending in fleet_pending.values())}
+
+
 @app.page("/stats")
 async def stats(web: Any, request: Any) -> Any:
     return web.json({**counters.__dict__, "influx_points_written": sink.points_written,
-                     "influx_write_failures": sink.write_failures})
+                     "influx_write_failures": sink.write_failures, "backlog": backlog()})
 
 
 metrics_registry = worker_registry(app, counters, sink,

@@ -230,6 +230,10 @@ class Windower:
         """GPUs this windower keeps a last sample of (for energy deltas): its memory grows with them."""
         return len(self._last)
 
+    @property
+    def open_windows(self) -> int:
+        return len(self._open)
+
     def window_start(self, ts: float) -> float:
         return math.floor(ts / self.window_s) * self.window_s
 

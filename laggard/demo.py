@@ -62,7 +62,7 @@ def run_demo(settings: Settings, console: Console, scenario: Path = SCENARIO) ->
             status.update(f"worker: {stats.get('accepted', 0):,}/{run.published:,} node samples, "
                           f"{stats.get('findings', 0)} findings, {stats.get('notifications', 0)} notifications")
 
-        stats = run.wait_until_quiet(timeout_s=150, settle_s=settings.window_hold_s + 5, progress=show)
+        stats = run.wait_until_quiet(timeout_s=150, progress=show)
         status.update("waiting for the first notifications (group_wait) ...")
         deadline = time.monotonic() + 45
         while receiver.received == 0 and time.monotonic() < deadline:

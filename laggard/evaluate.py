@@ -39,8 +39,6 @@ from laggard.settings import Settings, get_settings
 BASELINE_KIND = "low_utilization"
 # Settings of every eval run's worker (bench/agents.py measures the worker the same way).
 EVAL_OVERRIDES = {"baseline_detector": True}
-# Beyond the worker's window hold, how long its counts must stay put before the run is over.
-SETTLE_EXTRA_S = 5.0
 
 Status = Callable[[str], None]
 Scores = dict[str, dict[str, dict[str, float | int | None]]]
@@ -76,7 +74,7 @@ def evaluate_scenario(scenario_path: Path, base: Settings, workdir: Path, status
         run.publish_scenario(scenario_path, lambda n: status(f"{name}: published {n:,} messages"))
         status(f"{name}: starting the worker")
         run.start_worker()
-        stats = run.wait_until_quiet(timeout_s, run.settings.window_hold_s + SETTLE_EXTRA_S, show)
+        stats = run.wait_until_quiet(timeout_s, progress=show)
     findings = run.findings()
     return ScenarioRun(
         name=name,

@@ -7,7 +7,7 @@ bench/agents.py and the worker's integration tests:
     with PipelineRun(settings, prefix="demo") as run:   # creates the run's topics
         run.start_worker()
         run.publish_scenario(path)
-        stats = run.wait_until_quiet(timeout_s=150, settle_s=settings.window_hold_s + 5)
+        stats = run.wait_until_quiet(timeout_s=150)
         findings = run.findings()
 """
 
@@ -40,6 +40,9 @@ from laggard.topics import ensure_topics, read_topic
 PAST_MARGIN_S = 60.0
 STOP_GRACE_S = 20.0  # Faust can hang on shutdown: SIGKILL after this
 POLL_S = 0.5
+# Counts unchanged this long, with no work held, is the end of a run (findings published just
+# before, say, still reach the alerting agent).
+QUIET_SETTLE_S = 3.0
 PROGRESS_EVERY = 1000  # messages between calls of publish_scenario's progress
 # Settings the worker subprocess must share with its run, passed as LAGGARD_* variables; anything
 # else it reads from the same environment and env file as this process.
@@ -152,23 +155,25 @@ class PipelineRun:
         except (httpx.HTTPError, ValueError):
             return {}
 
-    def wait_until_quiet(self, timeout_s: float, settle_s: float,
+    def wait_until_quiet(self, timeout_s: float, settle_s: float = QUIET_SETTLE_S,
                          progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Poll the worker until it has taken every published message and its counts have not
-        moved for `settle_s` (windows close on the hold timer after the last sample); returns
-        the last stats. PipelineError past `timeout_s`."""
+        """Poll the worker until it has taken every published message, holds no work (no unread
+        input, no open or waiting window: windows close on the hold timer after the last sample),
+        and its counts have not moved for `settle_s`; returns the last stats. PipelineError past
+        `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         last_change, last_key = time.monotonic(), None
         stats: dict[str, Any] = {}
         while time.monotonic() < deadline:
             stats = self.stats()
             key = (messages_taken(stats), stats.get("findings"), stats.get("fleet_windows"),
-                   stats.get("notifications"))
+                   stats.get("notifications"), stats.get("influx_points_written"))
             if key != last_key:
                 last_change, last_key = time.monotonic(), key
             if progress:
                 progress(stats)
-            if messages_taken(stats) >= self.published and time.monotonic() - last_change >= settle_s:
+            idle = stats.get("backlog") is not None and not any(stats["backlog"].values())
+            if messages_taken(stats) >= self.published and idle and time.monotonic() - last_change >= settle_s:
                 return stats
             time.sleep(POLL_S)
         raise self._worker_error(f"the worker did not settle within {timeout_s:.0f} s (last stats {stats})")

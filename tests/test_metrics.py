@@ -45,7 +45,7 @@ def test_worker_metrics_agree_with_its_stats(stack, tmp_path) -> None:
                 publisher.publish_raw(b"bad", value)
         run.published += 2
         run.publish_scenario(SCENARIO)
-        stats = run.wait_until_quiet(timeout_s=180, settle_s=stack.window_hold_s + 5)
+        stats = run.wait_until_quiet(timeout_s=180)
         reply = httpx.get(f"http://127.0.0.1:{run.settings.worker_web_port}/metrics", timeout=5)
         after = run.stats()
 

@@ -152,7 +152,7 @@ def secure_run(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Ite
         with PipelineRun(stack, prefix="test-security", extra_env=env, state_root=tmp) as run:
             run.start_worker()
             run.publish_scenario(SCENARIO)
-            run.wait_until_quiet(timeout_s=180, settle_s=stack.window_hold_s + 5)
+            run.wait_until_quiet(timeout_s=180)
             wait_for(lambda: run.stats().get("notifications_failed", 0) >= 1, 60, "a notification to be dead-lettered")
             port = run.settings.worker_web_port
             listening = listening_addresses(port)

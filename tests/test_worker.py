@@ -29,7 +29,7 @@ def test_worker_finds_injected_faults_and_dead_letters_bad_input(stack, tmp_path
                 publisher.publish_raw(b"bad", value)
         run.published += len(bad)
         run.publish_scenario(SCENARIO)
-        stats = run.wait_until_quiet(timeout_s=240, settle_s=stack.window_hold_s + 5)
+        stats = run.wait_until_quiet(timeout_s=240)
         findings = run.findings()
         letters = [d for d in run.dead_letters() if d.get("topic") == run.settings.topic_samples]
 
