@@ -156,11 +156,13 @@ class PipelineRun:
             return {}
 
     def wait_until_quiet(self, timeout_s: float, settle_s: float = QUIET_SETTLE_S,
-                         progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Poll the worker until it has taken every published message, holds no work (no unread
-        input, no open or waiting window: windows close on the hold timer after the last sample),
-        and its counts have not moved for `settle_s`; returns the last stats. PipelineError past
-        `timeout_s`."""
+                         progress: Callable[[dict[str, Any]], None] | None = None,
+                         must_take: int | None = None) -> dict[str, Any]:
+        """Poll the worker until it has taken `must_take` messages (default: every published one;
+        a worker that took over from another counts only its own), holds no work (no unread input,
+        no open or waiting window: windows close on the hold timer after the last sample), and its
+        counts have not moved for `settle_s`; returns the last stats. PipelineError past `timeout_s`."""
+        must_take = self.published if must_take is None else must_take
         deadline = time.monotonic() + timeout_s
         last_change, last_key = time.monotonic(), None
         stats: dict[str, Any] = {}
@@ -173,7 +175,7 @@ class PipelineRun:
             if progress:
                 progress(stats)
             idle = stats.get("backlog") is not None and not any(stats["backlog"].values())
-            if messages_taken(stats) >= self.published and idle and time.monotonic() - last_change >= settle_s:
+            if messages_taken(stats) >= must_take and idle and time.monotonic() - last_change >= settle_s:
                 return stats
             time.sleep(POLL_S)
         raise self._worker_error(f"the worker did not settle within {timeout_s:.0f} s (last stats {stats})")

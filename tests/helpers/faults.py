@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from agents.sink import InfluxSink
@@ -50,6 +51,16 @@ def summary_line(fault: str, events_in: int, results_out: int, lost: int, duplic
     recovered = "n/a" if recover_s is None else f"{recover_s:.1f} s"
     return (f"FAULT | {fault} | events in {events_in} | results out {results_out} | lost {lost} | "
             f"duplicated {duplicated} | time to recover {recovered}")
+
+
+def scenario_for_run(scenario: Path | str, run_id: str, folder: Path) -> Path:
+    """A copy of `scenario` whose fleet is named after the run, so that counting a cluster's points
+    in the shared InfluxDB never counts another run's (runs close together overlap in event time)."""
+    spec = yaml.safe_load(Path(scenario).read_text())
+    spec["cluster"] = run_id
+    path = folder / f"{run_id}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
 
 
 def expected_gpu_windows(settings: Settings, scenario: Path | str, start_ts: float) -> int:
