@@ -60,8 +60,8 @@ class InputOffsets:
 
 
 class SampleStage:
-    def __init__(self, window_s: float, grace_s: float) -> None:
-        self.windower = Windower(window_s, grace_s)
+    def __init__(self, window_s: float, grace_s: float, clock: Callable[[], float] = time.time) -> None:
+        self.windower = Windower(window_s, grace_s, clock=clock)
         self.offsets = InputOffsets()
         self.taken_before = -1  # offsets below this were taken before the restart
         self.accepted = 0

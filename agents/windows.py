@@ -36,6 +36,9 @@ _THROTTLE_MASK = int(THROTTLE_REASONS)
 
 # A GPU with a job whose window-mean utilization is at most this (%) counts as allocated-but-idle.
 IDLE_UTIL_PCT = 2.0
+# A worker's clock and its collectors' may differ by this much before a sample stamped ahead of
+# the worker stops moving event time (see Windower.clock).
+FUTURE_TOLERANCE_S = 60.0
 # An interval longer than this between two samples of a GPU is a gap, not something to integrate.
 MAX_INTERVAL_S = 120.0
 
@@ -208,12 +211,18 @@ class ClosedWindow:
 class Windower:
     """Assigns GPU samples to event-time tumbling windows and closes them by watermark."""
 
-    def __init__(self, window_s: float, grace_s: float = 0.0, max_interval_s: float = MAX_INTERVAL_S) -> None:
+    def __init__(self, window_s: float, grace_s: float = 0.0, max_interval_s: float = MAX_INTERVAL_S,
+                 clock: Callable[[], float] | None = None) -> None:
         if window_s <= 0 or grace_s < 0:
             raise ValueError(f"window_s must be > 0 and grace_s >= 0, got {window_s!r}, {grace_s!r}")
         self.window_s = window_s
         self.grace_s = grace_s
         self.max_interval_s = max_interval_s
+        # Samples stamped more than FUTURE_TOLERANCE_S ahead of this clock (the worker's wall clock
+        # when live) are windowed but do not move event time: a collector whose clock runs minutes
+        # fast would otherwise close its partition's windows early and make its neighbours' samples
+        # late. Its own samples wait in their windows until the others' event time gets there.
+        self.clock = clock
         self.max_ts = -math.inf
         self.late_samples = 0  # GPU samples whose window had closed when they arrived
         self._open: dict[float, dict[GpuKey, GpuAccumulator]] = {}
@@ -244,7 +253,7 @@ class Windower:
         if start < self._closed_before or start + self.window_s <= self.watermark:
             self.late_samples += len(sample.gpus)
             return False
-        if ts > self.max_ts:
+        if ts > self.max_ts and (self.clock is None or ts <= self.clock() + FUTURE_TOLERANCE_S):
             self.max_ts = ts
         series = self._open.get(start)
         if series is None:

@@ -53,3 +53,40 @@ def test_restored_stage_rebuilds_open_windows_exactly():
             assert (w.window_start, k) not in emitted
             emitted[(w.window_start, k)] = a.samples
     assert emitted == expected
+
+
+
+def _fast_and_normal(stage: SampleStage, now: dict[str, float], ticks: int = 40) -> tuple[list, list]:
+    """`ticks` seconds of a normal node (0.5 s behind `now`) and one 5 minutes ahead, on one
+    partition; returns every outcome and the windows closed meanwhile."""
+    outcomes, closed = [], []
+    for _tick in range(ticks):
+        now["t"] += 1.0
+        for node, skew in (("normal", -0.5), ("fast", 300.0)):
+            raw = node_sample(node=node, gpus=2, ts=now["t"] + skew).model_dump_json().encode()
+            outcomes.append(stage.add(raw, len(outcomes)))
+        closed += stage.closed()
+    return outcomes, closed
+
+
+def test_a_collector_minutes_ahead_does_not_make_its_partition_mates_late():
+    """Samples stamped minutes ahead of the worker's clock do not move event time: the fast node's
+    samples wait in their (future) windows, the normal node's windows close on time and none of
+    its samples is late."""
+    now = {"t": 1_790_000_000.0}
+    stage = SampleStage(window_s=10.0, grace_s=2.0, clock=lambda: now["t"])
+    outcomes, closed = _fast_and_normal(stage, now)
+    assert not any(o.late or o.rejected for o in outcomes)
+    normal = [a.samples for w in closed for k, a in w.series.items() if k[1] == "normal"]
+    assert len(normal) >= 3 and set(normal) == {10}
+    assert not any(key[1] == "fast" for w in closed for key in w.series)  # its windows are minutes ahead
+    fast = [a.samples for w in stage.windower.flush() for k, a in w.series.items() if k[1] == "fast"]
+    assert sum(fast) == 80  # ...and held, every sample, until their time
+
+
+def test_without_a_clock_a_collector_minutes_ahead_makes_its_mates_late():
+    """The same input with no clock to compare with: what the test above is protected from."""
+    stage = SampleStage(window_s=10.0, grace_s=2.0)
+    stage.windower.clock = None
+    outcomes, _closed = _fast_and_normal(stage, {"t": 1_790_000_000.0})
+    assert any(o.late for o in outcomes)
