@@ -6,7 +6,9 @@ then starts one `laggard worker` (baseline detector on, as `laggard eval` runs i
 all of them, so Faust's start-up and its consumer-group join are not counted. With --profile,
 py-spy samples the worker for --profile-s seconds of that span and the functions with the most
 own time go to stderr (py-spy slows the worker a little, so profile and measure in separate runs).
-The last line is one JSON object.
+Then, on the same topic, a no-op Faust agent with the worker's consumer settings
+(bench/faust_noop.py) gives Faust's own ceiling, and `share_of_faust_ceiling` how close the worker
+gets to it. The last line is one JSON object.
 
     python bench/agents.py [--scenario collectors/scenarios/all_faults.yaml] [--messages 30000] [--profile]
 """
