@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     kafka_version: str = "4.1.1"
     kafka_port: int = 9092
     kafka_controller_port: int = 9093
+    kafka_tls_port: int | None = None  # local stack: also a TLS listener; its self-signed CA: <state_dir>/kafka/tls/ca.pem
     influx_port: int = 8086
     # Which InfluxDB `stack up` runs: 1 = Debian's 1.6.7 on influx_port, 2 = InfluxDB 2.7 built from
     # source (laggard/stack/build_influxd.py) on influx2_port. With 2, influx_url and influx_token

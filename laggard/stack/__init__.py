@@ -24,7 +24,8 @@ def influx_services(settings: Settings) -> dict[int, ManagedService]:
 
 
 def services(settings: Settings) -> list[ManagedService]:
-    kafka = KafkaBroker(settings.state_dir, settings.kafka_port, settings.kafka_controller_port, settings.kafka_version)
+    kafka = KafkaBroker(settings.state_dir, settings.kafka_port, settings.kafka_controller_port, settings.kafka_version,
+                        settings.kafka_tls_port)
     return [kafka, influx_services(settings)[settings.local_influx_version]]
 
 
@@ -38,6 +39,8 @@ def up(settings: Settings, reset: bool = False) -> list[str]:
             lines.append(f"{service.name}: data wiped ({service.home})")
     for service in services(settings):
         lines.append(service.start())
+        if isinstance(service, KafkaBroker) and service.tls_port:
+            lines.append(f"kafka: TLS listener on 127.0.0.1:{service.tls_port}, certificate {service.tls_ca}")
         if isinstance(service, InfluxDB2) and settings.influx_token is None:
             # Generated just now: hand it to the caller's clients (a new Settings reads it from the file).
             settings.influx_token = SecretStr(service.token())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
 import shutil
 import subprocess
 import uuid
@@ -35,11 +36,40 @@ class KafkaBroker(ManagedService):
     name = "kafka"
     start_timeout_s = 90.0
 
-    def __init__(self, state_dir: Path, port: int, controller_port: int, version: str) -> None:
+    def __init__(self, state_dir: Path, port: int, controller_port: int, version: str,
+                 tls_port: int | None = None) -> None:
         super().__init__(state_dir, port)
         self.controller_port = controller_port
         self.version = version
         self.libs = CACHE_ROOT / f"kafka-{version}" / "libs"
+        self.tls_port = tls_port
+
+    @property
+    def tls_ca(self) -> Path:
+        """The TLS listener's self-signed certificate (PEM): clients' `ssl_cafile`."""
+        return self.home / "tls" / "ca.pem"
+
+    def _tls_config(self) -> list[str]:
+        """A TLS listener with a self-signed certificate for 127.0.0.1 made by keytool (from the
+        JDK that runs the broker); its keystore password is random and stays in the state folder."""
+        tls = self.home / "tls"
+        keystore, password_file = tls / "broker.p12", tls / "keystore-password"
+        if not keystore.exists():
+            tls.mkdir(parents=True, exist_ok=True)
+            password_file.write_text(secrets.token_hex(16))
+            password_file.chmod(0o600)
+            password = password_file.read_text()
+            keytool = str(Path(self._java()).resolve().parent / "keytool")
+            for args in (["-genkeypair", "-alias", "broker", "-keyalg", "RSA", "-keysize", "2048", "-validity",
+                          "3650", "-dname", "CN=localhost", "-ext", "SAN=IP:127.0.0.1,DNS:localhost"],
+                         ["-exportcert", "-rfc", "-alias", "broker", "-file", str(self.tls_ca)]):
+                result = subprocess.run([keytool, *args, "-keystore", str(keystore), "-storetype", "PKCS12",
+                                         "-storepass", password], capture_output=True, text=True, timeout=60)
+                if result.returncode != 0:
+                    raise StackError(f"kafka: keytool {args[0]} failed for the TLS listener:\n{result.stderr}")
+        password = password_file.read_text()
+        return [f"ssl.keystore.location={keystore}", "ssl.keystore.type=PKCS12",
+                f"ssl.keystore.password={password}", f"ssl.key.password={password}"]
 
     @property
     def data_dir(self) -> Path:
@@ -95,16 +125,18 @@ class KafkaBroker(ManagedService):
     def write_config(self) -> None:
         log4j = self.home / "log4j2.properties"
         log4j.write_text((resources.files("laggard.stack") / "log4j2.properties").read_text())
+        tls = f",SSL://127.0.0.1:{self.tls_port}" if self.tls_port else ""
         self.config_path.write_text(
             "\n".join([
                 "process.roles=broker,controller",
                 "node.id=1",
                 f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
-                f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}{tls}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}{tls}",
                 "controller.listener.names=CONTROLLER",
                 "inter.broker.listener.name=PLAINTEXT",
-                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL",
+                *(self._tls_config() if self.tls_port else []),
                 f"log.dirs={self.data_dir}",
                 "num.partitions=8",
                 "offsets.topic.replication.factor=1",
