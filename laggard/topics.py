@@ -47,7 +47,8 @@ def ensure_topics(settings: Settings, timeout_s: float = 60) -> list[str]:
     changelogs = {changelog_name(settings, table) for table in worker_tables(settings)}
     admin = KafkaAdminClient(**client_config(settings), client_id="laggard-topics")
     try:
-        missing = [name for name in wanted if name not in set(admin.list_topics())]
+        existing = set(admin.list_topics())
+        missing = [name for name in wanted if name not in existing]
         if missing:
             try:
                 admin.create_topics([NewTopic(name, wanted[name], 1, topic_configs=(
@@ -65,10 +66,12 @@ def ensure_topics(settings: Settings, timeout_s: float = 60) -> list[str]:
 
 
 def _topics_without_leaders(admin: KafkaAdminClient, wanted: dict[str, int]) -> list[str]:
+    """Topics not yet described, or with a partition that has no leader (a topic created before
+    with another partition count is taken as it is)."""
     described = {t["name"]: t for t in admin.describe_topics(list(wanted))}
-    return [name for name, partitions in wanted.items()
-            if name not in described or described[name].get("error_code")
-            or sum(1 for p in described[name]["partitions"] if p["leader_id"] >= 0) < partitions]
+    return [name for name in wanted
+            if name not in described or described[name].get("error_code") or not described[name]["partitions"]
+            or any(p["leader_id"] < 0 for p in described[name]["partitions"])]
 
 
 def read_topic(settings: Settings, topic: str, timeout_s: float = 30) -> list[bytes]:
