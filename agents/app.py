@@ -341,16 +341,20 @@ async def close_idle_windows() -> None:
         await write_fleet(pending.tick())
 
 
-async def rebuild_taken_over() -> None:
-    """Rebuild the stages of assigned partitions that have a checkpoint but no stage here."""
+def taken_over() -> dict[str, list[int]]:
+    """Assigned input partitions, by topic, that have a checkpoint but no stage here (yet)."""
     assigned = app.assignor.assigned_actives()
-    waiting = {
+    return {
         topic: [tp.partition for tp in assigned if tp.topic == topic and tp.partition not in stages
                 and str(tp.partition) in checkpoints]
         for topic, stages, checkpoints in ((settings.topic_samples, sample_stages, window_checkpoints),
                                            (settings.topic_windows, detect_stages, detect_checkpoints))
     }
-    for topic, partitions in waiting.items():
+
+
+async def rebuild_taken_over() -> None:
+    """Rebuild the stages of assigned partitions that have a checkpoint but no stage here."""
+    for topic, partitions in taken_over().items():
         if not partitions:
             continue
         committed = await asyncio.to_thread(committed_offsets, settings, settings.worker_app_id, topic)
@@ -364,11 +368,15 @@ async def rebuild_taken_over() -> None:
 
 
 def backlog() -> dict[str, int]:
-    """Work this worker still holds: unread input of stages 1-3, windows open in stage 1, windows
-    waiting in stages 2 and 3. All zero once everything published has reached InfluxDB."""
+    """Work this worker still holds: unread input of stages 1-3, partitions taken over but not
+    rebuilt yet, windows open in stage 1, windows waiting in stages 2 and 3. All zero once
+    everything published has reached InfluxDB."""
     stage_topics = {settings.topic_samples, settings.topic_windows, settings.topic_fleet}
     lags = consumer_lags(app, [tp for tp in input_partitions(app) if tp.topic in stage_topics])
+    # While tables recover or partitions move, what this worker will have to rebuild is unknown.
+    settling = int(bool(app.rebalancing or app.in_recovery))
     return {"input_lag": sum(lag.lag for lag in lags),
+            "stages_to_rebuild": settling + sum(len(partitions) for partitions in taken_over().values()),
             "open_windows": sum(stage.windower.open_windows for stage in sample_stages.values()),
             "pending_windows": sum(len(stage.windows.pending) for stage in detect_stages.values())
             + sum(len(pending.pending) for pending in fleet_pending.values())}
