@@ -133,3 +133,28 @@ def test_durations(text: object, seconds: float) -> None:
 def test_bad_durations(text: object) -> None:
     with pytest.raises(ValueError, match="bad duration"):
         parse_duration(text)
+
+
+@pytest.mark.parametrize(("labels", "expected"), [
+    ({"job": "notebook"}, "Job notebook holds GPUs it has not used"),
+    ({"job": "train", "node": "a12", "gpu": 3, "rank": 5}, "GPU 3 on a12 is allocated to train but idle"),
+])
+def test_default_idle_summary_reads_well_for_a_whole_job_and_for_one_gpu(labels, expected) -> None:
+    """An idle_allocated finding is job-level when the job never used its GPUs (no node or GPU)."""
+    from rules.evaluate import FindingIn, _render_annotations, finding_context
+
+    rule = next(r for r in load_rules(DEFAULT_RULES).rules if r.finding and r.finding.kind == "idle_allocated")
+    finding = FindingIn(kind="idle_allocated", cluster="c", summary="held, unused", **labels)
+    annotations = _render_annotations(rule, finding_context(rule, finding, "http://dashboard"))
+    assert annotations["summary"] == expected
+
+
+def test_demo_rules_are_the_default_rules_with_short_timings(tmp_path: Path) -> None:
+    from laggard.demo import demo_rules
+
+    config, errors = check_file(demo_rules(tmp_path / "demo-rules.yaml"))
+    default = load_rules(DEFAULT_RULES)
+    assert errors == [] and config is not None
+    assert [r.name for r in config.rules] == [r.name for r in default.rules]
+    assert all(r.for_ == 0 for r in config.rules) and config.route.group_wait == 2.0
+    assert config.route.routes == default.route.routes and config.inhibit_rules == default.inhibit_rules
