@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from laggard.stack.process import ManagedService, StackError
+from laggard.stack.process import ManagedService, StackError, http_answers
 
 
 class InfluxDB(ManagedService):
@@ -90,10 +90,7 @@ bind-address = "127.0.0.1:{self.port + 2}"
         return [self._influxd(), "-config", str(self.config_path)]
 
     def healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/ping", timeout=2).status_code == 204
-        except httpx.HTTPError:
-            return False
+        return http_answers(f"{self.url}/ping", 204)
 
     def after_start(self) -> None:
         reply = httpx.post(f"{self.url}/query", data={"q": f'CREATE DATABASE "{self.database}"'}, timeout=10)

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from laggard.settings import local_influx2_token_file
-from laggard.stack.process import ManagedService, StackError
+from laggard.stack.process import ManagedService, StackError, http_answers
 
 
 def write_private(path: Path, text: str) -> None:
@@ -66,10 +66,7 @@ class InfluxDB2(ManagedService):
         ]
 
     def healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return http_answers(f"{self.url}/health", 200)
 
     def token(self) -> str:
         try:

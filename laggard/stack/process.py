@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import httpx
+
 
 PORT_RELEASE_S = 5.0
 
@@ -53,6 +55,14 @@ def free_port() -> int:
                 continue
             return port
     raise StackError("no free local port between 20000 and 32000")
+
+
+def http_answers(url: str, status: int) -> bool:
+    """A health check: one GET of `url` answered with `status`; False on any HTTP error."""
+    try:
+        return httpx.get(url, timeout=2).status_code == status
+    except httpx.HTTPError:
+        return False
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.25) -> bool:
