@@ -25,7 +25,7 @@ from collectors.simulate import FleetSimulator, load_scenario
 from laggard.pipeline_run import PipelineRun, past_start_ts
 from laggard.settings import Settings
 from laggard.stack.process import wait_until
-from laggard.topics import read_topic
+from laggard.topics import changelog_name, read_topic
 from rules.cli import ALERTS_STATE_FILE
 from tests.helpers.webhook_server import RecordedRequest, Reply, WebhookServer
 
@@ -96,7 +96,7 @@ class AlertingRun:
 
     def checkpointed_sent(self) -> set[str]:
         """Idempotency keys in the newest alert-state checkpoint on the table's changelog in Kafka."""
-        changelog = read_topic(self.run.settings, f"{self.run.run_id}-alert-state-changelog")
+        changelog = read_topic(self.run.settings, changelog_name(self.run.settings, "alert-state"))
         return set(json.loads(changelog[-1])["sent"]) if changelog else set()
 
 

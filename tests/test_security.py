@@ -18,7 +18,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from kafka import KafkaAdminClient
 from laggard.kafka_config import client_config
 from laggard.pipeline_run import PipelineRun
 from laggard.settings import Settings
+from laggard.stack.process import wait_until
 from laggard.topics import read_topic
 from rules.cli import ALERTS_STATE_FILE
 from rules.receivers.delivery import redact
@@ -122,14 +122,6 @@ def run_topics(settings: Settings, run_id: str) -> dict[str, list[bytes]]:
     return {name: read_topic(settings, name) for name in names}
 
 
-def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def secure_run(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureRun]:
     tmp = tmp_path_factory.mktemp("security")
@@ -153,7 +145,8 @@ def secure_run(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Ite
             run.start_worker()
             run.publish_scenario(SCENARIO)
             run.wait_until_quiet(timeout_s=180)
-            wait_for(lambda: run.stats().get("notifications_failed", 0) >= 1, 60, "a notification to be dead-lettered")
+            assert wait_until(lambda: run.stats().get("notifications_failed", 0) >= 1, 60, 0.5), \
+                "no notification was dead-lettered"
             port = run.settings.worker_web_port
             listening = listening_addresses(port)
             external = {address: try_connect(address, port) for address in external_addresses()}

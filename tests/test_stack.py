@@ -29,10 +29,6 @@ def private(tmp_path_factory) -> Settings:
     stack.down(settings)
 
 
-def _read_topic(settings: Settings, topic: str) -> list[bytes]:
-    return read_topic(settings, topic)
-
-
 def _influx_values(settings: Settings) -> list[float]:
     sink = InfluxSink(settings)
     try:
@@ -60,7 +56,7 @@ def test_up_down_up_and_sigkill_keep_data(private):
     assert all("stopped" in line for line in stack.down(private))
     assert not any(s.running for s in stack.status(private))
     stack.up(private)
-    assert sorted(_read_topic(private, "persist")) == sorted(b"message-%d" % i for i in range(50))
+    assert sorted(read_topic(private, "persist")) == sorted(b"message-%d" % i for i in range(50))
     assert sorted(_influx_values(private)) == list(range(10))
 
     broker = KafkaBroker(private.state_dir, private.kafka_port, private.kafka_controller_port, private.kafka_version)
@@ -70,7 +66,7 @@ def test_up_down_up_and_sigkill_keep_data(private):
     assert [s.healthy for s in stack.status(private)] == [False, True]
     lines = stack.up(private)
     assert lines[0].startswith("kafka: started")
-    assert sorted(_read_topic(private, "persist")) == sorted(b"message-%d" % i for i in range(50))
+    assert sorted(read_topic(private, "persist")) == sorted(b"message-%d" % i for i in range(50))
 
 
 def test_port_taken_is_named(private, tmp_path):

@@ -23,9 +23,8 @@ def test_ensure_topics_creates_changelogs_ready_and_is_idempotent(stack, unique)
         described = {t["name"]: t for t in admin.describe_topics(list(wanted))}
         assert {name: len(described[name]["partitions"]) for name in wanted} == wanted
         assert all(p["leader_id"] >= 0 for t in described.values() for p in t["partitions"])
-        for table, partitions in worker_tables(settings).items():
+        for table in worker_tables(settings):
             name = changelog_name(settings, table)
-            assert len(described[name]["partitions"]) == partitions
             config = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])["topic"][name]
             assert config["cleanup.policy"]["value"] == "compact", config
     finally:

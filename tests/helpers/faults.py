@@ -20,7 +20,7 @@ from agents.windows import Windower
 from collectors.simulate import FleetSimulator, load_scenario
 from laggard.kafka_config import client_config
 from laggard.settings import Settings
-from laggard.topics import read_topic
+from laggard.topics import committed_offsets, read_topic
 
 
 @dataclass(frozen=True)
@@ -132,3 +132,10 @@ def worker_stats(port: int) -> dict[str, Any]:
         return httpx.get(f"http://127.0.0.1:{port}/stats", timeout=2).json()
     except (httpx.HTTPError, ValueError):
         return {}
+
+
+def uncommitted(settings: Settings, group: str) -> int:
+    """Messages of the samples topic that `group` has not committed yet."""
+    end = end_offsets(settings, settings.topic_samples)
+    committed = committed_offsets(settings, group, settings.topic_samples)
+    return sum(end[p] - committed[p] for p in end)
