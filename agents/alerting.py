@@ -6,6 +6,7 @@ engine on a clock, dispatches notifications and checkpoints the alert state in a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -165,8 +166,10 @@ async def alert_on_findings(stream: faust.StreamT) -> None:
 async def forget_alerting(app: faust.App, revoked: set, **kwargs: Any) -> None:
     """Whoever gets the alert channel next starts from the table, not from stale memory."""
     global alerting
-    if any(tp.topic == settings.topic_findings for tp in revoked):
-        alerting = None
+    if alerting is not None and any(tp.topic == settings.topic_findings for tp in revoked):
+        stale, alerting = alerting, None
+        # In the background: a notification being sent right now may finish first.
+        asyncio.ensure_future(stale.dispatcher.aclose())
 
 
 @app.timer(interval=1.0)

@@ -191,9 +191,6 @@ stage_locks: dict[tuple[str, int], asyncio.Lock] = collections.defaultdict(async
 async def sample_stage(partition: int, resume_offset: int) -> tuple[SampleStage, list[ClosedWindow]]:
     """This partition's stage, rebuilt from its checkpoint by re-reading up to `resume_offset`
     (where Faust's stream resumes) when this worker has none; with the windows that closed."""
-    stage = sample_stages.get(partition)
-    if stage is not None:  # the usual case, without the lock
-        return stage, []
     async with stage_locks[("samples", partition)]:
         stage = sample_stages.get(partition)
         if stage is not None:
@@ -222,8 +219,10 @@ async def emit_windows(stage: SampleStage, closed: list[ClosedWindow], partition
 @app.agent(samples_topic)
 async def window_samples(stream: faust.StreamT) -> None:
     async for event in stream.events():
-        stage, closed = await sample_stage(event.message.partition, event.message.offset)
-        await emit_windows(stage, closed, event.message.partition)
+        stage = sample_stages.get(event.message.partition)
+        if stage is None:  # first message here since start or takeover: rebuild from the checkpoint
+            stage, closed = await sample_stage(event.message.partition, event.message.offset)
+            await emit_windows(stage, closed, event.message.partition)
         raw = event.value
         outcome = stage.add(raw, event.message.offset)
         if outcome.seen:
@@ -262,9 +261,6 @@ def feed_detect(stage: DetectStage, raw: bytes, offset: int) -> list[Finding]:
 
 
 async def detect_stage(partition: int, resume_offset: int) -> DetectStage:
-    stage = detect_stages.get(partition)
-    if stage is not None:
-        return stage
     async with stage_locks[("windows", partition)]:
         stage = detect_stages.get(partition)
         if stage is not None:
@@ -286,7 +282,8 @@ async def detect_stage(partition: int, resume_offset: int) -> DetectStage:
 @app.agent(windows_topic)
 async def detect(stream: faust.StreamT) -> None:
     async for event in stream.events():
-        stage = await detect_stage(event.message.partition, event.message.offset)
+        stage = detect_stages.get(event.message.partition) or await detect_stage(
+            event.message.partition, event.message.offset)
         before = stage.released_before
         await publish_findings(feed_detect(stage, event.value, event.message.offset))
         if stage.released_before > before:
@@ -301,6 +298,8 @@ async def forget_revoked(app: faust.App, revoked: set, **kwargs: Any) -> None:
             sample_stages.pop(tp.partition, None)
         elif tp.topic == settings.topic_windows:
             detect_stages.pop(tp.partition, None)
+        elif tp.topic == settings.topic_fleet:
+            fleet_pending.clear()  # partial fleet windows are the new owner's to complete
 
 
 # --- stage 3: partial cluster results -> fleet KPI ----------------------------------------------
@@ -335,9 +334,10 @@ async def close_idle_windows() -> None:
     for partition, stage in list(sample_stages.items()) if not writes_waiting else []:
         for closed in stage.close_idle(settings.window_hold_s):
             await emit_closed(closed, partition)
-    for stage in detect_stages.values():
+    # Copies: a rebalance may add or drop stages while this awaits.
+    for stage in list(detect_stages.values()):
         await publish_findings(stage.tick())
-    for pending in fleet_pending.values():
+    for pending in list(fleet_pending.values()):
         await write_fleet(pending.tick())
 
 

@@ -46,10 +46,12 @@ class InputOffsets:
     first: dict[float, int] = field(default_factory=dict)
     next: int = 0
 
-    def saw(self, offset: int, window_start: float | None = None) -> None:
-        if window_start is not None:
-            self.first.setdefault(window_start, offset)
+    def saw(self, offset: int) -> None:
         self.next = max(self.next, offset + 1)
+
+    def feeds(self, window_start: float, offset: int) -> None:
+        """The message at `offset` (already `saw`) went into the window starting at `window_start`."""
+        self.first.setdefault(window_start, offset)
 
     def done_before(self, window_end: float) -> None:
         for start in [s for s in self.first if s < window_end]:
@@ -64,8 +66,6 @@ class SampleStage:
         self.windower = Windower(window_s, grace_s, clock=clock)
         self.offsets = InputOffsets()
         self.taken_before = -1  # offsets below this were taken before the restart
-        self.accepted = 0
-        self.rejected = 0
         self.last_arrival = time.monotonic()
 
     def checkpoint(self) -> dict:
@@ -88,12 +88,10 @@ class SampleStage:
         except EventRejected as err:
             if retaken:
                 return SampleOutcome(seen=True)
-            self.rejected += 1
             return SampleOutcome(rejected=Rejected(err.reason, raw))
         if not self.windower.add(sample):
             return SampleOutcome(sample=sample, seen=retaken, late=not retaken)
-        self.accepted += 1
-        self.offsets.saw(offset, self.windower.window_start(sample.ts))
+        self.offsets.feeds(self.windower.window_start(sample.ts), offset)
         return SampleOutcome(sample=sample)
 
     def _done(self, windows: list[ClosedWindow]) -> list[ClosedWindow]:
@@ -169,7 +167,7 @@ class PendingWindows:
         if start < self.released_before:
             self.too_late += 1
             return
-        self.offsets.saw(offset, start)
+        self.offsets.feeds(start, offset)
         window = self.pending.setdefault(start, {})
         if key in window:  # at-least-once delivery repeats a result: same key, same content
             self.duplicates += 1

@@ -6,7 +6,8 @@ group, port and state folder): the simulator's messages are published as fast as
 event time in the past (first tick at now - duration - 60 s), so every window closes by event time
 or by the worker's idle timer; the truth goes to the run's truth topic. Then one worker (`laggard
 worker`, subprocess, baseline detector on) consumes it all; the run is over when the worker has
-taken every message and its counts have not moved for window_hold_s + 5 s. The findings topic is
+taken every message, holds no work (its /stats backlog) and its counts have stood still for a few
+seconds (PipelineRun.wait_until_quiet). The findings topic is
 read back, split into laggard's findings and the baseline's (`low_utilization`), and scored with
 agents.scoring.
 

@@ -117,11 +117,9 @@ def read_range(settings: Settings, topic: str, partition: int, start: int, end: 
 
 def committed_offsets(settings: Settings, group: str, topic: str) -> dict[int, int]:
     """The group's committed offset per partition of `topic` (0 where nothing is committed)."""
-    consumer = KafkaConsumer(**client_config(settings))
-    partitions = sorted(consumer.partitions_for_topic(topic) or [])
-    consumer.close()
     admin = KafkaAdminClient(**client_config(settings))
     try:
+        partitions = sorted(p["partition_index"] for t in admin.describe_topics([topic]) for p in t["partitions"])
         committed = admin.list_group_offsets([group]).get(group, {})
     finally:
         admin.close()
