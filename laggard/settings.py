@@ -93,10 +93,12 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _point_at_local_influx2(self) -> Settings:
         if self.local_influx_version == 2:
+            local = f"http://127.0.0.1:{self.influx2_port}"
             if "influx_url" not in self.model_fields_set:
-                self.influx_url = f"http://127.0.0.1:{self.influx2_port}"
+                self.influx_url = local
+            # The local server's token goes to the local server only, never to another URL.
             token_file = local_influx2_token_file(self.state_dir)
-            if self.influx_token is None and token_file.exists():
+            if self.influx_token is None and self.influx_url.rstrip("/") == local and token_file.exists():
                 self.influx_token = SecretStr(token_file.read_text().strip())
         return self
 

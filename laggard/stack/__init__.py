@@ -41,8 +41,8 @@ def up(settings: Settings, reset: bool = False) -> list[str]:
         lines.append(service.start())
         if isinstance(service, KafkaBroker) and service.tls_port:
             lines.append(f"kafka: TLS listener on 127.0.0.1:{service.tls_port}, certificate {service.tls_ca}")
-        if isinstance(service, InfluxDB2) and settings.influx_token is None:
-            # Generated just now: hand it to the caller's clients (a new Settings reads it from the file).
+        if isinstance(service, InfluxDB2) and (reset or settings.influx_token is None):
+            # Generated just now (a reset wiped the old one): hand it to the caller's clients.
             settings.influx_token = SecretStr(service.token())
     from laggard.topics import ensure_topics
 

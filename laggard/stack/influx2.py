@@ -8,22 +8,13 @@ token generated here, kept in <state>/influx2/token (mode 600) where Settings pi
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
 import httpx
 
 from laggard.settings import local_influx2_token_file
-from laggard.stack.process import ManagedService, StackError, http_answers
-
-
-def write_private(path: Path, text: str) -> None:
-    """Create or replace `path` readable by its owner only (mode 600 from the start, no window)."""
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
+from laggard.stack.process import ManagedService, StackError, http_answers, write_private
 
 
 class InfluxDB2(ManagedService):

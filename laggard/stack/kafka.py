@@ -17,7 +17,7 @@ import uuid
 from importlib import resources
 from pathlib import Path
 
-from laggard.stack.process import ManagedService, StackError
+from laggard.stack.process import ManagedService, StackError, write_private
 
 CACHE_ROOT = Path(os.environ.get("LAGGARD_CACHE_DIR", Path.home() / ".cache" / "laggard"))
 
@@ -54,11 +54,11 @@ class KafkaBroker(ManagedService):
         JDK that runs the broker); its keystore password is random and stays in the state folder."""
         tls = self.home / "tls"
         keystore, password_file = tls / "broker.p12", tls / "keystore-password"
-        if not keystore.exists():
+        if not self.tls_ca.exists():  # written last: a failed attempt starts over
             tls.mkdir(parents=True, exist_ok=True)
-            password_file.write_text(secrets.token_hex(16))
-            password_file.chmod(0o600)
-            password = password_file.read_text()
+            keystore.unlink(missing_ok=True)
+            password = secrets.token_hex(16)
+            write_private(password_file, password)
             keytool = str(Path(self._java()).resolve().parent / "keytool")
             for args in (["-genkeypair", "-alias", "broker", "-keyalg", "RSA", "-keysize", "2048", "-validity",
                           "3650", "-dname", "CN=localhost", "-ext", "SAN=IP:127.0.0.1,DNS:localhost"],
@@ -126,32 +126,30 @@ class KafkaBroker(ManagedService):
         log4j = self.home / "log4j2.properties"
         log4j.write_text((resources.files("laggard.stack") / "log4j2.properties").read_text())
         tls = f",SSL://127.0.0.1:{self.tls_port}" if self.tls_port else ""
-        self.config_path.write_text(
-            "\n".join([
-                "process.roles=broker,controller",
-                "node.id=1",
-                f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
-                f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}{tls}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}{tls}",
-                "controller.listener.names=CONTROLLER",
-                "inter.broker.listener.name=PLAINTEXT",
-                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL",
-                *(self._tls_config() if self.tls_port else []),
-                f"log.dirs={self.data_dir}",
-                "num.partitions=8",
-                "offsets.topic.replication.factor=1",
-                "offsets.topic.num.partitions=8",
-                "transaction.state.log.replication.factor=1",
-                "transaction.state.log.min.isr=1",
-                "share.coordinator.state.topic.replication.factor=1",
-                "share.coordinator.state.topic.min.isr=1",
-                # One local node: no reason to delay the first rebalance.
-                "group.initial.rebalance.delay.ms=0",
-                "message.max.bytes=10485760",
-                "log.retention.hours=168",
-                "",
-            ])
-        )
+        write_private(self.config_path, "\n".join([
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}{tls}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}{tls}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL",
+            *(self._tls_config() if self.tls_port else []),
+            f"log.dirs={self.data_dir}",
+            "num.partitions=8",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=8",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            # One local node: no reason to delay the first rebalance.
+            "group.initial.rebalance.delay.ms=0",
+            "message.max.bytes=10485760",
+            "log.retention.hours=168",
+            "",
+        ]))
 
     def _classpath(self) -> str:
         return f"{self.libs}/*"

@@ -57,6 +57,14 @@ def free_port() -> int:
     raise StackError("no free local port between 20000 and 32000")
 
 
+def write_private(path: Path, text: str) -> None:
+    """Create or replace `path` readable by its owner only (mode 600 from the start, no window)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
 def http_answers(url: str, status: int) -> bool:
     """A health check: one GET of `url` answered with `status`; False on any HTTP error."""
     try:

@@ -341,7 +341,7 @@ class Dispatcher:
         status = response.status_code
         if 200 <= status < 300:
             return
-        snippet = redact(response.text[:200], [url])
+        snippet = redact(response.text, [url])[:200]  # redact first: a cut could split the URL
         if status == 429:
             self.stats.incr(receiver.name, "rate_limited")
             wait = retry_after_seconds(response.headers, response.content, self.wall_clock())
