@@ -9,7 +9,6 @@ the windows from firing until it resolved, or until the last window of data in t
 from __future__ import annotations
 
 import base64
-import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,22 +18,24 @@ import typer
 
 from agents.sink import InfluxSink
 from laggard.settings import get_settings
+from rules.model import parse_duration
 
 # Per-window finding costs (fields `cost_*` of the `finding` measurement, see agents/detectors.py).
 WASTE_GPU_S_FIELDS = ("cost_peer_gpu_s_wasted", "cost_fast_gpu_s_wasted", "cost_gpu_s_idle")
 WASTE_WH_FIELDS = ("cost_energy_wh_wasted", "cost_energy_wh_idle")
 WORST_JOBS = 10
 CHART_COLORS = {"util": "#1f77b4", "effective": "#d62728", "idle": "#ff7f0e", "energy": "#2ca02c"}
-_DURATION = re.compile(r"^(\d+)([smhdw])$")
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def duration_s(since: str) -> int:
-    """'90s', '30m', '1h', '2d', '1w' -> seconds; anything else is a clear error."""
-    match = _DURATION.match(since.strip())
-    if not match or int(match.group(1)) == 0:
+    """'90s', '30m', '1h', '2d', '1w' (the rules' duration syntax) -> seconds; else a clear error."""
+    try:
+        seconds = round(parse_duration(since))
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
         raise ValueError(f"--since {since!r}: expected a positive number and a unit s, m, h, d or w (e.g. 1h)")
-    return int(match.group(1)) * _SECONDS[match.group(2)]
+    return seconds
 
 
 def quote(value: str) -> str:
@@ -104,7 +105,7 @@ def gather(sink: InfluxSink, since: str, cluster: str | None = None, job: str | 
     period = duration_s(since)
     step = max(1, round(window_s))
     bucket = step * max(1, period // 300 // step)  # whole windows, ~300 points per line at most
-    where = f"time > now() - {since}" + (f" AND \"cluster\" = {quote(cluster)}" if cluster else "")
+    where = f"time > now() - {period}s" + (f" AND \"cluster\" = {quote(cluster)}" if cluster else "")
     job_where = where + (f" AND \"job\" = {quote(job)}" if job else "")
     data = ReportData(since, cluster, job, window_s)
     data.fleet = [
@@ -122,8 +123,10 @@ def gather(sink: InfluxSink, since: str, cluster: str | None = None, job: str | 
         if row.get("job")
     ]
     if job:
-        data.ranks = sink.query(f"SELECT mean(\"util_mean\") AS util FROM \"gpu_window\" WHERE {job_where} "
-                                f"GROUP BY time({bucket}s), \"rank\" fill(none)")
+        # Ranks come from attribution; GPUs of the job without one have no row in the heatmap.
+        data.ranks = [row for row in sink.query(f"SELECT mean(\"util_mean\") AS util FROM \"gpu_window\" "
+                                                f"WHERE {job_where} GROUP BY time({bucket}s), \"rank\" fill(none)")
+                      if row.get("rank")]
     last = sink.query(f"SELECT last(\"util_mean\") FROM \"gpu_window\" WHERE {job_where}")
     data_end = last[0]["time"] + window_s if last else 0.0
     data.episodes = episodes(sink.query(f"SELECT * FROM \"finding\" WHERE {job_where}"), data_end, window_s)
@@ -229,8 +232,10 @@ def chart_ranks(data: ReportData, path: Path) -> Path:
     ranks = sorted({r["rank"] for r in data.ranks}, key=int)
     times = sorted({r["time"] for r in data.ranks})
     grid = np.full((len(ranks), len(times)), np.nan)
+    row_of = {rank: i for i, rank in enumerate(ranks)}
+    column_of = {t: j for j, t in enumerate(times)}
     for r in data.ranks:
-        grid[ranks.index(r["rank"]), times.index(r["time"])] = r["util"]
+        grid[row_of[r["rank"]], column_of[r["time"]]] = r["util"]
     image = ax.imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=100, cmap="viridis", interpolation="nearest")
     if len(ranks) <= 32:
         ax.set_yticks(range(len(ranks)), ranks)
