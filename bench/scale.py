@@ -38,10 +38,11 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from agents.findings import Finding
+from agents.scoring import percentile
 from collectors.publisher import Publisher
 from collectors.simulate import FleetSimulator
 from collectors.simulate.scenario import Scenario
-from laggard.pipeline_run import PipelineError, PipelineRun, gpus_in
+from laggard.pipeline_run import PipelineError, PipelineRun, gpus_in, messages_taken
 from laggard.settings import Settings, get_settings
 from laggard.topics import read_records
 
@@ -63,12 +64,6 @@ def bench_fleet(with_stragglers: bool, duration_s: float = LIVE_DURATION_S) -> S
     })
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -88,10 +83,6 @@ def scrape(run: PipelineRun) -> dict[str, float]:
 
 def metric(metrics: dict[str, float], name: str, **labels: str) -> float:
     return metrics.get(name + json.dumps(labels, sort_keys=True), 0.0)
-
-
-def taken(stats: dict) -> int:
-    return stats.get("accepted", 0) + stats.get("rejected", 0) + stats.get("late", 0)
 
 
 def start_group(base: Settings, count: int, tmp: Path) -> list[PipelineRun]:
@@ -133,9 +124,9 @@ def throughput(base: Settings, count: int, messages: int, tmp: Path) -> tuple[di
     while True:
         stats = [run.stats() for run in runs]
         for run, s in zip(runs, stats):
-            if s and taken(s) == 0 and run.worker.pid not in idle_rss:
+            if s and messages_taken(s) == 0 and run.worker.pid not in idle_rss:
                 idle_rss[run.worker.pid] = rss_mib(run.worker.pid)
-        done, now = sum(taken(s) for s in stats), time.perf_counter()
+        done, now = sum(messages_taken(s) for s in stats), time.perf_counter()
         if start is None and group_ready(runs, base.topic_partitions):
             start = (now, done)
         if done >= published:
@@ -196,7 +187,7 @@ def latency(runs: list[PipelineRun], gpu_rate: float) -> dict:
         raise PipelineError(f"no straggler findings within the deadline; worker log {first.log_path}")
     return {"workers": len(runs), "load_gpu_samples_per_s": round(gpus * speed), "speed_up": round(speed, 2),
             "findings": len(values), "findings_expected": expected,
-            "latency_s_p50": round(statistics.median(values), 2), "latency_s_p99": round(percentile(values, 99), 2),
+            "latency_s_p50": round(statistics.median(values), 2), "latency_s_p99": round(percentile(values, 0.99), 2),
             "latency_s_max": round(max(values), 2), "publisher_max_behind_s": round(behind, 2)}
 
 
