@@ -1,7 +1,12 @@
-"""Stage 4 of the worker (agents/app.py): findings -> alert rules -> chat webhooks.
+"""Stage 4 of the worker (agents/app.py): findings and fleet KPI windows -> alert rules -> chat webhooks.
 
 The rules engine and receivers are in rules/; this module keeps the firing findings, drives the
 engine on a clock, dispatches notifications and checkpoints the alert state in a Faust table.
+
+Nothing here stops alerting for good: a rules file that is bad at startup (with no checkpointed
+rules to fall back on) leaves an engine without rules that still keeps the firing findings, so
+they are alerted on once the file is fixed; a bad reload or silences file keeps the last good
+one; a notification a webhook does not take is deferred and checkpointed (rules/receivers/delivery.py).
 """
 
 from __future__ import annotations
@@ -15,15 +20,15 @@ from typing import Any
 
 import faust
 
-from agents.app import app, counters, deadletter_topic, log, settings
+from agents.app import Input, alert_channel, app, counters, deadletter_topic, log, reject_stage_message, settings
 from agents.findings import Finding
 from laggard.topics import alert_ticks_name, worker_tables
 from rules.cli import ALERTS_STATE_FILE, SILENCES_FILE
 from rules.lifecycle import AlertEngine
 from rules.loader import DEFAULT_RULES, RulesFileInvalid, load_rules
 from rules.model import RulesConfig
-from rules.receivers.delivery import DeadLetter, Dispatcher, SentLog
-from rules.silences import SilenceStore
+from rules.receivers.delivery import DeadLetter, DeliveryOutcome, Dispatcher, SentLog
+from rules.silences import Silence, SilenceStore
 
 # Findings are re-delivered after a restart (at-least-once). A transition no newer than the last one
 # taken for its fingerprint is such a repeat; ended ones are remembered this long (event time).
@@ -40,6 +45,8 @@ class Alerting:
     rules_mtime: float
     firing: dict[str, Finding] = field(default_factory=dict)
     latest: dict[str, float] = field(default_factory=dict)  # finding fingerprint -> window_start taken
+    silences: list[Silence] = field(default_factory=list)  # the last good silences file
+    silences_problem: str = ""  # why the silences file was last refused, logged once per change
 
     def take(self, finding: Finding, now: float) -> None:
         """Show a transition to the engine at once: a resolved one ends its alert (the firing set
@@ -58,14 +65,28 @@ class Alerting:
 
     def state(self) -> dict[str, Any]:
         return {"engine": self.engine.snapshot(), "sent": self.dispatcher.sent_log.to_dict(),
+                "deferred": self.dispatcher.deferred_state(),
                 "firing": [f.model_dump(mode="json") for f in self.firing.values()], "latest": self.latest,
                 "rules": self.engine.config.model_dump(mode="json", by_alias=True)}
 
+    def current_silences(self, path: Path) -> list[Silence]:
+        """The silences file, or the last good one while it cannot be read (logged and counted once)."""
+        try:
+            self.silences, self.silences_problem = SilenceStore(path).load(), ""
+        except (OSError, ValueError) as err:
+            problem = f"{type(err).__name__}: {err}"[:500]
+            if problem != self.silences_problem:
+                self.silences_problem = problem
+                counters.silences_load_failures += 1
+                log.error("silences file %s cannot be read, keeping the last good silences: %s", path, problem)
+        return self.silences
 
-# Findings and the timer's ticks share one single-partition channel, so every alert decision,
-# notification and state checkpoint happens inside stream iteration (Faust tables accept writes
-# only there): a restarted worker resumes with the sent log and sends nothing twice.
-alert_ticks_topic = app.topic(alert_ticks_name(settings), value_serializer="raw", key_serializer="raw")
+
+# Findings, the timer's ticks and the fleet KPI windows share one agent (ticks and windows on one
+# single-partition channel), so every alert decision, notification and state checkpoint happens
+# inside stream iteration (Faust tables accept writes only there): a restarted worker resumes with
+# the sent log and sends nothing twice.
+TICK = b"tick"
 alert_input = app.topic(settings.topic_findings, alert_ticks_name(settings), value_serializer="raw",
                         key_serializer="raw")
 alert_state = app.Table("alert-state", default=dict, partitions=worker_tables(settings)["alert-state"])
@@ -90,22 +111,26 @@ def rules_mtime(path: Path) -> float:
 
 def startup_rules(saved: dict[str, Any]) -> RulesConfig:
     """The rules file; if it is bad, the last good rules from the checkpoint (a restart must not
-    stop alerting), or RulesFileInvalid when there are none."""
+    stop alerting), or, when there are none, the default receivers and routes with no rules: the
+    firing findings are kept and alerted on once the file is fixed (and reloaded)."""
     path = rules_path()
     try:
         return load_rules(path)
     except RulesFileInvalid as err:
-        if not saved.get("rules"):
-            raise
         counters.rules_reload_failures += 1
-        log.error("rules file %s is invalid, keeping the last good rules (from the checkpoint): %s", path, err)
-        return RulesConfig.model_validate(saved["rules"])
+        if saved.get("rules"):
+            log.error("rules file %s is invalid, keeping the last good rules (from the checkpoint): %s", path, err)
+            return RulesConfig.model_validate(saved["rules"])
+        log.error("rules file %s is invalid and no earlier rules are checkpointed: no alerts until it is fixed "
+                  "(firing findings are kept): %s", path, err)
+        return load_rules(DEFAULT_RULES).model_copy(update={"rules": []})
 
 
 def make_alerting(saved: dict[str, Any], config: RulesConfig | None = None) -> Alerting:
     path = rules_path()
     config = config or startup_rules(saved)
-    dispatcher = Dispatcher(config.receivers, dead_letter=notification_dead_letter, sent_log=SentLog(saved.get("sent")))
+    dispatcher = Dispatcher(config.receivers, dead_letter=notification_dead_letter, sent_log=SentLog(saved.get("sent")),
+                            deferred=saved.get("deferred", ()))
     for name, why in dispatcher.problems.items():
         log.warning("receiver %s cannot send: %s", name, why)
     firing = (Finding.model_validate(data) for data in saved.get("firing", []))
@@ -127,19 +152,30 @@ async def reload_rules(current: Alerting) -> Alerting:
         counters.rules_reload_failures += 1
         log.error("rules file %s not reloaded, keeping the last good rules: %s", path, err)
         return current
+    try:
+        reloaded = make_alerting(current.state(), config)
+    except Exception as err:  # the new receivers cannot be set up: the current ones keep sending
+        counters.rules_reload_failures += 1
+        log.error("rules file %s not reloaded, keeping the last good rules: %s: %s", path, type(err).__name__, err)
+        return current
     log.warning("rules file %s reloaded", path)
     await current.dispatcher.aclose()
-    return make_alerting(current.state(), config)
+    return reloaded
+
+
+def count(outcomes: list[DeliveryOutcome]) -> None:
+    for outcome in outcomes:
+        counters.notifications += outcome.status == "sent"
+        counters.notifications_deferred += outcome.status == "deferred"
+        counters.notifications_failed += outcome.status == "dead_lettered"
 
 
 async def send_due_notifications(current: Alerting, now: float) -> None:
     for finding in current.firing.values():
         current.engine.observe_finding(finding, now)
-    silences = SilenceStore(settings.state_dir / SILENCES_FILE).load()
-    for notification in current.engine.advance(now, silences):
-        outcome = await current.dispatcher.dispatch(notification)
-        counters.notifications += outcome.status == "sent"
-        counters.notifications_failed += outcome.status == "dead_lettered"
+    silences = current.current_silences(settings.state_dir / SILENCES_FILE)
+    count(await current.dispatcher.retry_deferred())
+    count([await current.dispatcher.dispatch(n) for n in current.engine.advance(now, silences)])
     # Replaced in one step: `laggard alerts list` never reads half a file.
     state_file = settings.state_dir / ALERTS_STATE_FILE
     state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -148,17 +184,29 @@ async def send_due_notifications(current: Alerting, now: float) -> None:
     partial.replace(state_file)
 
 
+def take(current: Alerting, event: Any) -> None:
+    """A finding, or a cluster's fleet KPI window from the alert channel; ValueError if neither."""
+    if event.message.topic == settings.topic_findings:
+        current.take(Finding.model_validate_json(event.value), time.time())
+    else:
+        current.engine.observe_window(json.loads(event.value), time.time())
+
+
 @app.agent(alert_input)
 async def alert_on_findings(stream: faust.StreamT) -> None:
     global alerting
     async for event in stream.events():
         if alerting is None:
             alerting = make_alerting(alert_state.get("state") or {})
-        if event.message.topic == settings.topic_findings:
-            alerting.take(Finding.model_validate_json(event.value), time.time())
-        else:
+        if event.message.topic != settings.topic_findings and event.value == TICK:
             alerting = await reload_rules(alerting)
             await send_due_notifications(alerting, time.time())
+        else:
+            try:
+                take(alerting, event)
+            except ValueError as err:
+                await reject_stage_message(Input.of(event), err)
+                continue
         alert_state["state"] = alerting.state()
 
 
@@ -174,4 +222,4 @@ async def forget_alerting(app: faust.App, revoked: set, **kwargs: Any) -> None:
 
 @app.timer(interval=1.0)
 async def alert_tick() -> None:
-    await alert_ticks_topic.send(value=b"tick", partition=0)
+    await alert_channel.send(value=TICK, partition=0)

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from agents.findings import Finding, FindingKind, WindowResult, finding_fingerprint
+from agents.findings import Finding, FindingKind, WindowResult, detect_key, finding_fingerprint, group_key
 from agents.lifecycle import Lifecycle, LifecycleState
 from agents.straggler import MixedGeneration, Straggler, StragglerConfig, find_mixed_generation, find_stragglers
 from agents.windows import IDLE_UTIL_PCT
@@ -43,6 +43,15 @@ class SeenGpu(BaseModel):
     model: str
     job: str | None = None
     rank: int | None = None
+    # Windows between its samples, learned (a collector scraping every 30 s into 10 s windows
+    # fills one window in three): it is silent only once it misses more than that.
+    every: int = 1
+    learned: bool = False
+
+    @property
+    def group(self) -> str:
+        """What its results are keyed by in stage 2 (agents.stages.detect_key): its job, else its node."""
+        return group_key(self.cluster, self.job, self.node)
 
 
 class DetectorState(BaseModel):
@@ -263,13 +272,24 @@ class FleetDetector:
             key = f"{lb.cluster}|{lb.node}|{lb.gpu}"
             known = seen.get(key)
             if known is not None and (known.job, known.rank) == (lb.job, lb.rank):
+                gap = round((window_start - known.last_window) / window_s)
+                if gap >= 1:
+                    known.every = gap if not known.learned else min(known.every, gap)
+                    known.learned = True
                 known.last_window = window_start  # the common case: no new object per GPU per window
             else:
                 seen[key] = SeenGpu(last_window=window_start, cluster=lb.cluster, node=lb.node or "", gpu=lb.gpu or 0,
                                     model=lb.model or "", job=lb.job, rank=lb.rank)
-        for g in seen.values():
-            if g.last_window < window_start:
-                missing = round((window_start - g.last_window) / window_s)
+        # A job that ended (or a node that left) stops reporting here as a whole, and its GPUs go on
+        # under another key, maybe in another partition: only a GPU whose group still reports is silent.
+        reporting = {detect_key(r) for r in gpu_results}
+        for key, g in list(seen.items()):
+            if g.last_window < window_start and g.group not in reporting:
+                if not self._lifecycles["silent_gpu"].is_firing(self._silent_fingerprint(g)):
+                    del seen[key]
+                continue
+            missing = round((window_start - g.last_window) / window_s)
+            if g.learned and missing >= g.every:  # seen twice: its interval is known
                 self._add(observed, Finding(
                     kind="silent_gpu", state="firing", cluster=g.cluster, job=g.job, rank=g.rank, node=g.node,
                     gpu=g.gpu, model=g.model, window_start=window_start, window_end=window_start + window_s,
@@ -277,15 +297,21 @@ class FleetDetector:
                     evidence={"last_window_start": g.last_window, "windows_missing": missing},
                 ))
 
+    @staticmethod
+    def _silent_fingerprint(g: SeenGpu) -> str:
+        return finding_fingerprint("silent_gpu", g.cluster, g.job, g.rank, g.node, g.gpu)
+
     def _forget(self, window_start: float, window_s: float) -> None:
         horizon = window_start - self.config.forget_after_windows * window_s
         silent = self.state.lifecycles["silent_gpu"].episodes
         for key, g in list(self.state.seen_gpus.items()):
-            fp = finding_fingerprint("silent_gpu", g.cluster, g.job, g.rank, g.node, g.gpu)
-            if g.last_window < horizon and fp not in silent:
+            if g.last_window < horizon and self._silent_fingerprint(g) not in silent:
                 del self.state.seen_gpus[key]
+        stalled = self.state.lifecycles["job_stalled"].episodes
         for key, last in list(self.state.job_busy.items()):
-            if last < horizon:
+            cluster, _, job = key.partition("|")
+            # A job stalled for longer than the horizon is still the job that was busy, not a new idle one.
+            if last < horizon and finding_fingerprint("job_stalled", cluster, job, None, None, None) not in stalled:
                 del self.state.job_busy[key]
 
 

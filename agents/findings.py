@@ -15,6 +15,10 @@ FindingKind = Literal[
     "straggler", "mixed_generation", "idle_allocated", "job_stalled", "xid", "silent_gpu", "low_utilization"
 ]
 FindingState = Literal["firing", "resolved"]
+# The fleet KPI's numbers per cluster and window (agents.stages.FleetKpi): what the sink writes, and
+# the metrics threshold rules can watch (the worker evaluates them on scope cluster only).
+FLEET_METRICS = ("gpus", "allocated_gpus", "idle_allocated_gpus", "samples", "util_mean", "effective_util",
+                 "power_w_mean", "energy_wh", "parts")
 
 
 class _Frozen(BaseModel):
@@ -74,6 +78,16 @@ class WindowResult(_Frozen):
     @property
     def id(self) -> str:
         return window_id(self.scope, self.key, self.window_start)
+
+
+def group_key(cluster: str, job: str | None, node: str | None) -> str:
+    """Stage 2's partition key: the job, so all its ranks meet; else the node."""
+    return f"{cluster}/{job}" if job is not None else f"{cluster}/node/{node}"
+
+
+def detect_key(result: WindowResult) -> str:
+    labels = result.labels
+    return group_key(labels.cluster, labels.job, labels.node)
 
 
 def window_id(scope: str, key: str, window_start: float) -> str:

@@ -9,7 +9,7 @@ Counters are totals since the worker started (Prometheus' `rate()` makes them pe
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,8 @@ from faust.exceptions import ConsumerNotStarted
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from rules.templating import render_failures
 
 if TYPE_CHECKING:
     import faust
@@ -53,7 +55,10 @@ def input_partitions(app: faust.App) -> list[Any]:
     return sorted(tp for tp in assigned if tp.topic not in changelogs)
 
 
-def consumer_lags(app: faust.App, partitions: Iterable[Any]) -> list[PartitionLag]:
+def consumer_lags(app: faust.App, partitions: Iterable[Any],
+                  taken: Mapping[tuple[str, int], int] | None = None) -> list[PartitionLag]:
+    """Each partition's lag behind its highwater: from the committed offset, or where `taken`
+    has the partition (topic, number), from that offset (the next one a stage expects)."""
     committed, read = app.monitor.tp_committed_offsets, app.monitor.tp_read_offsets
     lags = []
     for tp in partitions:
@@ -61,7 +66,9 @@ def consumer_lags(app: faust.App, partitions: Iterable[Any]) -> list[PartitionLa
             highwater = app.consumer.highwater(tp)
         except AssertionError:  # revoked since assignment() (aiokafka runs in its own thread)
             continue
-        lag = partition_lag(highwater, committed.get(tp), read.get(tp))
+        next_offset = (taken or {}).get((tp.topic, tp.partition))
+        lag = (partition_lag(highwater, next_offset, None) if next_offset is not None
+               else partition_lag(highwater, committed.get(tp), read.get(tp)))
         if lag is not None:
             lags.append(PartitionLag(tp.topic, tp.partition, lag))
     return lags
@@ -87,20 +94,30 @@ def counter_families(counters: Counters, influx_points_written: int, influx_writ
                   {"accepted": c.accepted, "rejected": c.rejected, "late": c.late}),
         _counter("laggard_samples_replayed", "Input messages re-read to rebuild open windows after a "
                  "restart or rebalance", c.replayed),
+        _counter("laggard_input_gaps", "Times a stage found input offsets Faust never handed it (a race "
+                 "around a rebalance) and re-read them from Kafka, or had Faust seek back to them", c.input_gaps),
         _counter("laggard_windows_closed", "Event-time windows closed (all GPUs of a partition)", c.windows_closed),
         _counter("laggard_fleet_windows", "Fleet KPI windows written", c.fleet_windows),
         _counter("laggard_findings", "Findings (state changes) published", c.findings),
-        _labelled("laggard_notifications", "Chat/webhook notifications, by outcome (failed = dead-lettered "
-                  "after retries)", "outcome", {"sent": c.notifications, "failed": c.notifications_failed}),
+        _labelled("laggard_notifications", "Chat/webhook notifications, by outcome (deferred = the webhook did "
+                  "not take it after retries, tried again later; failed = refused for good, dead-lettered)", "outcome",
+                  {"sent": c.notifications, "deferred": c.notifications_deferred, "failed": c.notifications_failed}),
         _labelled("laggard_dead_letters", "Records written to the dead-letter topic, by reason category",
                   "category", {"sample_rejected": c.rejected, "sample_late": c.late,
-                               "notification_failed": c.notifications_failed}),
+                               "notification_failed": c.notifications_failed,
+                               "influx_rejected": c.influx_dead_letters,
+                               "stage_message_rejected": c.stage_rejected}),
         _counter("laggard_influx_points_written", "Points InfluxDB accepted", influx_points_written),
         _counter("laggard_influx_write_failures", "InfluxDB writes that failed and were retried",
                  influx_write_failures),
-        _counter("laggard_influx_points_rejected", "Points InfluxDB refused (dead-lettered)", c.influx_rejected),
+        _counter("laggard_influx_points_rejected", "Points InfluxDB refused and dropped (their "
+                 "write is dead-lettered)", c.influx_rejected),
         _counter("laggard_rules_reload_failures", "Changed rules files refused (last good rules kept)",
                  c.rules_reload_failures),
+        _counter("laggard_silences_load_failures", "Silences files that could not be read (last good kept)",
+                 c.silences_load_failures),
+        _labelled("laggard_template_render_failures", "Annotation templates that failed at send time (sent as "
+                  "the raw template), by rule", "rule", dict(render_failures)),
     ]
 
 

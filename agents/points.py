@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from influxdb_client import Point
 
-from agents.findings import Finding, WindowResult
+from agents.findings import FLEET_METRICS, Finding, WindowResult
 from agents.stages import FleetKpi
 
 WINDOW_FIELDS = (
     "samples", "util_mean", "util_min", "util_max", "util_p50", "util_p95", "effective_util",
     "power_w_mean", "energy_wh", "sm_clock_mhz_mean", "temp_c_mean", "temp_c_max", "throttled_share", "xid_count",
 )
-FLEET_FIELDS = ("gpus", "allocated_gpus", "idle_allocated_gpus", "samples", "util_mean", "effective_util",
-                "power_w_mean", "energy_wh", "parts")
 
 
 def _ms(ts: float) -> int:
@@ -45,7 +43,7 @@ def window_line(result: WindowResult) -> str:
 
 def fleet_point(kpi: FleetKpi) -> Point:
     point = Point("fleet").tag("cluster", kpi.cluster)
-    for name in FLEET_FIELDS:
+    for name in FLEET_METRICS:
         point.field(name, float(getattr(kpi, name)))
     return point.time(_ms(kpi.window_start), "ms")
 

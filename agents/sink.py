@@ -1,21 +1,28 @@
 """Writes line-protocol points to InfluxDB: 1.x through `/write?db=` (Debian's 1.6.7 has nothing
-else), 2.x and 3.x through influxdb-client's synchronous write API (`/api/v2/write`, token, org,
-bucket). The version is a setting, detected from `/ping` when unset.
+else), 2.x and 3.x through `/api/v2/write` (token, org, bucket). The version is a setting,
+detected from `/ping` when unset.
 
 A write that fails is retried with capped exponential backoff until it succeeds: the agent calling
 it does not finish the event, so Faust does not commit past it and the results wait in Kafka while
-InfluxDB is down. The synchronous API is used on purpose: the batching WriteApi loses what it
-buffered unless closed, and its flush() does nothing.
+InfluxDB is down. Only a refusal of the points themselves (HTTP 400, 413, 422: a field type
+conflict, bad syntax, too large) is not retried: it raises InfluxRejected, which says how many
+points InfluxDB dropped (the others in a partial write were written), and the caller dead-letters
+them. A wrong token, a missing database or bucket (401, 403, 404) is retried like an outage,
+logged with InfluxDB's answer, so fixing the setting loses nothing.
+
+Both versions go through one httpx client, so every failure is one of the exceptions above:
+influxdb-client's write API raised its own ApiException for refusals and urllib3's for a server
+that was down, which neither the retry nor the caller caught.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Iterable
 
 import httpx
-from influxdb_client import InfluxDBClient, Point, WritePrecision
-from influxdb_client.client.write_api import SYNCHRONOUS
+from influxdb_client import Point
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from laggard.settings import Settings, get_settings
@@ -28,8 +35,17 @@ class InfluxUnavailable(RuntimeError):
 
 
 class InfluxRejected(ValueError):
-    """InfluxDB refused the points themselves (HTTP 4xx: a field type conflict, bad syntax):
-    retrying cannot help, so the caller dead-letters them."""
+    """InfluxDB refused the points themselves: retrying cannot help, so the caller dead-letters
+    them. `dropped` is how many InfluxDB says it dropped (None when it does not say)."""
+
+    def __init__(self, message: str, dropped: int | None) -> None:
+        super().__init__(message)
+        self.dropped = dropped
+
+
+# Statuses that refuse the points themselves; any other failure is retried.
+REJECTED_STATUSES = frozenset({400, 413, 422})
+_DROPPED = re.compile(r"dropped=(\d+)")
 
 
 def detect_version(url: str, timeout_s: float = 5.0) -> int:
@@ -53,7 +69,6 @@ class InfluxSink:
         self.url = self.settings.influx_url.rstrip("/")
         self.give_up_after_s = give_up_after_s
         self._version = self.settings.influx_version
-        self._client: InfluxDBClient | None = None
         self._http = httpx.Client(timeout=30)
         self.points_written = 0
         self.write_failures = 0
@@ -78,50 +93,53 @@ class InfluxSink:
     def _log_retry(self, state: Any) -> None:
         self.write_failures += 1
         err = state.outcome.exception()
-        log.warning("InfluxDB at %s unavailable (%s); retry %d", self.url, type(err).__name__, state.attempt_number)
+        log.warning("InfluxDB at %s unavailable (%s: %s); retry %d", self.url, type(err).__name__, err,
+                    state.attempt_number)
 
     def write(self, points: Iterable[Point | str], precision: str = "s") -> None:
         lines = to_lines(points)
         if not lines:
             return
         body = "\n".join(lines)
-        self._retrying(lambda: self._write_once(body, precision))
+        try:
+            self._retrying(lambda: self._write_once(body, precision))
+        except InfluxRejected as err:
+            if err.dropped is not None:  # a partial write: InfluxDB kept the others
+                self.points_written += max(0, len(lines) - err.dropped)
+            raise
         self.points_written += len(lines)
 
     def _write_once(self, body: str, precision: str) -> None:
         if self.version == 1:
-            params = {"db": self.settings.influx_database, "precision": precision}
-            auth = self._v1_auth()
-            reply = self._http.post(f"{self.url}/write", params=params, content=body.encode(), auth=auth)
-            if reply.status_code >= 500:
-                raise InfluxUnavailable(f"HTTP {reply.status_code}")
-            if reply.status_code != 204:
-                raise InfluxRejected(f"InfluxDB rejected the write: HTTP {reply.status_code} {reply.text[:300]}")
+            url, params = f"{self.url}/write", {"db": self.settings.influx_database, "precision": precision}
+        else:
+            url = f"{self.url}/api/v2/write"
+            params = {"org": self.settings.influx_org, "bucket": self.settings.influx_bucket, "precision": precision}
+        reply = self._http.post(url, params=params, content=body.encode(), headers=self._v2_headers(),
+                                auth=self._v1_auth())
+        if reply.status_code == 204:
             return
-        self._v2_client().write_api(write_options=SYNCHRONOUS).write(
-            bucket=self.settings.influx_bucket, org=self.settings.influx_org, record=body,
-            write_precision=getattr(WritePrecision, precision.upper()),
-        )
+        answer = f"HTTP {reply.status_code} {reply.text[:300]}"
+        if reply.status_code in REJECTED_STATUSES:
+            dropped = _DROPPED.search(reply.text)
+            raise InfluxRejected(f"InfluxDB rejected the write: {answer}", int(dropped[1]) if dropped else None)
+        raise InfluxUnavailable(answer)
 
     def _v1_auth(self) -> tuple[str, str] | None:
         if self.settings.influx_username and self.settings.influx_password:
             return (self.settings.influx_username, self.settings.influx_password.get_secret_value())
         return None
 
-    def _v2_client(self) -> InfluxDBClient:
-        if self._client is None:
-            token = self.settings.influx_token.get_secret_value() if self.settings.influx_token else ""
-            self._client = InfluxDBClient(url=self.url, token=token, org=self.settings.influx_org)
-        return self._client
+    def _v2_headers(self) -> dict[str, str]:
+        if self.version != 1 and self.settings.influx_token:
+            return {"Authorization": f"Token {self.settings.influx_token.get_secret_value()}"}
+        return {}
 
     def query(self, influxql: str) -> list[dict[str, Any]]:
         """Run InfluxQL (1.x natively; 2.x/3.x through their /query compatibility endpoint)."""
         params = {"db": self.settings.influx_database if self.version == 1 else self.settings.influx_bucket,
                   "q": influxql, "epoch": "s"}
-        headers = {}
-        if self.version != 1 and self.settings.influx_token:
-            headers["Authorization"] = f"Token {self.settings.influx_token.get_secret_value()}"
-        reply = self._http.get(f"{self.url}/query", params=params, headers=headers, auth=self._v1_auth())
+        reply = self._http.get(f"{self.url}/query", params=params, headers=self._v2_headers(), auth=self._v1_auth())
         reply.raise_for_status()
         rows: list[dict[str, Any]] = []
         for result in reply.json().get("results", []):
@@ -134,6 +152,4 @@ class InfluxSink:
 
     def close(self) -> None:
         self._http.close()
-        if self._client is not None:
-            self._client.close()
 

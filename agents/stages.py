@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pydantic import TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from agents.detectors import FleetDetector, LowUtilizationBaseline
-from agents.findings import Finding, WindowResult
+from agents.findings import FLEET_METRICS, Finding, WindowResult
 from agents.windows import ClosedWindow, Windower
 from laggard.events import EventRejected, NodeSample, decode_node_sample
 
@@ -41,10 +41,14 @@ class SampleOutcome:
 @dataclass
 class InputOffsets:
     """The lowest input offset feeding each open window: where a restarted worker re-reads from
-    to rebuild what it had in memory (see agents/app.py, checkpoints)."""
+    to rebuild what it had in memory (see agents/app.py, checkpoints). With `keep_last_closed`,
+    from the last closed window's instead: its samples come back as already emitted, but they are
+    each GPU's previous sample, which the first interval of the open window's energy is measured from."""
 
     first: dict[float, int] = field(default_factory=dict)
     next: int = 0
+    keep_last_closed: bool = False
+    last_closed: int | None = None
 
     def saw(self, offset: int) -> None:
         self.next = max(self.next, offset + 1)
@@ -54,17 +58,21 @@ class InputOffsets:
         self.first.setdefault(window_start, offset)
 
     def done_before(self, window_end: float) -> None:
-        for start in [s for s in self.first if s < window_end]:
+        done = sorted(s for s in self.first if s < window_end)
+        if done and self.keep_last_closed:
+            self.last_closed = self.first[done[-1]]
+        for start in done:
             del self.first[start]
 
     def replay_from(self) -> int:
-        return min(self.first.values(), default=self.next)
+        kept = [self.last_closed] if self.last_closed is not None else []
+        return min([*self.first.values(), *kept], default=self.next)
 
 
 class SampleStage:
     def __init__(self, window_s: float, grace_s: float, clock: Callable[[], float] = time.time) -> None:
         self.windower = Windower(window_s, grace_s, clock=clock)
-        self.offsets = InputOffsets()
+        self.offsets = InputOffsets(keep_last_closed=True)
         self.taken_before = -1  # offsets below this were taken before the restart
         self.last_arrival = time.monotonic()
 
@@ -74,13 +82,17 @@ class SampleStage:
     def restore(self, state: dict) -> None:
         self.windower.restore(state)
         self.offsets.next = state["replay_from"]
-        self.taken_before = state["next"]
+        self.taken_before = state.get("next", state["replay_from"])  # checkpoints before 'next' existed
 
-    def add(self, raw: bytes, offset: int) -> SampleOutcome:
+    def add(self, raw: bytes | None, offset: int) -> SampleOutcome:
         """Take one message. After a restart, messages taken before it come again (re-read from
         the checkpoint, or redelivered past Faust's last commit): those whose window was already
-        emitted are `seen`, and rejects among them were dead-lettered the first time."""
+        emitted are `seen`, and rejects among them were dead-lettered the first time. So is a
+        message below `offsets.next`: this stage has taken it already (Faust can deliver a message
+        again around a rebalance), and taking it twice would count its samples twice."""
         self.last_arrival = time.monotonic()
+        if offset < self.offsets.next:
+            return SampleOutcome(seen=True)
         self.offsets.saw(offset)
         retaken = offset < self.taken_before
         try:
@@ -112,8 +124,25 @@ class SampleStage:
 
 
 _RESULTS = TypeAdapter(list[WindowResult])
-# Stage-1 -> stage-2 messages: a JSON list of GPU results, or a marker object.
+# Stage-1 -> stage-2 messages: a JSON list of GPU results, or a WindowMarker object.
 MARKER_PREFIX = b'{"part"'
+
+
+class WindowMarker(BaseModel):
+    """Stage-1 partition `part` has emitted every window ending at or before `closed_before`."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    part: int = Field(ge=0)
+    closed_before: float
+    heartbeat: bool = False  # from a partition with nothing to window: not activity (see PendingWindows.tick)
+
+
+class FleetPartial(BaseModel):
+    """One stage-1 partition's share of a cluster's window, for stage 3."""
+
+    model_config = ConfigDict(extra="forbid")
+    part: int = Field(ge=0)
+    result: WindowResult
 
 
 def results_json(results: list[WindowResult]) -> bytes:
@@ -124,19 +153,14 @@ def parse_results(raw: bytes) -> list[WindowResult]:
     return _RESULTS.validate_json(raw)
 
 
-def detect_key(result: WindowResult) -> str:
-    """Partition key for stage 2: the job, so all its ranks meet; else the node."""
-    labels = result.labels
-    return f"{labels.cluster}/{labels.job}" if labels.job is not None else f"{labels.cluster}/node/{labels.node}"
-
-
 @dataclass
 class PendingWindows:
     """Results gathered per window until the window is complete; each window is released once.
 
     Complete = every one of the `parts` upstream partitions has said it closed the window
-    (`mark`), or nothing has arrived for `hold_s` of wall time (an upstream partition that
-    carries no data never marks anything; a slow one still sends, so it is waited for).
+    (`mark`), or nothing has arrived for `hold_s` of wall time. An upstream partition that carries
+    no data says so with heartbeat marks (agents/app.py), so it does not hold the others back; a
+    slow one still sends, so it is waited for (a backlog drains partitions at different speeds).
     """
 
     window_s: float
@@ -174,9 +198,10 @@ class PendingWindows:
         window[key] = result
         self.last_arrival = time.monotonic() if now is None else now
 
-    def mark(self, part: int, closed_before: float, offset: int) -> list[list[WindowResult]]:
+    def mark(self, part: int, closed_before: float, offset: int, heartbeat: bool = False) -> list[list[WindowResult]]:
         """Upstream partition `part` has emitted every window ending at or before `closed_before`."""
-        self.last_arrival = time.monotonic()
+        if not heartbeat:  # heartbeats come on while all is quiet: they must not stop `tick` flushing
+            self.last_arrival = time.monotonic()
         self.offsets.saw(offset)
         self.closed_before[part] = max(closed_before, self.closed_before.get(part, float("-inf")))
         if len(self.closed_before) < self.parts:
@@ -214,6 +239,10 @@ class DetectStage:
     def released_before(self) -> float:
         return self.windows.released_before
 
+    @property
+    def offsets(self) -> InputOffsets:
+        return self.windows.offsets
+
     def checkpoint(self) -> dict:
         """Detector state and window progress, consistent with each other: taken after a release."""
         return {**self.windows.checkpoint(), "detector": self.detector.to_dict()}
@@ -235,14 +264,40 @@ class DetectStage:
         for result in results:
             self.windows.add(result, result.id, offset, now)
 
-    def mark(self, part: int, closed_before: float, offset: int) -> list[Finding]:
-        return self._judge(self.windows.mark(part, closed_before, offset))
+    def mark(self, part: int, closed_before: float, offset: int, heartbeat: bool = False) -> list[Finding]:
+        return self._judge(self.windows.mark(part, closed_before, offset, heartbeat))
 
     def tick(self, now: float | None = None) -> list[Finding]:
         return self._judge(self.windows.tick(now))
 
     def flush(self) -> list[Finding]:
         return self._judge(self.windows.flush())
+
+
+@dataclass
+class FleetStage:
+    """One stage-3 partition: every stage-1 partition's marks, and each cluster's pending windows.
+    A cluster's window is complete once every stage-1 partition has marked it, whether or not it
+    has nodes of that cluster (its partials, if any, come before its mark)."""
+
+    window_s: float
+    hold_s: float
+    parts: int  # stage-1 partitions
+    closed_before: dict[int, float] = field(default_factory=dict)  # shared by every cluster's PendingWindows
+    clusters: dict[str, PendingWindows] = field(default_factory=dict)
+    offsets: InputOffsets = field(default_factory=InputOffsets)  # only `next`: it has no checkpoint
+
+    def pending(self, cluster: str) -> PendingWindows:
+        pending = self.clusters.get(cluster)
+        if pending is None:
+            pending = self.clusters[cluster] = PendingWindows(self.window_s, self.hold_s, self.parts,
+                                                              closed_before=self.closed_before)
+        return pending
+
+    def mark(self, part: int, closed_before: float, heartbeat: bool = False) -> list[list[WindowResult]]:
+        self.closed_before[part] = max(closed_before, self.closed_before.get(part, float("-inf")))
+        return [window for pending in self.clusters.values()
+                for window in pending.mark(part, closed_before, 0, heartbeat)]
 
 
 @dataclass
@@ -276,3 +331,10 @@ def merge_fleet(partials: list[WindowResult]) -> FleetKpi:
         util_mean=weighted("util_mean"), effective_util=weighted("effective_util"),
         power_w_mean=weighted("power_w_mean"), energy_wh=sum(p.energy_wh for p in partials), parts=len(partials),
     )
+
+
+def kpi_window(kpi: FleetKpi) -> dict:
+    """A cluster's fleet KPI as a window for the alert rules (rules.evaluate.WindowIn)."""
+    return {"scope": "cluster", "labels": {"cluster": kpi.cluster}, "window_start": kpi.window_start,
+            "window_end": kpi.window_start + kpi.window_s,
+            "metrics": {name: float(getattr(kpi, name)) for name in FLEET_METRICS}}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from itertools import accumulate
-from operator import add
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -47,7 +46,7 @@ GpuKey = tuple[str, str, int, str | None, int | None, str]  # cluster, node, gpu
 
 @dataclass(slots=True)
 class GpuAccumulator:
-    """Sums over one window; `merge` adds another accumulator of the same or another series."""
+    """Sums over one window; `total` adds up several (a scope's GPU series)."""
 
     samples: int = 0
     util_sum: float = 0.0
@@ -68,26 +67,32 @@ class GpuAccumulator:
     xid_count: int = 0
     xid_last: int | None = None
 
-    def merge(self, other: GpuAccumulator) -> None:
-        self.samples += other.samples
-        self.util_sum += other.util_sum
-        self.util_min = min(self.util_min, other.util_min)
-        self.util_max = max(self.util_max, other.util_max)
-        self.util_hist = list(map(add, self.util_hist, other.util_hist))
-        self.power_share_sum += other.power_share_sum
-        self.sm_active_sum += other.sm_active_sum
-        self.sm_active_samples += other.sm_active_samples
-        self.power_sum += other.power_sum
-        self.idle_power_sum += other.idle_power_sum
-        self.energy_wh += other.energy_wh
-        self.clock_sum += other.clock_sum
-        self.temp_sum += other.temp_sum
-        self.temp_max = max(self.temp_max, other.temp_max)
-        self.throttled += other.throttled
-        self.throttled_by = list(map(add, self.throttled_by, other.throttled_by))
-        self.xid_count += other.xid_count
-        if other.xid_last is not None:
-            self.xid_last = other.xid_last
+    @classmethod
+    def total(cls, accs: list[GpuAccumulator]) -> GpuAccumulator:
+        """The sums of several accumulators (a scope's GPU series): one pass per field, the
+        histograms added column by column, instead of one merge per series."""
+        out = cls(
+            samples=sum(a.samples for a in accs),
+            util_sum=sum(a.util_sum for a in accs),
+            util_min=min((a.util_min for a in accs), default=math.inf),
+            util_max=max((a.util_max for a in accs), default=-math.inf),
+            power_share_sum=sum(a.power_share_sum for a in accs),
+            sm_active_sum=sum(a.sm_active_sum for a in accs),
+            sm_active_samples=sum(a.sm_active_samples for a in accs),
+            power_sum=sum(a.power_sum for a in accs),
+            idle_power_sum=sum(a.idle_power_sum for a in accs),
+            energy_wh=sum(a.energy_wh for a in accs),
+            clock_sum=sum(a.clock_sum for a in accs),
+            temp_sum=sum(a.temp_sum for a in accs),
+            temp_max=max((a.temp_max for a in accs), default=-math.inf),
+            throttled=sum(a.throttled for a in accs),
+            xid_count=sum(a.xid_count for a in accs),
+            xid_last=next((a.xid_last for a in reversed(accs) if a.xid_last is not None), None),
+        )
+        if accs:
+            out.util_hist = list(map(sum, zip(*(a.util_hist for a in accs))))
+            out.throttled_by = list(map(sum, zip(*(a.throttled_by for a in accs))))
+        return out
 
     def effective(self) -> float:
         """Effective utilization of one GPU series over the window (see agents.effective)."""
@@ -114,12 +119,11 @@ class Rollup:
         idle = allocated and gpu.util_sum / gpu.samples <= IDLE_UTIL_PCT
         return cls(gpu, gpu.effective() * gpu.samples, 1, int(allocated), int(idle))
 
-    def add(self, gpu: Rollup) -> None:
-        self.acc.merge(gpu.acc)
-        self.effective_weighted += gpu.effective_weighted
-        self.gpus += gpu.gpus
-        self.allocated += gpu.allocated
-        self.idle_allocated += gpu.idle_allocated
+    @classmethod
+    def of_gpus(cls, gpus: list[Rollup]) -> Rollup:
+        """A scope made of GPU series (each a Rollup.of_gpu)."""
+        return cls(GpuAccumulator.total([g.acc for g in gpus]), sum(g.effective_weighted for g in gpus),
+                   sum(g.gpus for g in gpus), sum(g.allocated for g in gpus), sum(g.idle_allocated for g in gpus))
 
 
 def _percentile(cumulative: list[int], q: float) -> float:
@@ -175,22 +179,23 @@ class ClosedWindow:
     def gpu_results(self) -> list[WindowResult]:
         out = []
         for (cluster, node, gpu, job, rank, model), acc in self.series.items():
-            series_key = f"{cluster}/{node}/{gpu}" + (f"@{job}" if job is not None else "")
+            # The rank too: a GPU that changes rank within a window is two series, not one twice.
+            series_key = f"{cluster}/{node}/{gpu}" + (f"@{job}#{rank}" if job is not None else "")
             labels = Labels(cluster=cluster, node=node, gpu=gpu, job=job, rank=rank, model=model)
             out.append(_result("gpu", series_key, labels, self.window_start, self.window_s, Rollup.of_gpu(acc, job)))
         return out
 
     def rollup_results(self) -> list[WindowResult]:
         """Node, job, GPU-model and cluster results (the cluster ones carry the fleet KPI)."""
-        scopes: dict[tuple[Scope, str], Rollup] = {}
+        scopes: dict[tuple[Scope, str], list[Rollup]] = {}
         labels: dict[tuple[Scope, str], Labels] = {}
 
         def into(scope: Scope, key: str, gpu: Rollup, **label: str) -> None:
-            rollup = scopes.get((scope, key))
-            if rollup is None:
-                rollup = scopes[(scope, key)] = Rollup()
+            members = scopes.get((scope, key))
+            if members is None:
+                members = scopes[(scope, key)] = []
                 labels[(scope, key)] = Labels(**label)
-            rollup.add(gpu)
+            members.append(gpu)
 
         for (cluster, node, _gpu, job, _rank, model), acc in self.series.items():
             gpu = Rollup.of_gpu(acc, job)
@@ -200,8 +205,8 @@ class ClosedWindow:
             into("model", f"{cluster}/{model}", gpu, cluster=cluster, model=model)
             into("cluster", cluster, gpu, cluster=cluster)
         return [
-            _result(scope, key, labels[(scope, key)], self.window_start, self.window_s, rollup)
-            for (scope, key), rollup in scopes.items()
+            _result(scope, key, labels[(scope, key)], self.window_start, self.window_s, Rollup.of_gpus(members))
+            for (scope, key), members in scopes.items()
         ]
 
     def results(self) -> list[WindowResult]:
@@ -228,6 +233,7 @@ class Windower:
         self._open: dict[float, dict[GpuKey, GpuAccumulator]] = {}
         self._closed_before = -math.inf  # every window starting before this has been emitted
         self._last: dict[str, tuple[float, float | None]] = {}  # GPU uuid -> ts, energy_j of its last sample
+        self._on_time_at = clock() if clock is not None else 0.0  # wall time of the last sample not too far ahead
         self._idle: dict[tuple[str, float], float] = {}  # (model, power limit) -> idle power
 
     @property
@@ -252,9 +258,14 @@ class Windower:
         start = self.window_start(ts)
         if start < self._closed_before or start + self.window_s <= self.watermark:
             self.late_samples += len(sample.gpus)
+            # Still the GPUs' latest sighting: after a restart, the replay starts with samples of
+            # windows already emitted, and the first open window's energy is measured from them.
+            for g in sample.gpus:
+                if ts > self._last.get(g.uuid, (-math.inf, None))[0]:
+                    self._last[g.uuid] = (ts, g.energy_j)
             return False
-        if ts > self.max_ts and (self.clock is None or ts <= self.clock() + FUTURE_TOLERANCE_S):
-            self.max_ts = ts
+        if ts > self.max_ts:
+            self._advance(ts)
         series = self._open.get(start)
         if series is None:
             series = self._open[start] = {}
@@ -311,6 +322,17 @@ class Windower:
                     else:
                         acc.energy_wh += power * (ts - prev[0]) / 3600.0
         return True
+
+    def _advance(self, ts: float) -> None:
+        """Move event time to `ts`, unless it is stamped too far ahead of the clock (see `clock`).
+        A partition whose every collector runs fast would then never close a window: once only
+        such samples have come for FUTURE_TOLERANCE_S of wall time, event time follows the clock."""
+        now = self.clock() if self.clock is not None else None
+        if now is None or ts <= now + FUTURE_TOLERANCE_S:
+            self.max_ts = ts
+            self._on_time_at = now
+        elif now - self._on_time_at > FUTURE_TOLERANCE_S:
+            self.max_ts = max(self.max_ts, now)
 
     def checkpoint(self) -> dict[str, float | None]:
         """Event-time progress (not the open windows): enough to resume after a replay."""

@@ -8,7 +8,10 @@ py-spy samples the worker for --profile-s seconds of that span and the functions
 own time go to stderr (py-spy slows the worker a little, so profile and measure in separate runs).
 Then, on the same topic, a no-op Faust agent with the worker's consumer settings
 (bench/faust_noop.py) gives Faust's own ceiling, and `share_of_faust_ceiling` how close the worker
-gets to it. The last line is one JSON object.
+gets to it. Last, laggard's own stage-1 work (decode, window, and what a closed window becomes:
+agents.outputs) is timed in this process on the same messages, with no Kafka and no Faust:
+`stage1_alone_gpu_samples_per_s` is what the worker could reach if Faust cost nothing. The last
+line is one JSON object.
 
     python bench/agents.py [--scenario collectors/scenarios/all_faults.yaml] [--messages 30000] [--profile]
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import shutil
 import subprocess
@@ -29,6 +33,9 @@ from pathlib import Path
 # `agents` package: put the repository root there instead.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from agents.outputs import window_outputs
+from agents.stages import SampleStage
+from collectors.simulate import FleetSimulator, load_scenario
 from laggard.evaluate import EVAL_OVERRIDES
 from laggard.pipeline_run import PipelineRun
 from laggard.settings import get_settings
@@ -47,6 +54,33 @@ def top_functions(raw_profile: Path, count: int = 15) -> list[tuple[int, str]]:
     return [(samples, function) for function, samples in own.most_common(count)]
 
 
+# Where a worker's CPU goes, by the outermost laggard frame on the stack (py-spy frame prefixes).
+PARTS = (
+    ("window_samples ", "stage 1: samples -> windows (agents/app.py window_samples)"),
+    ("detect ", "stage 2: detectors (detect)"),
+    ("fleet_kpi ", "stage 3: fleet KPI (fleet_kpi)"),
+    ("close_idle_windows ", "1 s timer (close_idle_windows)"),
+    ("alert_", "alerting"),
+    ("InfluxSink.write ", "InfluxDB writes (its thread)"),
+)
+IDLE_LEAVES = ("EpollSelector.select ", "wait (threading.py", "_wait_for_tstate_lock ", "select (selectors.py")
+
+
+def cpu_by_part(raw_profile: Path) -> dict[str, float]:
+    """Share of the worker's busy samples per part; the rest is Faust, aiokafka and asyncio."""
+    busy: collections.Counter[str] = collections.Counter()
+    for line in raw_profile.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        frames = stack.split(";")
+        if not stack or frames[-1].startswith(IDLE_LEAVES):
+            continue
+        part = next((name for frame in frames for prefix, name in PARTS if frame.startswith(prefix)),
+                    "Faust, aiokafka and asyncio around the agents")
+        busy[part] += int(samples)
+    total = sum(busy.values())
+    return {part: round(n / total, 3) for part, n in busy.most_common()}
+
+
 def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
@@ -63,6 +97,23 @@ def faust_ceiling(env: dict[str, str], messages: int, timeout_s: float) -> int:
         if line.startswith("noop_messages_per_s="):
             return int(line.split("=", 1)[1])
     sys.exit(f"the no-op Faust agent reported nothing:\n{done.stderr[-2000:]}")
+
+
+def stage1_seconds(scenario: Path, start_ts: float, count: int) -> float:
+    """Seconds laggard's stage-1 code takes for the first `count` messages of the run, in process."""
+    settings = get_settings()
+    sim = FleetSimulator(load_scenario(scenario), start_ts=start_ts)
+    messages = [value for _key, value in itertools.islice(
+        (message for _ts, batch in sim.encoded_ticks() for message in batch), count)]
+    stage = SampleStage(settings.window_s, settings.late_grace_s)
+    started = time.perf_counter()
+    for offset, raw in enumerate(messages):
+        stage.add(raw, offset)
+        for closed in stage.closed():
+            window_outputs(closed, 0)
+    for closed in stage.windower.flush():
+        window_outputs(closed, 0)
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -96,10 +147,12 @@ def main() -> None:
                 time.sleep(POLL_S)
             run.stop_worker()
             noop_rate = faust_ceiling(run.env, run.published, args.timeout_s)
+        stage1_s = stage1_seconds(args.scenario, run.start_ts, run.published)
         assert first is not None
         seconds = now - first[0]
         messages = run.published - first[1]
         gpus_per_message = run.gpu_samples / run.published
+        parts: dict[str, float] = {}
         if profile is not None:
             _, errors = profile.communicate()
             out = Path(tmp) / "profile.txt"
@@ -107,6 +160,10 @@ def main() -> None:
                 print("worker functions with the most own time (py-spy samples):", file=sys.stderr)
                 for samples, function in top_functions(out):
                     print(f"{samples:8d}  {function}", file=sys.stderr)
+                parts = cpu_by_part(out)
+                print("worker CPU by part (py-spy busy samples):", file=sys.stderr)
+                for part, share in parts.items():
+                    print(f"{share:8.1%}  {part}", file=sys.stderr)
             else:
                 print(f"py-spy wrote no profile: {errors.decode(errors='replace')}", file=sys.stderr)
     print(json.dumps({
@@ -117,7 +174,11 @@ def main() -> None:
         "gpus_per_message": round(gpus_per_message, 2),
         "faust_noop_messages_per_s": noop_rate,
         "share_of_faust_ceiling": round(messages / seconds / noop_rate, 2),
+        "faust_noop_gpu_samples_per_s": round(noop_rate * gpus_per_message),
+        "stage1_alone_us_per_message": round(stage1_s / run.published * 1e6, 1),
+        "stage1_alone_gpu_samples_per_s": round(run.gpu_samples / stage1_s),
         "profiled": args.profile,
+        **({"cpu_by_part": parts} if parts else {}),
     }))
 
 

@@ -47,6 +47,7 @@ from typing import Protocol, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from collectors.base import Rejects
 from laggard.events import describe_validation_error
 
 log = logging.getLogger("laggard.collectors")
@@ -96,9 +97,11 @@ class MappingFile:
 
     def __init__(self, path: Path) -> None:
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as err:
             raise AttributionError(f"attribution file {path}: {err}") from None
+        except UnicodeDecodeError as err:
+            raise AttributionError(f"attribution file {path}: not UTF-8 text (byte {err.start})") from None
         if not isinstance(raw, dict):
             raise AttributionError(f"attribution file {path}: expected a mapping of GPU -> {{job, rank}}")
         try:
@@ -178,11 +181,17 @@ def pod_index(pod: str, labels: Mapping[str, str]) -> int | None:
 K = TypeVar("K", bound=Hashable)
 
 
-def k8s_assignments(gpu_labels: Mapping[K, Mapping[str, str]]) -> dict[K, Assignment]:
+def k8s_assignments(
+    gpu_labels: Mapping[K, Mapping[str, str]], rejects: Rejects | None = None
+) -> dict[K, Assignment]:
     """Job and rank per GPU from dcgm-exporter's pod labels; GPUs without a pod are left out.
 
-    `gpu_labels` maps a sortable per-GPU key (index, MIG instance) to that GPU's labels.
+    `gpu_labels` maps a sortable per-GPU key (index, MIG instance) to that GPU's labels. A job
+    name or rank out of Assignment's bounds (a pod named `eval-20241126` has "ordinal" 20241126)
+    is counted in `rejects` (once per pod) and logged: a bad rank leaves the job alone, a bad job
+    leaves that pod's GPUs unattributed.
     """
+    rejects = rejects or Rejects("k8s")
     by_pod: dict[tuple[str, str], list[K]] = defaultdict(list)
     for key, labels in gpu_labels.items():
         if labels.get("pod"):
@@ -192,9 +201,15 @@ def k8s_assignments(gpu_labels: Mapping[K, Mapping[str, str]]) -> dict[K, Assign
         labels = gpu_labels[keys[0]]
         owner = next((labels[name] for name in JOB_LABELS if labels.get(name)), None) or pod_owner(pod)
         job = f"{namespace}/{owner}" if namespace else owner
+        where = f"pod {namespace}/{pod}"
+        if (job_only := rejects.validate(Assignment, {"job": job}, where)) is None:
+            continue
         index = pod_index(pod, labels)
+        if index is not None:
+            # Validated for the pod's highest rank, so a bad index is one reject, not one per GPU.
+            top = {"job": job, "rank": index * len(keys) + len(keys) - 1}
+            index = index if rejects.validate(Assignment, top, where) is not None else None
         for local, key in enumerate(sorted(keys)):  # type: ignore[type-var]
-            rank = None if index is None else index * len(keys) + local
-            found[key] = Assignment(job=job, rank=rank)
+            found[key] = job_only if index is None else Assignment(job=job, rank=index * len(keys) + local)
     return found
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -36,6 +38,11 @@ LOG_FIRST = 10
 LOG_EVERY = 100
 
 _FAMILY = re.compile(r"[A-Z]{1,2}\d{2,3}[A-Z]?")
+
+def stdout_to_devnull() -> None:
+    """The reader of stdout is gone (`--stdout | head`): later writes and the flush at exit go
+    nowhere instead of raising BrokenPipeError."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class Rejects:
@@ -119,7 +126,8 @@ class SystemClock:
         return time.monotonic()
 
     def wait(self, seconds: float) -> bool:
-        return self.stop.wait(max(0.0, seconds))
+        # Event.wait raises OverflowError beyond TIMEOUT_MAX (~292 years); sleep_until loops on.
+        return self.stop.wait(min(max(0.0, seconds), threading.TIMEOUT_MAX))
 
 
 def sleep_until(clock: Clock, deadline: float) -> bool:

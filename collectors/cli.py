@@ -9,7 +9,6 @@ Exit codes: 0 done, 1 some samples failed to publish, 2 the source or its option
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import threading
@@ -25,7 +24,7 @@ from rich.live import Live
 from rich.text import Text
 
 from collectors.attribution import DEFAULT_SLURM_DIR, Attribution, AttributionError
-from collectors.base import Source, SystemClock
+from collectors.base import Source, SystemClock, stdout_to_devnull
 from laggard.events import NodeSample, encode
 from laggard.settings import get_settings
 
@@ -157,12 +156,13 @@ def _open_sink(to_stdout: bool) -> Sink:
     if to_stdout:
         return StdoutSink()
     from collectors.publisher import Publisher  # Kafka only when publishing
+    from laggard.kafka_config import unreachable
 
     settings = get_settings()
     try:
         return Publisher(settings)
     except Exception as err:  # any client error at connect time: say it in one line
-        fail(f"cannot publish to Kafka at {settings.kafka_bootstrap_servers}: {err}")
+        fail(unreachable(settings, err))
 
 
 def fail(message: str) -> NoReturn:
@@ -191,7 +191,7 @@ def run_source(
                 if count is not None and status.ticks >= count:
                     break
     except BrokenPipeError:  # `--stdout | head`: the reader is gone, which is a normal end
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        stdout_to_devnull()
     finally:
         if timer:
             timer.cancel()
@@ -249,8 +249,9 @@ def nvml_command(
 def dcgm_command(
     url: Annotated[str, typer.Option(help="dcgm-exporter metrics URL.")] = "http://127.0.0.1:9400/metrics",
     interval: Annotated[
-        float, typer.Option(min=0.01, help="Seconds between scrapes (dcgm-exporter refreshes every 30 s by default).")
-    ] = 30.0,
+        float, typer.Option(min=0.01, help="Seconds between scrapes. Keep it at most the workers' window (10 s by "
+                           "default) and run dcgm-exporter with -c at most as long (its default is 30 s).")
+    ] = 10.0,
     timeout: Annotated[float, typer.Option(min=0.1, help="HTTP timeout per scrape, seconds.")] = 5.0,
     node: Annotated[
         str | None, typer.Option(help="Node name, overriding the exporter's Hostname/hostname label.")
@@ -265,15 +266,18 @@ def dcgm_command(
     from collectors.dcgm import DcgmSource
 
     clock = SystemClock()
-    source = DcgmSource(
-        url,
-        interval_s=interval,
-        timeout_s=timeout,
-        cluster=cluster or get_settings().cluster,
-        node=node,
-        attribution=_attribution(attribution),
-        clock=clock,
-    )
+    try:
+        source = DcgmSource(
+            url,
+            interval_s=interval,
+            timeout_s=timeout,
+            cluster=cluster or get_settings().cluster,
+            node=node,
+            attribution=_attribution(attribution),
+            clock=clock,
+        )
+    except ValueError as err:
+        fail(str(err))
     run_source(source, clock, to_stdout=to_stdout, count=count, duration=duration)
 
 
@@ -311,6 +315,9 @@ def replay_command(
     attribution: MappingOpt = None,
     count: Count = None,
     duration: Duration = None,
+    max_wait: Annotated[
+        float, typer.Option(min=0.0, help="Longest wait between two ticks, seconds; a longer break is not waited out.")
+    ] = 600.0,
     to_stdout: ToStdout = False,
 ) -> None:
     """Play a recorded trace back on its own schedule, optionally faster and shifted to now."""
@@ -324,6 +331,7 @@ def replay_command(
             node=node,
             fmt=fmt.value,  # type: ignore[arg-type]
             speed=speed,
+            max_wait_s=max_wait,
             shift=shift_to_now.value,  # type: ignore[arg-type]
             model=model,
             uuid_template=uuid_template,

@@ -19,7 +19,16 @@ The text is parsed with prometheus_client's parser. Mapping decisions, each test
 - DCGM_FI_DEV_XID_ERRORS holds the last XID ever seen; it is reported as `xid` only when it
   changes to a non-zero value, so one XID is one event, not one per scrape.
 - A failed or unparsable scrape is counted ('scrape_failed', 'parse_failed'), logged, and the tick
-  yields nothing; the next tick tries again.
+  yields nothing; the next tick tries again. A scrape is bounded in all by `timeout_s` and
+  MAX_BODY_BYTES (a server trickling its body would otherwise hold it, and a stop, for ever) and
+  ends early when the source is asked to stop. Redirects are followed, as Prometheus does.
+- Prometheus text ends with a newline: a body delimited only by the connection's close (no
+  Content-Length, not chunked) that lacks one was cut mid-line and is not used ('truncated_body'),
+  since its last value may be a prefix of the real one. A 200 without any DCGM series is counted ('no_dcgm_series').
+- One odd series does not cost the scrape: a series whose `gpu`/`GPU_I_ID` label is missing or not
+  an index ('bad_gpu_label') and an exact repeat of an earlier series ('duplicate_series', the
+  first is kept) are counted and skipped.
+- The URL is checked once at start (ValueError) and logged without credentials or query.
 - Job and rank come from the Kubernetes labels (see collectors.attribution), else from the
   attribution lookups (mapping file by UUID or index).
 """
@@ -37,12 +46,23 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from collectors.attribution import Attribution, k8s_assignments
-from collectors.base import Clock, FixedRateScheduler, Source, SystemClock, Tick, build_node_sample, short_model
+from collectors.base import (
+    Clock,
+    FixedRateScheduler,
+    Rejects,
+    Source,
+    SystemClock,
+    Tick,
+    build_node_sample,
+    short_model,
+)
 from laggard.events import NodeSample
 
 log = logging.getLogger("laggard.collectors")
 
 DEFAULT_URL = "http://127.0.0.1:9400/metrics"
+# A node with 8 GPUs and the profiling counters is ~100 KiB of text; far more is not an exporter.
+MAX_BODY_BYTES = 32 * 1024 * 1024
 
 # GpuSample field <- (DCGM metric, divisor to the schema's unit), in order of preference. The
 # profiling ratios stand in for utilization where the device counters are absent (under MIG).
@@ -91,22 +111,78 @@ class ScrapedGpu:
     values: dict[str, float] = field(default_factory=dict)
 
 
-def parse_exporter_text(text: str) -> dict[GpuKey, ScrapedGpu]:
-    """Group the known DCGM series by host, GPU and MIG instance. Raises ValueError on bad text."""
+def label_index(labels: dict[str, str], name: str) -> int:
+    """The non-negative integer in label `name`; ValueError naming the label otherwise."""
+    value = labels.get(name)
+    if value is None:
+        raise ValueError(f"no {name} label")
+    if not (value.isascii() and value.isdecimal()):
+        raise ValueError(f"{name} label {value!r} is not an index")
+    return int(value)
+
+
+def parse_exporter_text(text: str, rejects: Rejects | None = None) -> dict[GpuKey, ScrapedGpu]:
+    """Group the known DCGM series by host, GPU and MIG instance. Raises ValueError on bad text.
+
+    Series that cannot be placed (bad `gpu`/`GPU_I_ID` label) or repeat an earlier one exactly are
+    counted in `rejects` and skipped. A GPU's first series of a metric wins, as its labels do.
+    """
+    rejects = rejects or Rejects("dcgm")
     gpus: dict[GpuKey, ScrapedGpu] = defaultdict(ScrapedGpu)
+    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
     for family in text_string_to_metric_families(text):
         if family.name not in KNOWN_METRICS:
             continue
         for sample in family.samples:
             labels = sample.labels
+            series = (sample.name, tuple(sorted(labels.items())))
+            if series in seen:
+                rejects.count("duplicate_series", f"series {sample.name}", "repeated with the same labels; first kept")
+                continue
+            seen.add(series)
+            try:
+                index = label_index(labels, "gpu")
+                instance = label_index(labels, "GPU_I_ID") if labels.get("GPU_I_ID") else None
+            except ValueError as err:
+                rejects.count("bad_gpu_label", f"series {sample.name}", f"{err}; series skipped")
+                continue
             host = labels.get("Hostname") or labels.get("hostname") or ""
-            instance = labels.get("GPU_I_ID")
-            key = (host, int(labels["gpu"]), int(instance) if instance else None)
-            gpu = gpus[key]
-            gpu.values[family.name] = sample.value
+            gpu = gpus[(host, index, instance)]
+            gpu.values.setdefault(family.name, sample.value)
             for name, value in labels.items():
                 gpu.labels.setdefault(name, value)
     return dict(gpus)
+
+
+def checked_url(url: str) -> httpx.URL:
+    """`url` parsed, or ValueError saying what is wrong: a bad URL would fail every scrape for ever."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as err:
+        raise ValueError(f"dcgm-exporter URL is not a URL: {err}") from None
+    shown = redacted_url(parsed)
+    if parsed.scheme not in ("http", "https"):
+        raise ValueError(f"dcgm-exporter URL {shown!r} must start with http:// or https://")
+    if not parsed.host:
+        raise ValueError(f"dcgm-exporter URL {shown!r} has no host")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise ValueError(f"dcgm-exporter URL {shown!r}: port {parsed.port} is not in 1-65535")
+    return parsed
+
+
+def cut_short(headers: httpx.Headers, body: bytes) -> bool:
+    """A body ended by the connection's close (no Content-Length, not chunked) that stops mid-line.
+
+    Such a body looks complete when the connection drops; Prometheus text ends with a newline. A
+    framed body cut short is an httpx error already.
+    """
+    framed = "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower()
+    return not framed and bool(body) and not body.endswith(b"\n")
+
+
+def redacted_url(url: httpx.URL) -> str:
+    """Scheme, host, port and path only: user:password and ?token=... never reach the log."""
+    return str(url.copy_with(userinfo=b"", query=None, fragment=None))
 
 
 @dataclass
@@ -157,13 +233,13 @@ class Mapper:
             )
         return {"power_limit_w": limit}
 
-    def node_fields(self, gpus: dict[GpuKey, ScrapedGpu]) -> dict[str, list[dict[str, Any]]]:
+    def node_fields(self, gpus: dict[GpuKey, ScrapedGpu], rejects: Rejects) -> dict[str, list[dict[str, Any]]]:
         """host -> GpuSample field dicts; MIG GPUs reported per instance, with job/rank filled in."""
         with_instances = {(host, index) for host, index, instance in gpus if instance is not None}
         reported = {
             key: gpu for key, gpu in gpus.items() if key[2] is not None or (key[0], key[1]) not in with_instances
         }
-        pods = k8s_assignments({key: gpu.labels for key, gpu in reported.items()})
+        pods = k8s_assignments({key: gpu.labels for key, gpu in reported.items()}, rejects)
         by_host: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for key in sorted(reported, key=lambda k: (k[0], k[1], -1 if k[2] is None else k[2])):
             fields = self.gpu_fields(key, reported[key], gpus.get((key[0], key[1], None)))
@@ -193,12 +269,16 @@ class DcgmSource(Source):
         clock: Clock | None = None,
     ) -> None:
         super().__init__()
-        self.url = url
+        if not timeout_s > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout_s!r}")
+        self.url = checked_url(url)
+        self.where = redacted_url(self.url)  # what the log says instead of the URL
         self.cluster = cluster
         self.node = node
         self.timeout_s = timeout_s
         self.mapper = Mapper(attribution or Attribution())
-        self.scheduler = FixedRateScheduler(interval_s, clock or SystemClock())
+        self.clock = clock or SystemClock()
+        self.scheduler = FixedRateScheduler(interval_s, self.clock)
 
     @property
     def missed_ticks(self) -> int:
@@ -206,25 +286,61 @@ class DcgmSource(Source):
 
     def scrape(self, client: httpx.Client) -> list[NodeSample]:
         """One scrape: fetch, parse, map. Failures are counted and give an empty list."""
-        try:
-            response = client.get(self.url)
-            response.raise_for_status()
-        except httpx.HTTPError as err:
-            self.rejects.count("scrape_failed", self.url, f"{type(err).__name__}: {err}")
+        body = self.fetch(client)
+        if body is None:
             return []
         ts = time.time()
         try:
-            gpus = parse_exporter_text(response.text)
-        except (ValueError, KeyError) as err:  # KeyError: a series without the `gpu` label
-            self.rejects.count("parse_failed", self.url, f"{type(err).__name__}: {err}")
+            gpus = parse_exporter_text(body.decode("utf-8", errors="replace"), self.rejects)
+        except ValueError as err:
+            self.rejects.count("parse_failed", self.where, f"{type(err).__name__}: {err}")
+            return []
+        if not gpus:
+            detail = f"no usable DCGM series in {len(body)} bytes; is this a dcgm-exporter's /metrics?"
+            self.rejects.count("no_dcgm_series", self.where, detail)
             return []
         samples = []
-        for host, fields in self.mapper.node_fields(gpus).items():
+        for host, fields in self.mapper.node_fields(gpus, self.rejects).items():
             node = self.node or host or "unknown"
             sample = build_node_sample(self.rejects, ts=ts, cluster=self.cluster, node=node, gpus=fields)
             if sample is not None:
                 samples.append(sample)
         return samples
+
+    def fetch(self, client: httpx.Client) -> bytes | None:
+        """The whole body, or None: counted ('scrape_failed', 'truncated_body'), or not when asked to stop.
+
+        The client's timeout bounds each socket read; the deadline and size limit bound the scrape.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            with client.stream("GET", self.url, follow_redirects=True) as response:
+                response.raise_for_status()
+                for chunk in response.iter_bytes():
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if self.clock.wait(0):
+                        return None
+                    if size > MAX_BODY_BYTES:
+                        return self._failed(f"body larger than {MAX_BODY_BYTES} bytes")
+                    if time.monotonic() > deadline:
+                        return self._failed(f"body still arriving after {self.timeout_s:g} s ({size} bytes so far)")
+        except httpx.HTTPStatusError as err:
+            return self._failed(f"HTTP {err.response.status_code} {err.response.reason_phrase}")
+        except httpx.HTTPError as err:  # its text may hold the URL as given, credentials and all
+            return self._failed(f"{type(err).__name__}: {str(err).replace(str(self.url), self.where)}")
+        body = b"".join(chunks)
+        if cut_short(response.headers, body):
+            detail = f"the body ({size} bytes, no Content-Length) ends mid-line: cut short, not used"
+            self.rejects.count("truncated_body", self.where, detail)
+            return None
+        return body
+
+    def _failed(self, detail: str) -> None:
+        self.rejects.count("scrape_failed", self.where, detail)
+        return None
 
     def ticks(self) -> Iterator[Tick]:
         with httpx.Client(timeout=self.timeout_s) as client:

@@ -14,6 +14,8 @@ the source raises NvmlUnavailable with a one-line reason.
 
 from __future__ import annotations
 
+import ctypes
+
 import logging
 import socket
 import time
@@ -143,8 +145,22 @@ class NvmlSource(Source):
                 log.warning("nvml: reading XID events failed: %s", err)
                 break
             if data.eventType == pynvml.nvmlEventTypeXidCriticalError:
-                found[pynvml.nvmlDeviceGetIndex(data.device)] = int(data.eventData)
+                index = self._index_of(data.device)
+                if index is None:
+                    log.warning("nvml: XID %d on a GPU whose index cannot be read", int(data.eventData))
+                else:
+                    found[index] = int(data.eventData)
         return found
+
+    def _index_of(self, handle: Any) -> int | None:
+        """The GPU's index; from the handles read at start when NVML cannot say (a GPU that fell off
+        the bus raises the XID that matters most, and then answers nothing)."""
+        try:
+            return pynvml.nvmlDeviceGetIndex(handle)
+        except pynvml.NVMLError:
+            address = ctypes.cast(handle, ctypes.c_void_p).value
+            return next((d.index for d in self.devices
+                         if ctypes.cast(d.handle, ctypes.c_void_p).value == address), None)
 
     def _clocks_event_reasons(self, handle: Any) -> int:
         try:

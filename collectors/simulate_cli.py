@@ -5,6 +5,7 @@ ground-truth event goes out when the simulation reaches its start, to `topic_tru
 --stdout, to --truth-file or stderr). --discard sends nothing and reports the simulator's own rate.
 SIGTERM/SIGINT stop it before the next tick in every mode (a second one interrupts at once); the
 publisher is closed (flushed) either way and the last line says what Kafka acknowledged.
+With --stdout, a reader that goes away (`| head -1`) ends the run like a signal does, not as an error.
 Exit codes: 0 done or stopped, 1 some messages failed to publish, 2 the scenario or options cannot be used.
 """
 
@@ -20,11 +21,11 @@ from typing import IO, Annotated, Protocol
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from collectors.base import SystemClock, sleep_until
+from collectors.base import SystemClock, sleep_until, stdout_to_devnull
 from collectors.cli import StopSignals, err_console, kafka_counts
-from collectors.simulate import FleetSimulator, ScenarioError, load_scenario
-from collectors.simulate.scenario import shortened
-from laggard.events import FaultTruth, encode
+from collectors.simulate import FleetSimulator, Scenario, ScenarioError, load_scenario
+from collectors.simulate.scenario import revalidated, shortened
+from laggard.events import PLAUSIBLE_TS_RANGE, FaultTruth, encode, plausible_ts
 from laggard.settings import get_settings
 
 
@@ -74,7 +75,10 @@ class _Stdout:
         self.truth_out.write(encode(event).decode() + "\n")
 
     def close(self) -> None:
-        self.out.flush()
+        try:
+            self.out.flush()
+        except BrokenPipeError:  # the reader left before the last lines
+            stdout_to_devnull()
         self.truth_out.flush()
         if self.truth_out is not sys.stderr:
             self.truth_out.close()
@@ -117,9 +121,26 @@ def _start_ts(start: str | None, scenario_start: float | None) -> float:
     if start == "now":
         return time.time()
     try:
-        return float(start)
+        ts = float(start)
     except ValueError:
-        raise _fail(f"--start must be 'now' or unix seconds, got {start!r}") from None
+        ts = None
+    if ts is None or not plausible_ts(ts):  # NaN fails the comparison too
+        raise _fail(f"--start must be 'now' or unix seconds within {PLAUSIBLE_TS_RANGE}, got {start!r}")
+    return ts
+
+
+def _with_options(spec: Scenario, seed: int | None, duration: float | None) -> Scenario:
+    """The scenario with --seed and --duration applied, validated like the file."""
+    option = "--seed"
+    try:
+        if seed is not None:
+            spec = revalidated(spec, seed=seed)
+        option = "--duration"
+        if duration is not None:
+            spec = shortened(spec, duration)
+    except ScenarioError as err:
+        raise _fail(f"{option}: {err}") from None
+    return spec
 
 
 def simulate(
@@ -148,10 +169,7 @@ def simulate(
         spec = load_scenario(scenario)
     except ScenarioError as err:
         raise _fail(str(err)) from None
-    if seed is not None:
-        spec = spec.model_copy(update={"seed": seed})
-    if duration is not None:
-        spec = shortened(spec, duration)
+    spec = _with_options(spec, seed, duration)
     sim = FleetSimulator(spec, start_ts=_start_ts(start, spec.start))
     sink: _Sink = _Discard() if discard else _Stdout(truth_file) if to_stdout else _Kafka()
     truth = deque(sim.truth())
@@ -184,6 +202,9 @@ def simulate(
             else:
                 while truth:  # faults that start after the last tick still count
                     sink.truth(truth.popleft())
+    except BrokenPipeError:  # `--stdout | head`: the reader is gone, which is a normal end
+        stdout_to_devnull()
+        clock.stop.set()
     finally:
         sink.close()  # flushes: the summary below counts every ack
     elapsed = max(clock.monotonic() - began, 1e-9)

@@ -120,7 +120,16 @@ def demo() -> None:
 
 
 def main() -> None:
-    app()
+    from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+
+    from laggard.kafka_config import unreachable
+
+    try:
+        app()
+    except (KafkaTimeoutError, KafkaConnectionError) as err:
+        # Any command's first Kafka client (topics, publisher, worker): one line, not a traceback.
+        Console(stderr=True).print(f"laggard: {unreachable(get_settings(), err)}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import time
 from enum import IntFlag
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -21,6 +21,13 @@ SCHEMA_VERSION = 1
 EARLIEST_TS = 1_577_836_800.0
 MAX_FUTURE_S = 86_400.0
 MAX_MESSAGE_BYTES = 1_000_000
+# What `plausible_ts` accepts, in words for error messages.
+PLAUSIBLE_TS_RANGE = "[2020-01-01, now + 1 day]"
+
+
+def plausible_ts(ts: float) -> bool:
+    """Whether `ts` can be a sample time (NaN is not); NodeSample refuses any other."""
+    return EARLIEST_TS <= ts <= time.time() + MAX_FUTURE_S
 
 
 class ClockReason(IntFlag):
@@ -73,7 +80,7 @@ class GpuSample(_Strict):
     sm_active: float | None = Field(default=None, ge=0, le=1)
     tensor_active: float | None = Field(default=None, ge=0, le=1)
     dram_active: float | None = Field(default=None, ge=0, le=1)
-    xid: int | None = Field(default=None, ge=0, description="last XID error seen since the previous tick")
+    xid: int | None = Field(default=None, ge=0, le=2**31 - 1, description="last XID error seen since the previous tick")
     mig_profile: str | None = Field(default=None, max_length=64)
     mig_instance: int | None = Field(default=None, ge=0)
 
@@ -88,12 +95,29 @@ class NodeSample(_Strict):
     source: str = Field(default="", max_length=64)
     gpus: list[GpuSample] = Field(min_length=1, max_length=256)
 
+    @field_validator("v", mode="before")
+    @classmethod
+    def _integer_version(cls, v: object) -> object:
+        if isinstance(v, bool) or not isinstance(v, int):  # 1 == True == 1.0 would pass Literal[1]
+            raise ValueError(f"schema version must be the integer 1, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_entry_per_gpu(self) -> NodeSample:
+        seen: set[tuple[int, int | None]] = set()
+        for gpu in self.gpus:
+            key = (gpu.index, gpu.mig_instance)
+            if key in seen:
+                where = f"GPU {gpu.index}" + (f" MIG instance {gpu.mig_instance}" if gpu.mig_instance is not None else "")
+                raise ValueError(f"{where} appears twice in one node sample")
+            seen.add(key)
+        return self
+
     @field_validator("ts")
     @classmethod
     def _plausible_time(cls, ts: float) -> float:
-        latest = time.time() + MAX_FUTURE_S
-        if not (EARLIEST_TS <= ts <= latest):
-            raise ValueError(f"timestamp {ts!r} is outside [2020-01-01, now + 1 day]")
+        if not plausible_ts(ts):
+            raise ValueError(f"timestamp {ts!r} is outside {PLAUSIBLE_TS_RANGE}")
         return ts
 
     def key(self) -> bytes:
@@ -124,28 +148,38 @@ class EventRejected(ValueError):
         self.reason = reason
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """`value` as a reject reason quotes it: its repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def describe_validation_error(err: ValidationError, limit: int = 3) -> str:
     """'gpus.0.power_w = -3.0: Input should be greater than or equal to 0' (first few errors)."""
     parts = []
     for item in err.errors(include_url=False)[:limit]:
-        where = ".".join(str(p) for p in item["loc"]) or "<message>"
+        if not item["loc"]:  # about the message as a whole: its own words say what is wrong
+            parts.append(item["msg"])
+            continue
+        where = ".".join(str(p) for p in item["loc"])
         value = item.get("input")
-        shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        parts.append(f"{where} = {shown}: {item['msg']}")
+        parts.append(f"{where} = {shown(value) if not isinstance(value, (dict, list)) else type(value).__name__}: "
+                     f"{item['msg']}")
     more = err.error_count() - limit
     if more > 0:
         parts.append(f"(+{more} more)")
     return "; ".join(parts)
 
 
-def decode_node_sample(raw: bytes | str) -> NodeSample:
+def decode_node_sample(raw: bytes | str | None) -> NodeSample:
     """Parse and validate one message. Raises EventRejected with a reason naming field and value."""
+    if raw is None:
+        raise EventRejected("a message with no value (a tombstone)")
     if len(raw) > MAX_MESSAGE_BYTES:
         raise EventRejected(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        return NodeSample.model_validate_json(raw)
+        # Strict: a number sent as a string or a bool sent as a number is a broken producer, not data.
+        return NodeSample.model_validate_json(raw, strict=True)
     except ValidationError as err:
         raise EventRejected(describe_validation_error(err)) from None
     except (ValueError, TypeError) as err:  # undecodable bytes

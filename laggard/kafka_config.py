@@ -21,3 +21,14 @@ def client_config(settings: Settings) -> dict[str, Any]:
         if settings.kafka_sasl_password is not None:
             config["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
     return config
+
+
+def unreachable(settings: Settings, err: Exception) -> str:
+    """One line for a client that could not connect: where, how, and what to check."""
+    line = (f"cannot reach Kafka at {settings.kafka_bootstrap_servers} over {settings.kafka_security_protocol}: "
+            f"{err}. Check LAGGARD_KAFKA_BOOTSTRAP_SERVERS and that the broker runs "
+            "(`laggard stack status` for the local one)")
+    if settings.kafka_security_protocol.startswith("SASL"):
+        line += (f"; kafka-python reports a refused {settings.kafka_sasl_mechanism} login the same way, so check "
+                 "LAGGARD_KAFKA_SASL_USERNAME and the password too (the broker's log names failed logins)")
+    return line + "."

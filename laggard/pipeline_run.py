@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from agents.findings import Finding
 from collectors.publisher import Publisher
@@ -68,6 +69,11 @@ def gpus_in(value: bytes) -> int:
     return value.count(b'"index"')
 
 
+def env_value(value: Any) -> str:
+    """A setting as its environment variable's text; a secret's real value (for the worker only)."""
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
 def messages_taken(stats: Mapping[str, Any]) -> int:
     """Samples the worker has dealt with, per its /stats: accepted, rejected or too late."""
     return stats.get("accepted", 0) + stats.get("rejected", 0) + stats.get("late", 0)
@@ -90,10 +96,9 @@ class PipelineRun:
             update["state_dir"] = state_root / self.run_id
         self.settings = base.model_copy(update=update)
         names = dict.fromkeys([*WORKER_SETTINGS, *(overrides or {})])
-        self.env = {**os.environ, **{f"LAGGARD_{name.upper()}": str(getattr(self.settings, name)) for name in names},
-                    # a local 2.x server's token lives in the stack's state folder, not the run's
-                    **({"LAGGARD_INFLUX_TOKEN": self.settings.influx_token.get_secret_value()}
-                       if self.settings.influx_token else {}),
+        # A local 2.x server's token lives in the stack's state folder, not the run's: always passed.
+        names.update(dict.fromkeys(["influx_token"] if self.settings.influx_token else []))
+        self.env = {**os.environ, **{f"LAGGARD_{name.upper()}": env_value(getattr(self.settings, name)) for name in names},
                     **(extra_env or {})}
         self.log_path = self.settings.state_dir / f"{self.run_id}.worker.log"
         self.worker: subprocess.Popen[bytes] | None = None
@@ -109,14 +114,14 @@ class PipelineRun:
     def __exit__(self, *exc: object) -> None:
         self.stop_worker()
 
-    def start_worker(self, log_path: Path | None = None) -> None:
+    def start_worker(self, log_path: Path | None = None, log_level: str = "warn") -> None:
         """Start `laggard worker` on this run's settings; its output goes to `log_path` (default
         `self.log_path`), whose tail is quoted when the worker fails."""
         self.log_path = log_path or self.log_path
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("w") as log:
             self.worker = subprocess.Popen(
-                [sys.executable, "-m", "laggard.cli", "worker", "-l", "warn"], env=self.env,
+                [sys.executable, "-m", "laggard.cli", "worker", "-l", log_level], env=self.env,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 

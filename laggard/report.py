@@ -98,6 +98,17 @@ class ReportData:
     ranks: list[dict[str, Any]] = field(default_factory=list)  # time, rank, util (only with a job)
     episodes: list[Episode] = field(default_factory=list)
 
+    def worst_jobs(self) -> list[dict[str, Any]]:
+        """The WORST_JOBS jobs with the lowest effective utilization, lowest first."""
+        return sorted(self.jobs, key=lambda r: r["effective"])[:WORST_JOBS]
+
+    def waste_by_kind(self) -> list[dict[str, Any]]:
+        """Per finding kind: episodes, GPU-hours and kWh wasted."""
+        return [{"kind": kind, "count": len(episodes), "gpu_h": sum(e.gpu_s_wasted for e in episodes) / 3600,
+                 "kwh": sum(e.energy_wh_wasted for e in episodes) / 1000}
+                for kind in sorted({e.kind for e in self.episodes})
+                if (episodes := [e for e in self.episodes if e.kind == kind])]
+
 
 def gather(sink: InfluxSink, since: str, cluster: str | None = None, job: str | None = None,
            window_s: float = 10.0) -> ReportData:
@@ -186,7 +197,7 @@ def chart_fleet(data: ReportData, path: Path) -> Path:
 
 
 def chart_jobs(data: ReportData, path: Path) -> Path:
-    worst = sorted(data.jobs, key=lambda r: r["effective"])[:WORST_JOBS]
+    worst = data.worst_jobs()
     fig, axes = _figure(1, height=max(2.5, 0.45 * len(worst) + 1.2))
     ax = axes[0][0]
     if not worst:
@@ -204,12 +215,12 @@ def chart_jobs(data: ReportData, path: Path) -> Path:
 def chart_waste(data: ReportData, path: Path) -> Path:
     fig, axes = _figure(1)
     ax = axes[0][0]
-    kinds = sorted({e.kind for e in data.episodes})
-    if not kinds:
+    waste = data.waste_by_kind()
+    if not waste:
         _no_data(ax, "findings")
         return _save(fig, path)
-    gpu_h = [sum(e.gpu_s_wasted for e in data.episodes if e.kind == k) / 3600 for k in kinds]
-    kwh = [sum(e.energy_wh_wasted for e in data.episodes if e.kind == k) / 1000 for k in kinds]
+    kinds = [w["kind"] for w in waste]
+    gpu_h, kwh = [w["gpu_h"] for w in waste], [w["kwh"] for w in waste]
     x = range(len(kinds))
     ax.bar([i - 0.2 for i in x], gpu_h, width=0.4, color=CHART_COLORS["util"], label="GPU-hours")
     energy_ax = ax.twinx()
@@ -315,12 +326,8 @@ def render(data: ReportData, out_dir: Path) -> Path:
     for e in data.episodes:
         if e.kind == "straggler":
             straggler_gpu_s[e.job] = straggler_gpu_s.get(e.job, 0.0) + e.gpu_s_wasted
-    worst = [{**j, "straggler_gpu_h": straggler_gpu_s.get(j["job"], 0.0) / 3600}
-             for j in sorted(data.jobs, key=lambda r: r["effective"])[:WORST_JOBS]]
-    kinds = sorted({e.kind for e in data.episodes})
-    waste = [{"kind": k, "count": sum(e.kind == k for e in data.episodes),
-              "gpu_h": sum(e.gpu_s_wasted for e in data.episodes if e.kind == k) / 3600,
-              "kwh": sum(e.energy_wh_wasted for e in data.episodes if e.kind == k) / 1000} for k in kinds]
+    worst = [{**j, "straggler_gpu_h": straggler_gpu_s.get(j["job"], 0.0) / 3600} for j in data.worst_jobs()]
+    waste = data.waste_by_kind()
     stragglers = [{**asdict(e), "fired": _utc(e.fired_at), "gpu_h": e.gpu_s_wasted / 3600, "wh": e.energy_wh_wasted}
                   for e in data.episodes if e.kind == "straggler"]
     scope = " / ".join(filter(None, [f"cluster {data.cluster}" if data.cluster else "all clusters",

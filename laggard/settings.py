@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     kafka_port: int = 9092
     kafka_controller_port: int = 9093
     kafka_tls_port: int | None = None  # local stack: also a TLS listener; its self-signed CA: <state_dir>/kafka/tls/ca.pem
+    # local stack: also a SASL_SSL listener (same certificate), user `laggard`, PLAIN or SCRAM-SHA-512,
+    # password in <state_dir>/kafka/sasl/password
+    kafka_sasl_port: int | None = None
     influx_port: int = 8086
     # Which InfluxDB `stack up` runs: 1 = Debian's 1.6.7 on influx_port, 2 = InfluxDB 2.7 built from
     # source (laggard/stack/build_influxd.py) on influx2_port. With 2, influx_url and influx_token

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from kafka.admin import NewTopic
+from kafka.admin import NewTopic, OffsetSpec
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import TopicAlreadyExistsError
 
@@ -99,8 +99,9 @@ def read_records(settings: Settings, topic: str, timeout_s: float = 30) -> list[
 
 def read_range(settings: Settings, topic: str, partition: int, start: int, end: int,
                timeout_s: float = 120) -> list[tuple[int, bytes]]:
-    """Messages at offsets [start, end) of one partition, as (offset, value)."""
-    consumer = KafkaConsumer(**client_config(settings), enable_auto_commit=False)
+    """Messages at offsets [start, end) of one partition, as (offset, value); those retention has
+    deleted are left out (a start before the log start reads from the log start)."""
+    consumer = KafkaConsumer(**client_config(settings), enable_auto_commit=False, auto_offset_reset="earliest")
     tp = TopicPartition(topic, partition)
     consumer.assign([tp])
     consumer.seek(tp, start)
@@ -116,12 +117,16 @@ def read_range(settings: Settings, topic: str, partition: int, start: int, end: 
 
 
 def committed_offsets(settings: Settings, group: str, topic: str) -> dict[int, int]:
-    """The group's committed offset per partition of `topic` (0 where nothing is committed)."""
+    """Where `group` resumes each partition of `topic`: its committed offset, or where nothing is
+    committed the partition's first offset (laggard's consumers start at the earliest)."""
     admin = KafkaAdminClient(**client_config(settings))
     try:
         partitions = sorted(p["partition_index"] for t in admin.describe_topics([topic]) for p in t["partitions"])
         committed = admin.list_group_offsets([group]).get(group, {})
+        offsets = {tp.partition: meta.offset for tp, meta in committed.items() if tp.topic == topic and meta.offset >= 0}
+        if missing := [TopicPartition(topic, p) for p in partitions if p not in offsets]:
+            starts = admin.list_partition_offsets(dict.fromkeys(missing, OffsetSpec.EARLIEST))
+            offsets.update({tp.partition: start.offset for tp, start in starts.items()})
     finally:
         admin.close()
-    offsets = {tp.partition: meta.offset for tp, meta in committed.items() if tp.topic == topic}
-    return {p: offsets.get(p, 0) for p in partitions}
+    return {p: offsets[p] for p in partitions}

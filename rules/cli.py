@@ -18,11 +18,11 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from laggard.settings import get_settings
-from rules.evaluate import sample_context
+from rules.evaluate import sample_contexts
 from rules.lifecycle import AlertSnapshot, EngineState, Notification, dashboard_url, fingerprint
 from rules.loader import DEFAULT_RULES, RulesFileInvalid, check_file, load_rules
 from rules.model import Matcher, RulesConfig, parse_duration
-from rules.receivers.delivery import DeadLetter, Dispatcher
+from rules.receivers.delivery import DeadLetter, DeliveryOutcome, Dispatcher
 from rules.receivers.text import human_duration, iso_utc, pairs
 from rules.silences import SilenceStore
 
@@ -71,7 +71,7 @@ def test_notification(config: RulesConfig, receiver: str, now: float) -> Notific
     if not config.rules:
         raise typer.BadParameter("the rules file has no rules to build a sample from")
     rule = config.rules[0]
-    context = sample_context(rule, config.external_url)
+    context = sample_contexts(rule, config.external_url)[0]
     labels = {**context["labels"], "test": "true"}
     alert = AlertSnapshot(
         fingerprint=fingerprint(labels),
@@ -113,14 +113,13 @@ def send_test(receiver: Annotated[str, typer.Argument(help="receiver name from t
         raise typer.Exit(1) from None
     letters: list[DeadLetter] = []
 
-    async def send() -> str:
+    async def send() -> DeliveryOutcome:
         async with Dispatcher(rules.receivers, dead_letter=letters.append) as dispatcher:
-            outcome = await dispatcher.dispatch(test_notification(rules, receiver, time.time()))
-        return outcome.status
+            return await dispatcher.dispatch(test_notification(rules, receiver, time.time()))
 
-    status = asyncio.run(send())
-    if status != "sent":
-        errors.print(f"receiver {receiver}: not delivered: {letters[0].reason if letters else status}", markup=False)
+    outcome = asyncio.run(send())
+    if outcome.status != "sent":
+        errors.print(f"receiver {receiver}: not delivered: {outcome.reason or outcome.status}", markup=False)
         raise typer.Exit(1)
     console.print(f"receiver {receiver}: test notification delivered", markup=False)
 

@@ -127,7 +127,7 @@ def _alert_labels(rule: Rule, subject: dict[str, str]) -> dict[str, str]:
 
 def _render_annotations(rule: Rule, context: dict[str, Any]) -> dict[str, str]:
     raw = rule.annotations.model_dump()
-    return {name: render(text, context) for name, text in raw.items() if text}
+    return {name: render(text, context, rule.name, name) for name, text in raw.items() if text}
 
 
 def finding_context(rule: Rule, finding: FindingIn, external_url: str) -> dict[str, Any]:
@@ -209,32 +209,62 @@ def evaluate_window(config: RulesConfig, window: object) -> list[Observation]:
     return out
 
 
-def sample_context(rule: Rule, external_url: str) -> dict[str, Any]:
-    """A realistic context for rendering a rule's templates once at check time."""
+# What the detectors (agents/detectors.py) emit, one entry per shape a kind comes in, so that
+# `rules check` renders templates against the evidence and cost keys real findings carry (and
+# the labels they set: a job-level finding has no node or GPU). tests/test_rules_samples.py runs
+# the detectors and fails when these drift from what they emit.
+_T0 = 1_700_000_000.0
+_GPU_OF_JOB: dict[str, Any] = {"cluster": "cluster-0", "job": "job-0", "rank": 3, "node": "node-0", "gpu": 1, "model": "H100"}
+_FREE_GPU: dict[str, Any] = {"cluster": "cluster-0", "node": "node-0", "gpu": 1, "model": "H100"}
+_JOB: dict[str, Any] = {"cluster": "cluster-0", "job": "job-0"}
+_STRAGGLER_EVIDENCE: dict[str, Any] = {
+    "rank_util_pct": 96.5, "peer_util_median_pct": 68.9, "peer_util_sigma_pct": 1.5, "sm_clock_mhz": 1410.0,
+    "peer_sm_clock_median_mhz": 1980.0, "temp_c": 82.0, "peer_temp_median_c": 55.0, "throttled_share": 1.0,
+    "throttle_reasons": "sw_thermal", "peers": 31,
+}
+_STRAGGLER_COST = {"peer_wait_share": 0.286, "peer_gpu_s_wasted": 85.3, "energy_wh_wasted": 2.844}
+_IDLE_JOB_COST = {"gpu_s_idle": 40.0, "energy_wh_idle": 1.389}
+_XID = {"xid": 79, "xid_samples": 3}
+_SILENT = {"last_window_start": _T0 - 20.0, "windows_missing": 2}
+# kind -> (labels, evidence, cost) of each shape; a None value where the detector may send None
+SAMPLE_FINDINGS: dict[str, tuple[tuple[dict[str, Any], dict[str, Any], dict[str, Any]], ...]] = {
+    "straggler": (
+        (_GPU_OF_JOB, _STRAGGLER_EVIDENCE, _STRAGGLER_COST),
+        (_GPU_OF_JOB, {**_STRAGGLER_EVIDENCE, "throttled_share": 0.0, "throttle_reasons": None}, _STRAGGLER_COST),
+    ),
+    "mixed_generation": ((_JOB, {
+        "slow_model": "H100", "fast_model": "H200", "slow_util_median_pct": 90.0, "fast_util_median_pct": 64.3,
+        "slow_ranks": 8, "fast_ranks": 16,
+    }, {"fast_rank_waste_share": 0.286, "fast_gpu_s_wasted": 41.1, "energy_wh_wasted": 1.37}),),
+    "idle_allocated": (
+        (_GPU_OF_JOB, {"util_pct": 0.0, "power_w": 125.0}, {"gpu_s_idle": 10.0, "energy_wh_idle": 0.347}),
+        (_JOB, {"ranks": 4, "max_util_pct": 0.4, "last_busy_window_end": None}, _IDLE_JOB_COST),
+    ),
+    "job_stalled": ((_JOB, {"ranks": 4, "max_util_pct": 0.2, "last_busy_window_end": _T0 - 30.0}, _IDLE_JOB_COST),),
+    "xid": ((_GPU_OF_JOB, _XID, {}), (_FREE_GPU, _XID, {})),
+    "silent_gpu": ((_GPU_OF_JOB, _SILENT, {}), (_FREE_GPU, _SILENT, {})),
+    "low_utilization": ((_GPU_OF_JOB, {"util_pct": 41.5}, {}), (_FREE_GPU, {"util_pct": 3.0}, {})),
+}
+
+
+def sample_contexts(rule: Rule, external_url: str) -> list[dict[str, Any]]:
+    """Realistic contexts for rendering a rule's templates at check time: one per shape of input
+    the rule can see (a threshold rule sees one; a finding rule each shape its kind comes in)."""
     if rule.threshold is not None:
         scope_labels = {"gpu": {"node": "node-0", "gpu": "0"}, "node": {"node": "node-0"}, "job": {"job": "job-0"}}
         window = WindowIn(
             scope=rule.threshold.scope,
             labels={"cluster": "cluster-0", **scope_labels.get(rule.threshold.scope, {}), "model": "H100"},
             metrics={rule.threshold.metric: rule.threshold.threshold},
-            window_start=1_700_000_000.0,
-            window_end=1_700_000_010.0,
+            window_start=_T0,
+            window_end=_T0 + 10.0,
         )
-        return window_context(rule, window, rule.threshold.threshold, external_url)
+        return [window_context(rule, window, rule.threshold.threshold, external_url)]
     assert rule.finding is not None
-    finding = FindingIn(
-        kind=rule.finding.kind,
-        cluster="cluster-0",
-        job="job-0",
-        rank=3,
-        node="node-0",
-        gpu=1,
-        model="H100",
-        window_start=1_700_000_000.0,
-        window_end=1_700_000_010.0,
-        evidence={"util_mean": 0.9, "peer_median": 0.6, "score": 0.65},
-        cost={"gpu_hours_lost": 1.5, "energy_wh": 120.0},
-        summary="sample finding",
-        fingerprint="0123456789abcdef",
+    kind = rule.finding.kind
+    findings = (
+        FindingIn(kind=kind, **labels, window_start=_T0, window_end=_T0 + 10.0, evidence=evidence, cost=cost,
+                  summary=f"sample {kind} finding", fingerprint="0123456789abcdef")
+        for labels, evidence, cost in SAMPLE_FINDINGS[kind]
     )
-    return finding_context(rule, finding, external_url)
+    return [finding_context(rule, finding, external_url) for finding in findings]

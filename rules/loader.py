@@ -1,7 +1,8 @@
 """Load and check rule files, reporting every problem as FILE:LINE: FIELD: MESSAGE.
 
 PyYAML's composer keeps the position of every node, so we walk the node tree once to map each
-field path (('rules', 2, 'for')) to its line, then map pydantic's error locations onto it.
+field path (('rules', 2, 'for')) to its line, then map pydantic's error locations onto it. Any
+file, however broken (not UTF-8, nested too deep, an alias bomb), ends as a list of such errors.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from rules.evaluate import sample_context
-from rules.model import Route, RulesConfig
+from agents.findings import FLEET_METRICS
+from rules.evaluate import sample_contexts
+from rules.model import Route, RulesConfig, ThresholdCondition
 from rules.templating import TemplateProblem, check_template
 
 PathKey = tuple[str | int, ...]
 
 # Hints for the errors people make most.
 _HINTS = {"url": "inline webhook URLs are not allowed; use url_env or url_file"}
+# Deeper than any real rules file (a route tree 40 levels deep), far below Python's recursion
+# limit, which PyYAML's recursive composer would otherwise hit.
+MAX_NESTING = 80
 
 
 @dataclass(frozen=True)
@@ -47,19 +52,39 @@ def _field_name(path: PathKey) -> str:
     return out
 
 
-def _index_lines(node: yaml.Node, path: PathKey, lines: dict[PathKey, int], dupes: list[tuple[PathKey, int]]) -> None:
-    lines.setdefault(path, node.start_mark.line + 1)
+def _index_lines(node: yaml.Node, path: PathKey, located: _LocatedDoc, seen: set[int]) -> None:
+    """Record the line of `path` and of everything below it. An aliased node is walked once (at
+    its anchor): walking it again per alias would take exponential time on a nested alias bomb."""
+    located.lines.setdefault(path, node.start_mark.line + 1)
+    if id(node) in seen:
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
-            key = str(key_node.value)
-            child = (*path, key)
-            if child in lines:
-                dupes.append((child, key_node.start_mark.line + 1))
-            lines[child] = key_node.start_mark.line + 1
-            _index_lines(value_node, child, lines, dupes)
+            child = (*path, str(key_node.value))
+            if child in located.lines:
+                located.duplicates.append(child)
+            located.lines[child] = key_node.start_mark.line + 1
+            _index_lines(value_node, child, located, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _index_lines(item, (*path, i), lines, dupes)
+            _index_lines(item, (*path, i), located, seen)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses nesting deeper than MAX_NESTING with a YAML error at that line."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self._depth >= MAX_NESTING:
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_NESTING} levels", mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 class _LocatedDoc:
@@ -68,12 +93,16 @@ class _LocatedDoc:
     def __init__(self, file: str, text: str) -> None:
         self.file = file
         self.lines: dict[PathKey, int] = {}
-        self.duplicates: list[tuple[PathKey, int]] = []
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        self.duplicates: list[PathKey] = []
         self.data: Any = None
-        if node is not None:
-            _index_lines(node, (), self.lines, self.duplicates)
-            self.data = yaml.safe_load(text)
+        loader = _BoundedLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                _index_lines(node, (), self, set())
+                self.data = loader.construct_document(node)
+        finally:
+            loader.dispose()
 
     def line_of(self, path: PathKey) -> int:
         """The line of the deepest known prefix of `path` (a missing field points at its parent)."""
@@ -86,14 +115,30 @@ class _LocatedDoc:
         return RuleError(self.file, self.line_of(path), _field_name(path), message)
 
 
+def _field_path(doc: _LocatedDoc, loc: tuple[str | int, ...]) -> PathKey:
+    """pydantic's error location as a field path: its internal parts ('function-after[...]') are
+    dropped, but a key that is in the file is kept whatever its spelling ('keep-firing-for')."""
+    path: PathKey = ()
+    for part in loc:
+        if isinstance(part, int) or "[" not in part or (*path, part) in doc.lines:
+            path = (*path, part)
+    return path
+
+
+def _unknown_field(name: str) -> str:
+    hint = _HINTS.get(name) or "not part of the schema"
+    if "-" in name:
+        hint += f"; field names use underscores: {name.replace('-', '_')!r}?"
+    return f"unknown field ({hint})"
+
+
 def _validation_errors(doc: _LocatedDoc, err: ValidationError) -> list[RuleError]:
     out = []
     for item in err.errors(include_url=False):
-        # Drop pydantic's internal location parts (e.g. 'function-after[...]') that are not fields.
-        path = tuple(p for p in item["loc"] if isinstance(p, int) or not ("[" in p or "-" in p))
+        path = _field_path(doc, item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = f"unknown field ({_HINTS.get(str(path[-1]), 'not part of the schema')})"
+            message = _unknown_field(str(path[-1]) if path else "")
         elif item["type"] == "missing":
             message = "required field is missing"
         elif "input" in item and not isinstance(item["input"], (dict, list)):
@@ -107,6 +152,18 @@ def _route_receivers(route: Route, path: PathKey) -> list[tuple[PathKey, str]]:
     for i, child in enumerate(route.routes):
         found += _route_receivers(child, (*path, "routes", i))
     return found
+
+
+def _threshold_errors(doc: _LocatedDoc, path: tuple, cond: ThresholdCondition) -> list[RuleError]:
+    """A threshold rule the worker would never evaluate: it sends the alert rules the fleet KPI
+    of each cluster (per-GPU conditions are the detectors' findings)."""
+    if cond.scope != "cluster":
+        return [doc.error((*path, "scope"), f"{cond.scope!r}: the worker evaluates threshold rules on scope "
+                          "'cluster' (the fleet KPI) only; for GPUs, nodes and jobs use a finding rule")]
+    if cond.metric not in FLEET_METRICS:
+        return [doc.error((*path, "metric"), f"{cond.metric!r} is not a fleet KPI metric; one of: "
+                          f"{', '.join(FLEET_METRICS)}")]
+    return []
 
 
 def _semantic_errors(doc: _LocatedDoc, config: RulesConfig) -> list[RuleError]:
@@ -125,13 +182,15 @@ def _semantic_errors(doc: _LocatedDoc, config: RulesConfig) -> list[RuleError]:
             errors.append(doc.error(path, f"unknown receiver {name!r}; defined: {', '.join(sorted(known))}"))
     names: set[str] = set()
     for i, rule in enumerate(config.rules):
+        if rule.threshold is not None:
+            errors += _threshold_errors(doc, ("rules", i, "threshold"), rule.threshold)
         if rule.name in names:
             errors.append(doc.error(("rules", i, "name"), f"duplicate rule name {rule.name!r}"))
         names.add(rule.name)
-        sample = sample_context(rule, config.external_url)
+        samples = sample_contexts(rule, config.external_url)
         for field, source in rule.annotations.model_dump().items():
             try:
-                check_template(source, sample)
+                check_template(source, samples)
             except TemplateProblem as problem:
                 path = ("rules", i, "annotations", field)
                 line = doc.line_of(path) + ((problem.line or 1) - 1)
@@ -143,12 +202,15 @@ def check_text(text: str, file: str = "<string>") -> tuple[RulesConfig | None, l
     """Parse and check one rules file's text; returns the config (if valid) and all errors."""
     try:
         doc = _LocatedDoc(file, text)
+    except yaml.reader.ReaderError as err:  # a control character; its str() spans lines
+        line = text.count("\n", 0, err.position) + 1
+        return None, [RuleError(file, line, "", f"unacceptable character #x{err.character:04x} ({err.reason})")]
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
         problem = getattr(err, "problem", None) or str(err)
         return None, [RuleError(file, line, "", f"YAML syntax error: {problem}")]
-    errors = [doc.error(path, "duplicate key (the later value would win silently)") for path, _ in doc.duplicates]
+    errors = [doc.error(path, "duplicate key (the later value would win silently)") for path in doc.duplicates]
     if not isinstance(doc.data, dict):
         return None, [*errors, RuleError(file, 1, "", "expected a mapping with 'receivers', 'route' and 'rules'")]
     try:
@@ -161,9 +223,15 @@ def check_text(text: str, file: str = "<string>") -> tuple[RulesConfig | None, l
 
 def check_file(path: Path) -> tuple[RulesConfig | None, list[RuleError]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as err:
         return None, [RuleError(str(path), 0, "", f"cannot read file: {err.strerror}")]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        byte = data[err.start : err.start + 1].hex()
+        return None, [RuleError(str(path), line, "", f"not UTF-8 text (byte 0x{byte}); save the file as UTF-8")]
     return check_text(text, str(path))
 
 

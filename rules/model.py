@@ -7,6 +7,7 @@ names an environment variable or a file that holds the URL.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -40,6 +41,8 @@ def parse_duration(value: object) -> float:
         seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
     else:
         raise ValueError(f"bad duration {value!r}: use e.g. 30s, 2m, 1h30m")
+    if not math.isfinite(seconds):  # YAML's .nan/.inf: a nan wait would never end, so nothing is ever sent
+        raise ValueError(f"bad duration {value!r}: must be a finite number of seconds")
     if seconds < 0:
         raise ValueError(f"bad duration {value!r}: must not be negative")
     return seconds
@@ -116,12 +119,12 @@ class FindingCondition(_Strict):
 
 
 class ThresholdCondition(_Strict):
-    """Fire when a window metric at one scope crosses a threshold, e.g. cluster eff_util_mean < 0.5."""
+    """Fire when a window metric at one scope crosses a threshold, e.g. cluster effective_util < 0.5."""
 
     metric: str = Field(min_length=1)
     scope: Scope
     op: Comparator
-    threshold: float
+    threshold: float = Field(allow_inf_nan=False)  # nothing compares true against nan
     match: list[Matcher] = Field(default_factory=list)
 
 
@@ -192,6 +195,8 @@ class ReceiverConfig(_Strict):
                 url = self.url_file.read_text(encoding="utf-8").strip()
             except OSError as err:
                 raise LookupError(f"receiver {self.name!r}: cannot read url_file {self.url_file}: {err.strerror}") from None
+            except UnicodeDecodeError:  # its text is the secret: never quote it, not even a byte
+                raise LookupError(f"receiver {self.name!r}: cannot read url_file {self.url_file}: not UTF-8 text") from None
             if not url:
                 raise LookupError(f"receiver {self.name!r}: url_file {self.url_file} is empty")
         if not url.startswith(("http://", "https://")):

@@ -59,12 +59,21 @@ rules:
 """
 
 
-class AlertingRun:
-    """A pipeline run whose worker alerts into `server` with RULES, and its scenario."""
+# A threshold rule on the fleet KPI that holds for any fleet (effective utilization is 0-1).
+CLUSTER_RULE = """
+  - name: ClusterBelowTarget
+    threshold: {metric: effective_util, scope: cluster, op: "<", threshold: 2.0}
+    annotations:
+      summary: "Cluster {{ labels.cluster }} effective utilization {{ value | pct }}"
+"""
 
-    def __init__(self, stack: Settings, tmp_path: Path, server: WebhookServer, prefix: str) -> None:
+
+class AlertingRun:
+    """A pipeline run whose worker alerts into `server` with `rules`, and its scenario."""
+
+    def __init__(self, stack: Settings, tmp_path: Path, server: WebhookServer, prefix: str, rules: str = RULES) -> None:
         self.rules_file = tmp_path / "rules.yaml"
-        self.rules_file.write_text(RULES)
+        self.rules_file.write_text(rules)
         env = {"ALERT_TEST_HOOK_URL": server.url("/hook"), "ALERT_TEST_CHAT_URL": server.url("/chat")}
         self.run = PipelineRun(stack, prefix=prefix, extra_env=env, state_root=tmp_path,
                                overrides={"rules_file": self.rules_file})
@@ -213,7 +222,7 @@ def test_straggler_alert_is_sent_once_survives_sigkill_and_resolves(stack, tmp_p
 @pytest.mark.timeout(180)
 def test_silence_mutes_and_a_bad_rules_file_keeps_the_last_good_rules(stack, tmp_path):
     with WebhookServer() as server:
-        alerting = AlertingRun(stack, tmp_path, server, "test-alert-silence")
+        alerting = AlertingRun(stack, tmp_path, server, "test-alert-silence", rules=RULES + CLUSTER_RULE)
         state_dir = alerting.run.settings.state_dir
         added = cli("silence", "add", "--match", "job=notebook", "--for", "1h", "--comment", "notebook is parked",
                     state_dir=state_dir).stdout
@@ -226,6 +235,9 @@ def test_silence_mutes_and_a_bad_rules_file_keeps_the_last_good_rules(stack, tmp
                 idle = alerting.alerts().get("IdleAllocatedGpu/notebook", {})
                 return idle.get("status") == "firing" and HOOK_FIRING in map(describe, server.requests("/hook"))
             wait_for(silenced_while_straggler_sent, 90, "no straggler notification and firing idle alert", run)
+            cluster_sent = ("/hook", "ClusterBelowTarget", "firing")
+            wait_for(lambda: cluster_sent in map(describe, server.requests("/hook")), 30,
+                     "no notification from the threshold rule on the fleet KPI", run)
             idle = alerting.alerts()["IdleAllocatedGpu/notebook"]
             notebook_while_silenced = [r for r in server.requests() if b"notebook" in r.raw]
 
@@ -245,6 +257,9 @@ def test_silence_mutes_and_a_bad_rules_file_keeps_the_last_good_rules(stack, tmp
                      "no notification once the silence expired", run)
             stats = run.stats()
 
+    [cluster] = [r.json for r in server.requests("/hook") if describe(r)[1] == "ClusterBelowTarget"]
+    assert cluster["groupLabels"] == {"alertname": "ClusterBelowTarget", "cluster": "sim-alerting", "job": ""}
+    assert cluster["alerts"][0]["annotations"]["summary"].startswith("Cluster sim-alerting effective utilization ")
     assert idle["silenced_by"] == [silence_id]
     assert notebook_while_silenced == []
     [notebook] = [r.json for r in server.requests("/hook") if b"notebook" in r.raw]

@@ -180,6 +180,34 @@ def test_gpu_that_stops_reporting_fires_after_n_windows_and_resolves_when_back()
     assert [w for w, _ in resolved(events, "silent_gpu")] == [6]
 
 
+def test_a_job_that_ends_is_not_a_set_of_silent_gpus() -> None:
+    # Job "llm" (node n0) ends after 4 windows while job "keep" (node n1) runs on. Its GPUs then go on
+    # unallocated, keyed by node in stage 2, so to another partition: this detector sees them no more.
+    ended = job_samples(8, 4, lambda r, w: {"util_gpu": 80.0})
+    kept = [NodeSample(ts=s.ts, cluster="c", node="n1", gpus=s.gpus)
+            for s in job_samples(8, 10, lambda r, w: {"util_gpu": 80.0}, job="keep")]
+    events = run(ended + kept, FleetDetector())
+    assert firing(events, "silent_gpu") == []
+
+
+def test_gpus_scraped_every_30_s_into_10_s_windows_are_not_silent_until_they_stop() -> None:
+    # Three nodes scraped 10 s apart (dcgm-exporter every 30 s): each window holds one node.
+    def scraped(samples: list[NodeSample]) -> list[NodeSample]:
+        return [s for s in samples if int(s.ts - T0) % 30 == 1 + 10 * int(s.node[1:])]
+    steady = scraped(job_samples(24, 12, lambda r, w: {"util_gpu": 80.0}))
+    assert firing(run(steady, FleetDetector()), "silent_gpu") == []
+    rank_2_stops = scraped(job_samples(24, 12, lambda r, w: None if (r == 2 and w >= 6) else {"util_gpu": 80.0}))
+    assert [f.rank for _, f in firing(run(rank_2_stops, FleetDetector()), "silent_gpu")] == [2]
+
+
+def test_a_job_stalled_longer_than_the_memory_horizon_stays_one_stall() -> None:
+    config = DetectorConfig(forget_after_windows=5)
+    events = run(job_samples(4, 14, lambda r, w: {"util_gpu": 80.0 if w < 2 else 0.0, "power_w": 125.0}),
+                 FleetDetector(config))
+    assert [w for w, _ in firing(events, "job_stalled")] == [3]
+    assert resolved(events, "job_stalled") == [] and firing(events, "idle_allocated") == []
+
+
 def test_baseline_pages_the_victims_not_the_culprit() -> None:
     samples = job_samples(16, 6, straggler_job(culprit=9, onset=1, until=6, slowdown=1.6, healthy=70.0))
     ranks = {f.rank for _, f in firing(run(samples, LowUtilizationBaseline(50.0)), "low_utilization")}

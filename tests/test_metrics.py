@@ -1,12 +1,18 @@
 """The worker's Prometheus /metrics: lag arithmetic, and a real worker's exposition (parsed with
-prometheus_client's parser) agreeing with its /stats."""
+prometheus_client's parser) agreeing with its /stats, with bad samples and points InfluxDB refuses
+counted and dead-lettered while the pipeline goes on."""
 
 from __future__ import annotations
+
+import json
+import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from agents.metrics import PartitionLag, lag_family, partition_lag
+from agents.sink import InfluxSink
+from rules.cli import ALERTS_STATE_FILE
 from collectors.publisher import Publisher
 from laggard.pipeline_run import PipelineRun
 
@@ -37,17 +43,38 @@ def test_lag_family_labels_topic_and_partition() -> None:
                                                           {"topic": "gpu.samples", "partition": "3"}, 17)
 
 
-def test_worker_metrics_agree_with_its_stats(stack, tmp_path) -> None:
-    with PipelineRun(stack, prefix="test-metrics", state_root=tmp_path) as run:
+def test_worker_metrics_agree_with_its_stats(stack, tmp_path, unique) -> None:
+    database = f"test_metrics_{unique}".replace("-", "_")
+    with PipelineRun(stack, prefix="test-metrics", state_root=tmp_path, overrides={"influx_database": database}) as run:
+        # A database of its own where node_window's util_mean is already a string: InfluxDB drops
+        # every node window point of this shard (7 days) as a field type conflict.
+        httpx.post(f"{stack.influx_url}/query", data={"q": f'CREATE DATABASE "{database}"'}, timeout=10)
+        conflict = f'node_window,cluster=conflict util_mean="text" {int(time.time()) - 60}'
+        assert httpx.post(f"{stack.influx_url}/write", params={"db": database, "precision": "s"},
+                          content=conflict, timeout=10).status_code == 204
         run.start_worker()
         with Publisher(stack, topic=run.settings.topic_samples) as publisher:
             for value in (b"{not json", b'{"v": 99}'):
                 publisher.publish_raw(b"bad", value)
+            # Junk between the stages (another producer, an older laggard): each stage dead-letters
+            # it and goes on to the real messages behind it.
+            for topic, value in (("windows", b'{"part": "x"}'), ("windows", b"[{}]"), ("fleet", b"{}"),
+                                 ("findings", b'{"kind": "straggler"}')):
+                publisher.publish_raw(b"junk", value, topic=getattr(run.settings, f"topic_{topic}"))
         run.published += 2
         run.publish_scenario(SCENARIO)
         stats = run.wait_until_quiet(timeout_s=180)
         reply = httpx.get(f"http://127.0.0.1:{run.settings.worker_web_port}/metrics", timeout=5)
         after = run.stats()
+        letters = run.dead_letters()
+        influx_letters = [d for d in letters if d["topic"] == "influxdb"]
+        stage_letters = [d for d in letters if d["topic"] in
+                         {run.settings.topic_windows, run.settings.topic_fleet, run.settings.topic_findings}]
+        alert_state = (run.settings.state_dir / ALERTS_STATE_FILE).read_text()
+        sink = InfluxSink(run.settings, give_up_after_s=30)
+        [gpu_windows] = sink.query('SELECT count("util_mean") FROM "gpu_window"')
+        node_windows = sink.query('SELECT count("gpus") FROM "node_window"')
+        sink.close()
 
     assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
     metrics = samples_by_name(reply.text)
@@ -56,7 +83,16 @@ def test_worker_metrics_agree_with_its_stats(stack, tmp_path) -> None:
     assert outcomes == {(("outcome", "accepted"),): stats["accepted"], (("outcome", "rejected"),): 2,
                         (("outcome", "late"),): stats["late"]}
     assert metrics["laggard_dead_letters_total"][(("category", "sample_rejected"),)] == 2
-    assert metrics["laggard_findings_total"][()] == stats["findings"] > 0
+    assert metrics["laggard_dead_letters_total"][(("category", "stage_message_rejected"),)] == len(stage_letters) == 4
+    assert all(d["reason"].startswith("not a laggard stage message: ") for d in stage_letters)
+    assert stats["fleet_windows"] > 0 and json.loads(alert_state)["alerts"]  # stages 3 and 4 went on too
+    # Refused node windows: counted and dead-lettered, every other point written, nothing stopped.
+    assert metrics["laggard_influx_points_rejected_total"][()] == stats["influx_rejected"] > 0
+    assert metrics["laggard_dead_letters_total"][(("category", "influx_rejected"),)] == len(influx_letters) > 0
+    assert all("field type conflict" in d["reason"] for d in influx_letters)
+    written = node_windows[0]["count"] if node_windows else 0
+    assert stats["influx_rejected"] + written == gpu_windows["count"] / 8  # each node window once
+    assert metrics["laggard_findings_total"][()] == stats["findings"] > 0  # stage 2 went on after the junk
     assert metrics["laggard_windows_closed_total"][()] == stats["windows_closed"] > 0
     assert metrics["laggard_influx_points_written_total"][()] == stats["influx_points_written"] > 0
     assert metrics["laggard_gpus_tracked"][()] == 24 * 8

@@ -13,7 +13,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from laggard.report import Episode, duration_s, episodes, report
+from laggard.report import Episode, ReportData, duration_s, episodes, report
 from laggard.settings import Settings
 from tests.helpers.telemetry import STRAGGLER_RANK, write_recent_run
 
@@ -41,6 +41,11 @@ def test_episode_waste_is_cost_per_window_times_windows_fired() -> None:
                                                216.0, 9.0)
     assert (by[("straggler", 200.0)].active, by[("straggler", 200.0)].windows) == (True, 3.0)
     assert by[("idle_allocated", 100.0)].gpu_s_wasted == 40.0 * 13
+
+    data = ReportData("1h", None, None, 10.0, episodes=found)
+    waste = {w["kind"]: (w["count"], w["gpu_h"], w["kwh"]) for w in data.waste_by_kind()}
+    assert waste == {"idle_allocated": (1, 40.0 * 13 / 3600, 0.0),
+                     "straggler": (2, (216.0 + 36.0 * 3) / 3600, (9.0 + 1.5 * 3) / 1000)}
 
 
 @pytest.mark.stack

@@ -158,3 +158,90 @@ def test_demo_rules_are_the_default_rules_with_short_timings(tmp_path: Path) -> 
     assert [r.name for r in config.rules] == [r.name for r in default.rules]
     assert all(r.for_ == 0 for r in config.rules) and config.route.group_wait == 2.0
     assert config.route.routes == default.route.routes and config.inhibit_rules == default.inhibit_rules
+
+
+def _alias_bomb(depth: int, fan_out: int = 6) -> str:
+    """`depth` levels, each a list of `fan_out` aliases of the level below: fan_out**depth leaves."""
+    lines = ["a0: &a0 [x]"] + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * fan_out) + "]" for i in range(1, depth + 1)]
+    return "\n".join(lines) + "\n" + GOOD
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        pytest.param(("external-url: http://x\n" + GOOD).encode(),
+                     [":1: external-url: unknown field (not part of the schema; field names use underscores: "
+                      "'external_url'?)"], id="dashed-top-level-key"),
+        pytest.param(GOOD.replace(AFTER_FOR, AFTER_FOR + "    keep-firing-for: 5m\n").encode(),
+                     [":12: rules[0].keep-firing-for: unknown field"], id="dashed-key-in-rule"),
+        pytest.param(GOOD.replace("is slow", "is slow, caf\u00e9").encode("latin-1"),
+                     [":13: <file>: not UTF-8 text (byte 0xe9); save the file as UTF-8"], id="latin-1"),
+        pytest.param(("x: " + "[" * 3000 + "]" * 3000 + "\n").encode(),
+                     [":1: <file>: YAML syntax error: nested deeper than"], id="deep-nesting"),
+        pytest.param(GOOD.replace("  receiver: chat\n", "  receiver: chat\n  group_wait: .nan\n").encode(),
+                     [":7: route.group_wait: bad duration nan: must be a finite number of seconds"], id="nan-duration"),
+        pytest.param(GOOD.replace("for: 2m", "for: .inf").encode(),
+                     [":11: rules[0].for: bad duration inf: must be a finite number of seconds"], id="inf-duration"),
+        pytest.param(GOOD.replace("is slow", "is \a slow").encode(),
+                     [":13: <file>: unacceptable character #x0007"], id="control-character"),
+        pytest.param(_alias_bomb(7).encode(),
+                     [f":{i + 1}: a{i}: unknown field" for i in range(8)], id="alias-bomb"),
+    ],
+)
+def test_cli_reports_broken_files_as_one_line_per_error(tmp_path: Path, content: bytes, expected: list[str]) -> None:
+    """Every broken file ends as FILE:LINE: FIELD: MESSAGE lines and exit 1, never a traceback."""
+    path = tmp_path / "rules.yaml"
+    path.write_bytes(content)
+    result = CliRunner().invoke(rules_app, ["check", str(path)])
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.exception
+    lines = result.stderr.splitlines()
+    assert lines[-1] == f"{len(lines) - 1} error(s)"
+    assert all(line.startswith(f"{path}:") for line in lines[:-1]), lines
+    for want in expected:
+        assert any(line.startswith(f"{path}{want}") for line in lines), (want, lines)
+    with pytest.raises(RulesFileInvalid):  # the worker's reload counts this as a refused file
+        load_rules(path)
+
+
+def test_aliases_are_indexed_once_not_once_per_use() -> None:
+    """An alias bomb of 6**7 leaves is indexed in as many entries as the file has nodes."""
+    from rules.loader import _LocatedDoc
+
+    doc = _LocatedDoc("bomb.yaml", _alias_bomb(7))
+    assert len(doc.lines) < 200
+    assert doc.lines[("a7",)] == 8 and doc.lines[("rules", 0, "for")] == 11 + 8
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_durations_are_refused(value: float) -> None:
+    with pytest.raises(ValueError, match="must be a finite number of seconds"):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize("condition,expected", [
+    ("{metric: effective_util, scope: job, op: '<', threshold: 0.5}",
+     ":9: rules[0].threshold.scope: 'job': the worker evaluates threshold rules on scope 'cluster'"),
+    ("{metric: eff_util_mean, scope: cluster, op: '<', threshold: 0.5}",
+     ":9: rules[0].threshold.metric: 'eff_util_mean' is not a fleet KPI metric; one of: gpus,"),
+])
+def test_a_threshold_rule_the_worker_would_never_evaluate_is_refused(tmp_path: Path, condition: str,
+                                                                     expected: str) -> None:
+    rule = f"    threshold: {condition}\n"
+    assert expected in only_error(tmp_path, GOOD.replace("    finding:\n      kind: straggler\n", rule))
+
+
+def test_threshold_must_be_a_finite_number(tmp_path: Path) -> None:
+    rule = "    threshold: {metric: m, scope: job, op: '<', threshold: .nan}\n"
+    message = only_error(tmp_path, GOOD.replace("    finding:\n      kind: straggler\n", rule))
+    assert ":9: rules[0].threshold.threshold: Input should be a finite number" in message
+
+
+def test_url_file_that_is_not_utf8_is_a_receiver_problem_without_its_content(tmp_path: Path) -> None:
+    from rules.model import ReceiverConfig
+
+    secret = tmp_path / "hook_url"
+    secret.write_bytes("https://hooks.example/h\u00f6oks/T0KEN".encode("latin-1"))
+    receiver = ReceiverConfig(name="chat", kind="slack", url_file=secret)
+    with pytest.raises(LookupError) as err:
+        receiver.resolve_url()
+    assert str(err.value) == f"receiver 'chat': cannot read url_file {secret}: not UTF-8 text"

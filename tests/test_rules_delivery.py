@@ -18,7 +18,7 @@ from rules.cli import alerts_app
 from rules.lifecycle import AlertEngine, EngineState, Notification
 from rules.model import ReceiverConfig, RulesConfig
 from rules.receivers import discord
-from rules.receivers.delivery import DeadLetter, Dispatcher, RateLimiter, SentLog, redact
+from rules.receivers.delivery import RETRY_DEFERRED_S, DeadLetter, Dispatcher, RateLimiter, SentLog, redact
 from tests.helpers.webhook_server import HANG, Reply, WebhookServer, webhook_server  # noqa: F401 (fixture)
 
 SECRET = "T000/B000/s3cr3t-t0ken"
@@ -206,18 +206,85 @@ def test_hanging_server_times_out_and_is_retried(webhook_server: WebhookServer) 
     assert len(webhook_server.requests()) == 2
 
 
-def test_undelivered_after_budget_goes_to_dead_letter_once(webhook_server: WebhookServer) -> None:
+def test_a_webhook_down_past_the_retries_gets_the_notification_later_once(webhook_server: WebhookServer) -> None:
     recv = receiver("slack", "slack")
     webhook_server.script(hook_path("slack"), Reply(status=500, body="oops"), times=3)
     note = notification(rules_config([recv]))
-    (outcome, again), letters, dispatcher = deliver(webhook_server, recv, [note, note])
-    assert outcome.status == "dead_lettered" and outcome.attempts == 3
-    assert again.status == "duplicate"
-    assert len(webhook_server.requests()) == 3
-    (letter,) = letters
-    assert letter.reason == "HTTP 500: oops" and letter.attempts == 3 and letter.receiver == "slack"
-    assert letter.notification["idempotency_key"] == note.idempotency_key
-    assert dispatcher.stats.get("slack", "dead_lettered") == 1
+    letters: list[DeadLetter] = []
+    now = [0.0]
+
+    async def go() -> tuple[list[Any], list[dict[str, Any]]]:
+        async with Dispatcher([recv], dead_letter=letters.append, environ=environ(webhook_server, "slack"),
+                              clock=lambda: now[0]) as d:
+            first = await d.dispatch(note)
+            too_soon = await d.retry_deferred()
+            state = d.deferred_state()
+            now[0] += RETRY_DEFERRED_S
+            later = await d.retry_deferred()
+            return [first, too_soon, later, await d.retry_deferred(), d.stats.get("slack", "deferred")], state
+
+    (first, too_soon, later, after, deferred), state = asyncio.run(go())
+    assert first.status == "deferred" and first.attempts == 3 and first.reason == "HTTP 500: oops"
+    assert too_soon == [] and [n["idempotency_key"] for n in state] == [note.idempotency_key]
+    assert [o.status for o in later] == ["sent"] and after == [] and deferred == 1
+    assert letters == [] and len(webhook_server.requests()) == 4  # 3 tries, then once more, delivered
+
+
+def test_a_deferred_notification_survives_a_restart_and_a_newer_one_supersedes_it(
+        webhook_server: WebhookServer) -> None:
+    recv = receiver("slack", "slack", max_attempts=1)
+    config = rules_config([recv])
+    engine = AlertEngine(config)
+    engine.observe_finding(finding(1), 1_700_000_000.0)
+    (older,) = engine.advance(1_700_000_000.0)
+    engine.observe_finding(finding(2), 1_700_000_100.0)
+    (newer,) = engine.advance(1_700_000_100.0)
+    webhook_server.script(hook_path("slack"), Reply(status=503), times=1)
+
+    async def go() -> tuple[list[str], list[str]]:
+        async with Dispatcher([recv], dead_letter=lambda _: None, environ=environ(webhook_server, "slack")) as d:
+            assert (await d.dispatch(older)).status == "deferred"
+            saved = d.deferred_state()
+        async with Dispatcher([recv], dead_letter=lambda _: None, environ=environ(webhook_server, "slack"),
+                              deferred=saved) as restarted:
+            resent = [o.status for o in await restarted.retry_deferred()]  # due at once after a restart
+        async with Dispatcher([recv], dead_letter=lambda _: None, environ=environ(webhook_server, "slack"),
+                              deferred=saved) as again:
+            statuses = [(await again.dispatch(newer)).status] + [o.status for o in await again.retry_deferred()]
+        return resent, statuses
+
+    resent, statuses = asyncio.run(go())
+    assert resent == ["sent"]
+    assert statuses == ["sent"]  # the newer notification of the group replaced the deferred one
+    sequences = [r.json["text"] for r in webhook_server.requests()]
+    assert len(sequences) == 3
+
+
+def test_a_trickling_webhook_is_cut_at_the_receiver_timeout(webhook_server: WebhookServer) -> None:
+    recv = receiver("slack", "slack", max_attempts=1)  # timeout 0.3 s; each byte comes within 0.2 s
+    webhook_server.script(hook_path("slack"), Reply(body="x" * 200, trickle_s=0.2))
+    (outcome,), letters, _ = deliver(webhook_server, recv, [notification(rules_config([recv]))])
+    assert outcome.status == "deferred" and outcome.reason.startswith("timed out after 0.3s")
+
+
+def test_nan_evidence_is_sent_as_text_and_an_unusable_url_is_dead_lettered_without_it(
+        webhook_server: WebhookServer) -> None:
+    recv = receiver("slack", "slack")
+    config = rules_config([recv])
+    engine = AlertEngine(config)
+    engine.observe_finding({**finding(1), "evidence": {"score": float("nan")}}, 1_700_000_000.0)
+    (note,) = engine.advance(1_700_000_000.0)
+    (outcome,), _, _ = deliver(webhook_server, recv, [note])
+    assert outcome.status == "sent"
+    letters: list[DeadLetter] = []
+
+    async def go() -> Any:
+        bad_url = {"HOOK_SLACK": "http://[::1/hooks/" + SECRET}  # httpx cannot build it
+        async with Dispatcher([recv], dead_letter=letters.append, environ=bad_url) as d:
+            return await d.dispatch(note)
+
+    bad = asyncio.run(go())
+    assert bad.status == "dead_lettered" and letters[0].reason == "cannot send: InvalidURL"
 
 
 def test_client_error_is_not_retried(webhook_server: WebhookServer) -> None:
@@ -279,14 +346,36 @@ def test_webhook_urls_never_reach_logs_errors_or_dead_letters(webhook_server: We
             return await d.dispatch(notification(config))
 
     refused_outcome = asyncio.run(go())
-    assert outcomes[0].status == "dead_lettered" and refused_outcome.status == "dead_lettered"
-    assert "network error: ConnectError" in refused[0].reason
+    assert outcomes[0].status == "dead_lettered" and refused_outcome.status == "deferred"  # down: tried later
+    assert "network error: ConnectError" in refused_outcome.reason
     texts = [caplog.text, *(r.getMessage() for r in caplog.records), *(o.model_dump_json() for o in [*outcomes, refused_outcome]),
              *(letter.model_dump_json() for letter in [*letters, *refused])]
     assert "HTTP Request: POST http://127.0.0.1" in caplog.text  # httpx did log the request...
     for text in texts:
         assert "s3cr3t" not in text  # ...but never the path that is the credential
     assert "<redacted" in letters[0].reason
+
+
+def test_a_redacted_http_log_line_formats_under_the_workers_log_formatter() -> None:
+    """The worker logs through mode's formatter (Faust's), which turns a record's args of None into
+    (None,): the redacted httpx line must still format, not print a 'Logging error' traceback."""
+    from mode.utils.logging import ExtensionFormatter
+
+    record = logging.getLogger("httpx").makeRecord(
+        "httpx", logging.INFO, __file__, 1, 'HTTP Request: %s %s "%s %d %s"',
+        ("POST", "http://127.0.0.1:8086/api/v2/write?org=o&bucket=b&token=s3cr3t-token", "HTTP/1.1", 204, "No Content"),
+        None)
+    assert all(f.filter(record) for f in logging.getLogger("httpx").filters)
+    line = ExtensionFormatter().format(record)
+    assert "HTTP Request: POST http://127.0.0.1:8086/<redacted> \"HTTP/1.1 204" in line and "s3cr3t" not in line
+
+
+def test_redact_finds_a_credential_echoed_json_escaped_or_alone() -> None:
+    url = "http://127.0.0.1:42295/hooks/T0123/B0456/SuperSecretToken"
+    echoed = '{"error": "channel archived", "url": "http:\\/\\/127.0.0.1:42295\\/hooks\\/T0123\\/B0456\\/SuperSecretToken"}'
+    assert "SuperSecretToken" not in redact(echoed, [url]) and "channel archived" in redact(echoed, [url])
+    teams = "https://example.logic.azure.com/workflows/1/triggers/manual/paths/invoke?api-version=1&sig=S3cr3tSigValue"
+    assert "S3cr3tSigValue" not in redact("signature 'sig=S3cr3tSigValue' is invalid", [teams])
 
 
 def test_redact_keeps_host_and_drops_credential_parts() -> None:

@@ -48,7 +48,7 @@ rules:
     severity: info
     annotations: {summary: idle}
   - name: ClusterEffLow
-    threshold: {metric: eff_util_mean, scope: cluster, op: "<", threshold: 0.4}
+    threshold: {metric: effective_util, scope: cluster, op: "<", threshold: 0.4}
     for: 0s
     annotations: {summary: "eff util {{ value | pct }} < {{ threshold | pct }}"}
 """
@@ -202,17 +202,17 @@ def test_node_alert_inhibits_gpu_alerts_of_that_node_only() -> None:
 
 def test_cluster_threshold_rule_fires_and_resolves_on_window_metrics() -> None:
     engine = AlertEngine(config())
-    low = {"scope": "cluster", "labels": {"cluster": "c1"}, "eff_util_mean": 0.11, "util_mean": 0.6}
+    low = {"scope": "cluster", "labels": {"cluster": "c1"}, "effective_util": 0.11, "util_mean": 0.6}
     engine.observe_window(low, 0)
     engine.advance(0)
     sent = engine.advance(30)
     assert len(sent) == 1
     alert = sent[0].alerts[0]
     assert alert.annotations["summary"] == "eff util 11.0% < 40.0%" and alert.value == 0.11
-    engine.observe_window({**low, "eff_util_mean": 0.55}, 40)
+    engine.observe_window({**low, "effective_util": 0.55}, 40)
     engine.advance(40)
     assert [n.status for n in engine.advance(330)] == ["resolved"]
-    other_scope = engine.observe_window({"scope": "job", "labels": {"job": "j"}, "metrics": {"eff_util_mean": 0.1}}, 400)
+    other_scope = engine.observe_window({"scope": "job", "labels": {"job": "j"}, "metrics": {"effective_util": 0.1}}, 400)
     assert other_scope == []
 
 

@@ -45,12 +45,16 @@ def node(gpu_overrides: dict[str, Any] | None = None, **overrides: Any) -> dict[
     return sample | overrides
 
 
-def rejected(raw: dict[str, Any] | str | bytes) -> str:
+def rejected(raw: dict[str, Any] | str | bytes | None) -> str:
     message = json.dumps(raw) if isinstance(raw, dict) else raw
     with pytest.raises(EventRejected) as caught:
         decode_node_sample(message)
     assert caught.value.reason
     return caught.value.reason
+
+
+def test_a_tombstone_is_rejected_with_a_reason() -> None:
+    assert "no value" in rejected(None)  # a Kafka record without a value: a reject, not a crash
 
 
 def test_valid_sample_decodes() -> None:
@@ -118,6 +122,23 @@ def test_extra_field_is_rejected(where: str, expected: str) -> None:
     reason = rejected(raw)
     assert expected in reason
     assert "Extra inputs" in reason
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (node(v=True), "v = True: Value error, schema version must be the integer 1"),
+    (node({"index": True}), "gpus.0.index = True: Input should be a valid integer"),
+    (node({"util_gpu": "50"}), "gpus.0.util_gpu = '50': Input should be a valid number"),
+    (node(ts="1795688570.1"), "ts = '1795688570.1': Input should be a valid number"),
+    (node({"xid": 10**30}), "gpus.0.xid = 1000000000000000000000000000000: Input should be less than or equal to"),
+    (node(gpus=[gpu(), gpu()]), "GPU 0 appears twice in one node sample"),
+], ids=["bool-version", "bool-index", "string-number", "string-ts", "huge-xid", "duplicate-gpu"])
+def test_loose_types_and_duplicate_gpus_are_rejected(raw: dict[str, Any], expected: str) -> None:
+    assert expected in rejected(raw)
+
+
+def test_one_gpu_per_mig_instance_is_not_a_duplicate() -> None:
+    raw = node(gpus=[gpu(mig_instance=1, mig_profile="1g.18gb"), gpu(mig_instance=2, mig_profile="1g.18gb")])
+    assert len(decode_node_sample(json.dumps(raw)).gpus) == 2
 
 
 def test_missing_field_is_named() -> None:
@@ -200,7 +221,7 @@ valid_gpus = st.builds(
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.lists(valid_gpus, min_size=1, max_size=8),
+    st.lists(valid_gpus, min_size=1, max_size=8, unique_by=lambda g: (g.index, g.mig_instance)),
     st.floats(1_600_000_000, time.time(), **finite),
     st.text(min_size=1, max_size=30),
 )

@@ -139,7 +139,9 @@ def secure_run(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Ite
     rules_file.write_text(RULES)
     with WebhookServer() as server:
         path = f"{HOOK_PATH}/{token}"
-        server.script(path, Reply(status=500, body=f"Cannot POST {path}"), times=10_000)
+        # A server error (retried), then a refusal for good that echoes the secret path (dead-lettered).
+        server.script(path, Reply(status=500, body=f"Cannot POST {path}"), times=1)
+        server.script(path, Reply(status=404, body=f"Cannot POST {path}"), times=10_000)
         env = {**secrets_env, "LAGGARD_SLACK_WEBHOOK_URL": server.url(path), "LAGGARD_RULES_FILE": str(rules_file)}
         with PipelineRun(stack, prefix="test-security", extra_env=env, state_root=tmp) as run:
             run.start_worker()
@@ -176,9 +178,9 @@ def test_the_secrets_were_used(secure_run: SecureRun) -> None:
     assert secure_run.webhook_requests >= 2  # first attempt + retry, at the secret path
     assert secure_run.stats["notifications_failed"] >= 1
     assert secure_run.stats["influx_points_written"] > 0  # written with the basic-auth password
-    assert "dead-lettered after 2 attempt(s): HTTP 500" in secure_run.worker_log
-    assert "not delivered: HTTP 500" in secure_run.cli_output["alerts test slack"]
-    assert any(b'"reason":"HTTP 500' in (v or b"").replace(b'": "', b'":"')
+    assert "dead-lettered after 2 attempt(s): HTTP 404" in secure_run.worker_log
+    assert "not delivered: HTTP 404" in secure_run.cli_output["alerts test slack"]
+    assert any(b'"reason":"HTTP 404' in (v or b"").replace(b'": "', b'":"')
                for name, values in secure_run.topics.items() if name.endswith(".deadletter") for v in values)
 
 

@@ -3,9 +3,13 @@ checkpointed sample stage rebuilt from its replay neither loses nor double-count
 
 from __future__ import annotations
 
-from agents.stages import PendingWindows, SampleStage
+import json
+
+from agents.outputs import window_outputs
+from agents.stages import FleetStage, PendingWindows, SampleStage, parse_results
 from agents.windows import Windower
-from tests.helpers.samples import node_sample
+from laggard.events import NodeSample
+from tests.helpers.samples import gpu, node_sample
 
 
 def _result(node: str, start: float):
@@ -26,6 +30,24 @@ def test_window_released_only_when_every_upstream_partition_marked_it():
     assert pending.too_late == 1 and pending.pending == {}
 
 
+def test_window_outputs_group_ranks_by_job_and_mark_the_window_for_every_stage():
+    t0 = 1_790_000_000.0
+    windower = Windower(10.0)
+    for t in range(10):
+        windower.add(NodeSample(ts=t0 + t, cluster="c", node="a01",
+                                gpus=[gpu(0, job="llm", rank=0), gpu(1, job="llm", rank=1)]))
+        windower.add(NodeSample(ts=t0 + t, cluster="c", node="a02", gpus=[gpu(0, job="llm", rank=2), gpu(1)]))
+    out = window_outputs(windower.flush()[0], partition=3)
+
+    to_detect = {key: parse_results(value) for key, value in out.to_detect}
+    assert sorted(to_detect) == [b"c/llm", b"c/node/a02"]  # the job's three ranks meet in one message
+    assert sorted(r.labels.rank for r in to_detect[b"c/llm"]) == [0, 1, 2]
+    assert json.loads(out.marker) == {"part": 3, "closed_before": t0 + 10, "heartbeat": False}
+    assert [(key, json.loads(value)["part"], json.loads(value)["result"]["gpus"]) for key, value in out.fleet] == [(b"c", 3, 4)]
+    measurements = sorted(line.split(",", 1)[0] for line in out.lines)
+    assert measurements == ["gpu_window"] * 4 + ["node_window"] * 2
+
+
 def test_restored_stage_rebuilds_open_windows_exactly():
     t0 = 1_790_000_000.0
     messages = [node_sample(node=f"n{i % 3}", gpus=2, ts=t0 + i // 3, util_gpu=float(i % 100)).model_dump_json().encode()
@@ -33,16 +55,19 @@ def test_restored_stage_rebuilds_open_windows_exactly():
     whole = SampleStage(window_s=10.0, grace_s=2.0)
     for offset, raw in enumerate(messages):
         whole.add(raw, offset)
-    expected = {(w.window_start, k): a.samples for w in whole.closed() + whole.windower.flush() for k, a in w.series.items()}
+    # Samples and energy per window and GPU: energy needs each GPU's previous sample, which after a
+    # restart comes from the replayed end of the last emitted window.
+    expected = {(w.window_start, k): (a.samples, round(a.energy_wh, 9))
+                for w in whole.closed() + whole.windower.flush() for k, a in w.series.items()}
 
     first = SampleStage(window_s=10.0, grace_s=2.0)
     emitted = {}
     for offset, raw in enumerate(messages[:50]):
         first.add(raw, offset)
         for w in first.closed():
-            emitted.update({(w.window_start, k): a.samples for k, a in w.series.items()})
+            emitted.update({(w.window_start, k): (a.samples, round(a.energy_wh, 9)) for k, a in w.series.items()})
     checkpoint = first.checkpoint()
-    assert 0 < checkpoint["replay_from"] < 50  # a window was still open when it "crashed"
+    assert checkpoint["replay_from"] < 50 and first.windower.open_windows  # a window was open when it "crashed"
 
     second = SampleStage(window_s=10.0, grace_s=2.0)
     second.restore(checkpoint)
@@ -51,9 +76,26 @@ def test_restored_stage_rebuilds_open_windows_exactly():
     for w in second.closed() + second.windower.flush():
         for k, a in w.series.items():
             assert (w.window_start, k) not in emitted
-            emitted[(w.window_start, k)] = a.samples
+            emitted[(w.window_start, k)] = (a.samples, round(a.energy_wh, 9))
     assert emitted == expected
 
+
+
+def test_a_message_delivered_again_is_counted_once():
+    """Around a rebalance Faust can hand a stage messages it already took: they are `seen`, and
+    the window's sample counts are those of one delivery."""
+    t0 = 1_790_000_000.0
+    messages = [node_sample(node=f"n{i % 2}", gpus=2, ts=t0 + i // 2).model_dump_json().encode() for i in range(2 * 12)]
+    stage = SampleStage(window_s=10.0, grace_s=1.0)
+    for offset, raw in enumerate(messages[:16]):
+        stage.add(raw, offset)
+    again = [stage.add(raw, offset) for offset, raw in list(enumerate(messages))[10:16]]
+    assert all(o.seen and not (o.late or o.rejected) for o in again)
+    for offset, raw in list(enumerate(messages))[16:]:
+        stage.add(raw, offset)
+    windows = stage.closed() + stage.windower.flush()
+    assert {a.samples for w in windows for a in w.series.values()} == {10, 2}  # not 10 + the 6 again
+    assert sum(a.samples for w in windows for a in w.series.values()) == 2 * 2 * 12
 
 
 def _fast_and_normal(stage: SampleStage, now: dict[str, float], ticks: int = 40) -> tuple[list, list]:
@@ -90,3 +132,45 @@ def test_without_a_clock_a_collector_minutes_ahead_makes_its_mates_late():
     stage.windower.clock = None
     outcomes, _closed = _fast_and_normal(stage, {"t": 1_790_000_000.0})
     assert any(o.late for o in outcomes)
+
+
+def test_a_partition_whose_collectors_all_run_fast_still_closes_its_windows():
+    """Only samples 90 s ahead of the worker's clock: once that has lasted a minute of wall time,
+    event time follows the clock, and the windows close as real time reaches their end."""
+    now = {"t": 1_790_000_000.0}
+    stage = SampleStage(window_s=10.0, grace_s=2.0, clock=lambda: now["t"])
+    closed = []
+    for _tick in range(300):
+        now["t"] += 1.0
+        stage.add(node_sample(node="fast", gpus=1, ts=now["t"] + 90.0).model_dump_json().encode(), _tick)
+        closed += stage.closed()
+    assert len(closed) >= 10 and all(w.window_end <= now["t"] for w in closed)
+    assert stage.windower.late_samples == 0
+
+
+def test_a_heartbeat_mark_from_a_partition_without_data_completes_the_windows():
+    pending = PendingWindows(window_s=10.0, hold_s=15.0, parts=2)
+    pending.add(_result("a", 1_790_000_000.0), "a", offset=0)
+    assert pending.mark(0, 1_790_000_010.0, offset=1) == []  # partition 1 has said nothing yet
+    quiet_since = pending.last_arrival
+    released = pending.mark(1, 1_790_000_500.0, offset=2, heartbeat=True)  # its heartbeat: nothing before then
+    assert [len(window) for window in released] == [1] and pending.too_late == 0
+    assert pending.last_arrival == quiet_since  # a heartbeat is not activity: the quiet flush still comes
+
+
+def test_the_fleet_stage_completes_a_cluster_window_once_every_partition_marked_it():
+    fleet = FleetStage(window_s=10.0, hold_s=15.0, parts=3)
+    start = 1_790_000_000.0
+    fleet.pending("test").add(_result("a", start), "0", 0)  # partition 0 has nodes of cluster "test"
+    assert fleet.mark(0, start + 10) == [] and fleet.mark(1, start + 10) == []
+    fleet.pending("test").add(_result("b", start), "2", 0)  # partition 2's partial, before its mark
+    [window] = fleet.mark(2, start + 10)
+    assert sorted(r.labels.node for r in window) == ["a", "b"]
+
+
+def test_a_gpu_that_changes_rank_within_a_window_is_two_series_to_stage_two():
+    windower = Windower(10.0)
+    for t in range(10):
+        windower.add(node_sample(node="a", gpus=1, ts=1_790_000_000.0 + t, job="llm", rank=3 if t < 5 else 5))
+    results = windower.flush()[0].gpu_results()
+    assert sorted(r.labels.rank for r in results) == [3, 5] and len({r.id for r in results}) == 2

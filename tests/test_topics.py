@@ -3,11 +3,13 @@ table changelogs among them (compacted, partitioned like their source), every pa
 
 from __future__ import annotations
 
-from kafka import KafkaAdminClient
-from kafka.admin import ConfigResource, ConfigResourceType
+from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 
 from laggard.kafka_config import client_config
-from laggard.topics import changelog_name, ensure_topics, topic_partitions, worker_tables
+from laggard.topics import (
+    changelog_name, committed_offsets, ensure_topics, read_range, topic_partitions, worker_tables,
+)
 
 
 def test_ensure_topics_creates_changelogs_ready_and_is_idempotent(stack, unique):
@@ -32,3 +34,25 @@ def test_ensure_topics_creates_changelogs_ready_and_is_idempotent(stack, unique)
     # The alert state table's source is the single-partition findings + ticks channel.
     assert wanted[changelog_name(settings, "alert-state")] == wanted[settings.topic_findings] == 1
     assert wanted[changelog_name(settings, "window-checkpoints")] == wanted[settings.topic_samples]
+
+
+def test_re_reads_and_resume_points_skip_what_retention_deleted(stack, unique):
+    """A worker down longer than the retention comes back to a log that starts later: re-reading a
+    range that begins before the log start returns what is left (not nothing, not a hang), and a
+    group with no commit resumes at the log start."""
+    topic = f"test-retention-{unique}"
+    admin = KafkaAdminClient(**client_config(stack))
+    producer = KafkaProducer(**client_config(stack))
+    try:
+        admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+        for i in range(20):
+            producer.send(topic, key=b"n", value=b"m%d" % i, partition=0)
+        producer.flush()
+        admin.delete_records({TopicPartition(topic, 0): 8})  # what retention would do
+        records = read_range(stack, topic, 0, 3, 15)
+        assert [offset for offset, _ in records] == list(range(8, 15))
+        assert records[0][1] == b"m8"
+        assert committed_offsets(stack, f"never-committed-{unique}", topic)[0] == 8
+    finally:
+        producer.close()
+        admin.close()

@@ -4,18 +4,20 @@ Times in a scenario are seconds from its start. A fault names its GPU either as 
 or as `node` + `gpu`; a job names its nodes as ranges of node groups, and its ranks follow
 node order, then GPU order. A job whose ranks span two GPU models is a mixed-generation job:
 that is placement, not an injected fault, so the simulator derives its ground truth.
+A bad file is one ScenarioError naming the file, the line (where the YAML has one) and the field.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from collectors.simulate.physics import MODELS
-from laggard.events import describe_validation_error
+from laggard.events import PLAUSIBLE_TS_RANGE, describe_validation_error, plausible_ts
 
 ModelName = Literal["H100", "H200", "GB200"]
 
@@ -164,7 +166,7 @@ Fault = Annotated[
 
 class Scenario(_Spec):
     name: str = Field(min_length=1, max_length=200)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, description="numpy's generator takes no negative seed")
     duration_s: float = Field(gt=0, le=30 * 86_400)
     tick_s: float = Field(default=1.0, gt=0, le=3600)
     start: float | None = Field(default=None, description="unix seconds; default: when the run starts")
@@ -172,6 +174,13 @@ class Scenario(_Spec):
     nodes: list[NodeGroup] = Field(min_length=1)
     jobs: list[JobSpec] = Field(default_factory=list)
     faults: list[Fault] = Field(default_factory=list)
+
+    @field_validator("start")
+    @classmethod
+    def _plausible_start(cls, start: float | None) -> float | None:
+        if start is not None and not plausible_ts(start):
+            raise ValueError(f"{start!r} is outside {PLAUSIBLE_TS_RANGE}: consumers would reject every sample")
+        return start
 
     @model_validator(mode="after")
     def _references(self) -> Scenario:
@@ -209,8 +218,10 @@ def _reference_problems(s: Scenario) -> list[str]:
     owner: dict[str, tuple[int, float, float]] = {}
     for i, job in enumerate(s.jobs):
         end = job.end_s if job.end_s is not None else s.duration_s
-        if end <= job.start_s:
+        if job.end_s is not None and job.end_s <= job.start_s:
             problems.append(f"jobs.{i}.end_s: {job.end_s} must be after start_s {job.start_s}")
+        elif job.start_s >= s.duration_s:
+            problems.append(f"jobs.{i}.start_s: {job.start_s} is not before duration_s {s.duration_s}")
         for k, rng in enumerate(job.nodes):
             where = f"jobs.{i}.nodes.{k}"
             if rng.group not in prefixes:
@@ -247,11 +258,58 @@ def _reference_problems(s: Scenario) -> list[str]:
     return problems
 
 
+class _Mapping(dict[Any, Any]):
+    """A YAML mapping that remembers where it starts and the line of each key, for error messages."""
+
+    line = 0
+    key_lines: dict[str, int]
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader whose mappings are `_Mapping`s."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> Iterator[_Mapping]:
+    data = _Mapping()
+    yield data  # PyYAML's two-step construction: lets a mapping contain itself through an alias
+    data.update(loader.construct_mapping(node))  # also resolves merge keys into node.value
+    data.line = node.start_mark.line + 1
+    data.key_lines = {str(key.value): key.start_mark.line + 1 for key, _ in node.value}
+
+
+_LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
+
+
+def line_of(raw: object, loc: tuple[int | str, ...]) -> int | None:
+    """The line of the deepest key or list item of `loc` found in `raw` (parts that are no key, such as a
+    union's tag, are passed over)."""
+    line = None
+    for part in loc:
+        if isinstance(raw, _Mapping):
+            if str(part) in raw.key_lines:
+                line, raw = raw.key_lines[str(part)], raw.get(part)
+        elif isinstance(raw, list) and isinstance(part, int) and 0 <= part < len(raw):
+            raw = raw[part]
+            line = raw.line if isinstance(raw, _Mapping) else line
+        else:
+            break
+    return line
+
+
+def _error_loc(err: ValidationError) -> tuple[int | str, ...]:
+    """Where the first error is: its own loc, or the path that starts a cross-reference problem."""
+    first = err.errors(include_url=False)[0]
+    if first["loc"]:
+        return tuple(first["loc"])
+    path = first["msg"].removeprefix("Value error, ").split(":", 1)[0]
+    return tuple(int(p) if p.isdigit() else p for p in path.split("."))
+
+
 def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate a scenario file; ScenarioError names the file and the field."""
+    """Read and validate a scenario file; ScenarioError names the file, the line and the field."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)  # a SafeLoader
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ScenarioError(f"{path}: cannot read scenario: {err}") from None
     if not isinstance(raw, dict):
@@ -259,7 +317,8 @@ def load_scenario(path: str | Path) -> Scenario:
     try:
         return Scenario.model_validate(raw)
     except ValidationError as err:
-        raise ScenarioError(f"{path}: {explain(err)}") from None
+        line = line_of(raw, _error_loc(err))
+        raise ScenarioError(f"{path}{f':{line}' if line else ''}: {explain(err)}") from None
 
 
 def explain(err: ValidationError) -> str:
@@ -268,9 +327,17 @@ def explain(err: ValidationError) -> str:
     return "; ".join(whole) if whole else describe_validation_error(err)
 
 
+def revalidated(scenario: Scenario, **changes: Any) -> Scenario:
+    """The scenario with `changes`, validated again (model_copy(update=...) would skip every check)."""
+    try:
+        return Scenario.model_validate(scenario.model_dump() | changes)
+    except ValidationError as err:
+        raise ScenarioError(explain(err)) from None
+
+
 def shortened(scenario: Scenario, duration_s: float) -> Scenario:
     """The scenario cut (or stretched) to `duration_s`: jobs and faults starting later are dropped."""
     jobs = [j for j in scenario.jobs if j.start_s < duration_s]
     kept = {j.name for j in jobs}
     faults = [f for f in scenario.faults if f.start_s < duration_s and getattr(f, "job", None) in kept | {None}]
-    return scenario.model_copy(update={"duration_s": duration_s, "jobs": jobs, "faults": faults})
+    return revalidated(scenario, duration_s=duration_s, jobs=jobs, faults=faults)

@@ -10,7 +10,7 @@ from pydantic import SecretStr
 from laggard.settings import Settings
 from laggard.stack.influx import InfluxDB
 from laggard.stack.influx2 import InfluxDB2
-from laggard.stack.kafka import KafkaBroker
+from laggard.stack.kafka import SASL_MECHANISMS, SASL_USER, KafkaBroker
 from laggard.stack.process import ManagedService, ServiceStatus, StackError
 
 __all__ = ["services", "up", "down", "status", "StackError", "ServiceStatus"]
@@ -25,7 +25,7 @@ def influx_services(settings: Settings) -> dict[int, ManagedService]:
 
 def services(settings: Settings) -> list[ManagedService]:
     kafka = KafkaBroker(settings.state_dir, settings.kafka_port, settings.kafka_controller_port, settings.kafka_version,
-                        settings.kafka_tls_port)
+                        settings.kafka_tls_port, settings.kafka_sasl_port)
     return [kafka, influx_services(settings)[settings.local_influx_version]]
 
 
@@ -41,6 +41,9 @@ def up(settings: Settings, reset: bool = False) -> list[str]:
         lines.append(service.start())
         if isinstance(service, KafkaBroker) and service.tls_port:
             lines.append(f"kafka: TLS listener on 127.0.0.1:{service.tls_port}, certificate {service.tls_ca}")
+        if isinstance(service, KafkaBroker) and service.sasl_port:
+            lines.append(f"kafka: SASL_SSL listener on 127.0.0.1:{service.sasl_port} ({', '.join(SASL_MECHANISMS)}), "
+                         f"user {SASL_USER}, password in {service.sasl_password_file}, certificate {service.tls_ca}")
         if isinstance(service, InfluxDB2) and (reset or settings.influx_token is None):
             # Generated just now (a reset wiped the old one): hand it to the caller's clients.
             settings.influx_token = SecretStr(service.token())

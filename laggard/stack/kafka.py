@@ -20,6 +20,9 @@ from pathlib import Path
 from laggard.stack.process import ManagedService, StackError, write_private
 
 CACHE_ROOT = Path(os.environ.get("LAGGARD_CACHE_DIR", Path.home() / ".cache" / "laggard"))
+# The local SASL listener's one user and what it accepts (production brokers: mostly SCRAM over TLS).
+SASL_USER = "laggard"
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-512")
 
 
 def java_major_version(java: str) -> int:
@@ -37,12 +40,49 @@ class KafkaBroker(ManagedService):
     start_timeout_s = 90.0
 
     def __init__(self, state_dir: Path, port: int, controller_port: int, version: str,
-                 tls_port: int | None = None) -> None:
+                 tls_port: int | None = None, sasl_port: int | None = None) -> None:
         super().__init__(state_dir, port)
         self.controller_port = controller_port
         self.version = version
         self.libs = CACHE_ROOT / f"kafka-{version}" / "libs"
         self.tls_port = tls_port
+        self.sasl_port = sasl_port
+
+    @property
+    def sasl_password_file(self) -> Path:
+        """The SASL listener's password for user SASL_USER (random, made once, mode 600)."""
+        return self.home / "sasl" / "password"
+
+    def _sasl_config(self) -> list[str]:
+        """A SASL_SSL listener (the TLS certificate above) taking PLAIN and SCRAM-SHA-512 for one
+        user; PLAIN's user list is in the JAAS line, SCRAM's credential is stored by after_start."""
+        if not self.sasl_password_file.exists():
+            self.sasl_password_file.parent.mkdir(parents=True, exist_ok=True)
+            write_private(self.sasl_password_file, secrets.token_hex(16))
+        password = self.sasl_password_file.read_text()
+        return [
+            f"sasl.enabled.mechanisms={','.join(SASL_MECHANISMS)}",
+            "listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule"
+            f' required user_{SASL_USER}="{password}";',
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+        ]
+
+    def after_start(self) -> None:
+        """Store the SCRAM credential (an idempotent upsert, over the plaintext listener)."""
+        if not self.sasl_port:
+            return
+        from kafka import KafkaAdminClient
+        from kafka.admin import UserScramCredentialUpsertion
+
+        admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{self.port}", client_id="laggard-stack-sasl")
+        try:
+            upsert = UserScramCredentialUpsertion(SASL_USER, "SCRAM-SHA-512", self.sasl_password_file.read_text())
+            errors = admin.alter_user_scram_credentials([upsert])
+            if errors.get(SASL_USER):
+                raise StackError(f"kafka: storing the SCRAM credential of {SASL_USER} failed: {errors[SASL_USER]}")
+        finally:
+            admin.close()
 
     @property
     def tls_ca(self) -> Path:
@@ -125,7 +165,8 @@ class KafkaBroker(ManagedService):
     def write_config(self) -> None:
         log4j = self.home / "log4j2.properties"
         log4j.write_text((resources.files("laggard.stack") / "log4j2.properties").read_text())
-        tls = f",SSL://127.0.0.1:{self.tls_port}" if self.tls_port else ""
+        tls = (f",SSL://127.0.0.1:{self.tls_port}" if self.tls_port else "") + (
+            f",SASL_SSL://127.0.0.1:{self.sasl_port}" if self.sasl_port else "")
         write_private(self.config_path, "\n".join([
             "process.roles=broker,controller",
             "node.id=1",
@@ -134,8 +175,9 @@ class KafkaBroker(ManagedService):
             f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}{tls}",
             "controller.listener.names=CONTROLLER",
             "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL",
-            *(self._tls_config() if self.tls_port else []),
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL",
+            *(self._tls_config() if self.tls_port or self.sasl_port else []),
+            *(self._sasl_config() if self.sasl_port else []),
             f"log.dirs={self.data_dir}",
             "num.partitions=8",
             "offsets.topic.replication.factor=1",
@@ -160,7 +202,9 @@ class KafkaBroker(ManagedService):
         self.write_config()
         if (self.data_dir / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # as Kafka's own ids: a leading "-" reads as an option
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         result = subprocess.run(
             [java, "-cp", self._classpath(), f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
              "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config_path)],

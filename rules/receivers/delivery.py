@@ -5,14 +5,19 @@
   (seconds, may be fractional); the receiver's rate limiter is paused for that long too.
 - Each receiver has a rate limiter (GCRA, equivalent to a token bucket of `burst` tokens
   refilled at `rate_per_s`).
-- A notification still undelivered after the retry budget, or refused for good (4xx), goes to
-  the dead-letter callable with the reason, and is counted.
+- A notification still undelivered after the retry budget (the webhook is down) is deferred:
+  tried again every RETRY_DEFERRED_S until delivered or superseded by a newer notification of the
+  same group, which carries the group's current state; the worker checkpoints what is deferred,
+  so an outage of any length loses nothing. One refused for good (4xx), or that cannot be sent
+  at all (a URL httpx will not build, say), goes to the dead-letter callable with the reason, and
+  is counted. Nothing a notification contains can raise out of `dispatch`.
 - The sent log remembers idempotency keys, so a replay after a restart does not send twice; each
   request carries its key in an `Idempotency-Key` header, so a receiver can drop the repeat that
   at-least-once delivery still allows (a crash between the send and the checkpoint).
-- Webhook URLs are secrets (the path is the credential). httpx puts URLs in its exception
-  messages and its INFO log line, so errors are rebuilt from scratch with URLs redacted, and a
-  logging filter redacts URLs in httpx/httpcore log records.
+- Webhook URLs are secrets (the path or a query value is the credential). httpx puts URLs in its
+  exception messages and its INFO log line, so errors are rebuilt from scratch with URLs
+  redacted, and a logging filter redacts URLs in httpx/httpcore log records. Error pages that
+  echo a URL JSON-escaped (`http:\\/\\/...`) or a credential alone are redacted too.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ import asyncio
 import inspect
 import json
 import logging
+import math
 import re
 import time
 from collections import Counter, OrderedDict
 from email.utils import parsedate_to_datetime
 from typing import Any, Awaitable, Callable, Iterable, Literal, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 from pydantic import BaseModel, SecretStr
@@ -48,17 +54,31 @@ log = logging.getLogger("laggard.rules.delivery")
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+# A secret URL's path segments and query values this long are treated as credentials on their own.
+SECRET_PART_MIN = 8
+# How often a notification the webhook did not take (after its retries) is tried again.
+RETRY_DEFERRED_S = 60.0
+
+
+def _credentials(url: str) -> list[tuple[str, str]]:
+    """(text, replacement) for every form in which `url`'s credential may be echoed, longest first."""
+    parts = urlsplit(url)
+    forms = [(url, "<redacted-url>"), (url.replace("/", "\\/"), "<redacted-url>")]
+    if len(parts.path) > 1:  # error pages echo the path alone ("Cannot POST /hooks/...")
+        forms += [(parts.path, "/<redacted>"), (parts.path.replace("/", "\\/"), "\\/<redacted>")]
+    # Token-like path segments and query values (Teams' ?sig=...), wherever they appear.
+    forms += [(seg, "<redacted>") for seg in parts.path.split("/") if len(seg) >= SECRET_PART_MIN]
+    forms += [(value, "<redacted>") for _, value in parse_qsl(parts.query) if len(value) >= SECRET_PART_MIN]
+    return sorted(forms, key=lambda form: -len(form[0]))
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """Replace known secret URLs, then any URL's path, query and credentials, keeping the host."""
+    """Replace known secret URLs (and their parts, escaped or not), then any URL's path, query and
+    credentials, keeping the host."""
     for secret in secrets:
         if secret:
-            text = text.replace(secret, "<redacted-url>")
-            # The path is the credential, and error pages echo it alone ("Cannot POST /hooks/...").
-            path = urlsplit(secret).path
-            if len(path) > 1:
-                text = text.replace(path, "/<redacted>")
+            for form, replacement in _credentials(secret):
+                text = text.replace(form, replacement)
 
     def _host_only(found: re.Match[str]) -> str:
         parts = urlsplit(found.group())
@@ -68,11 +88,22 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     return _URL.sub(_host_only, text)
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with non-finite floats as text ("nan", "inf"): JSON has no NaN, and httpx refuses it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class RedactUrls(logging.Filter):
     """Rewrites a record's message with URLs redacted (httpx logs every request URL at INFO)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = redact(record.getMessage()), None
+        record.msg, record.args = redact(record.getMessage()), ()  # () not None: mode's formatter wraps None into (None,)
         return True
 
 
@@ -164,7 +195,7 @@ class DeadLetter(BaseModel):
 class DeliveryOutcome(BaseModel):
     idempotency_key: str
     receiver: str
-    status: Literal["sent", "duplicate", "dead_lettered"]
+    status: Literal["sent", "duplicate", "deferred", "dead_lettered"]
     attempts: int = 0
     reason: str | None = None
 
@@ -191,7 +222,7 @@ class SentLog:
 
 
 class DeliveryStats:
-    """Counts per (receiver, event): sent, duplicate, retry, rate_limited, dead_lettered."""
+    """Counts per (receiver, event): sent, duplicate, retry, rate_limited, deferred, superseded, dead_lettered."""
 
     def __init__(self) -> None:
         self.counts: Counter[tuple[str, str]] = Counter()
@@ -220,6 +251,7 @@ class Dispatcher:
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        deferred: Iterable[dict[str, Any]] = (),
     ) -> None:
         self.receivers = {r.name: r for r in receivers}
         self.dead_letter = dead_letter
@@ -236,6 +268,25 @@ class Dispatcher:
         self._limiters = {r.name: RateLimiter(r.rate_per_s, r.burst) for r in receivers}
         self._in_flight: set[str] = set()
         self._client = httpx.AsyncClient(transport=transport, follow_redirects=False)
+        # group key -> (its newest undelivered notification, when to try again); restored ones at once.
+        self.deferred: dict[str, tuple[Notification, float]] = {}
+        for data in deferred:
+            notification = Notification.model_validate(data)
+            self.deferred[notification.group_key] = (notification, clock())
+
+    def deferred_state(self) -> list[dict[str, Any]]:
+        """What is deferred, for the worker's checkpoint (pass it back as `deferred`)."""
+        return [notification.model_dump(mode="json") for notification, _ in self.deferred.values()]
+
+    async def retry_deferred(self) -> list[DeliveryOutcome]:
+        """Try again the deferred notifications that are due."""
+        now = self.clock()
+        due = [notification for notification, at in self.deferred.values() if at <= now]
+        outcomes = []
+        for notification in due:
+            del self.deferred[notification.group_key]
+            outcomes.append(await self.dispatch(notification))
+        return outcomes
 
     async def __aenter__(self) -> Dispatcher:
         return self
@@ -247,19 +298,33 @@ class Dispatcher:
         await self._client.aclose()
 
     async def dispatch(self, notification: Notification) -> DeliveryOutcome:
-        key, name = notification.idempotency_key, notification.receiver
+        key, name, group = notification.idempotency_key, notification.receiver, notification.group_key
         if key in self.sent_log or key in self._in_flight:
             self.stats.incr(name, "duplicate")
             return DeliveryOutcome(idempotency_key=key, receiver=name, status="duplicate")
+        older = self.deferred.get(group)
+        if older is not None and older[0].sequence < notification.sequence:
+            del self.deferred[group]  # this one carries the group's current state
+            self.stats.incr(name, "superseded")
         self._in_flight.add(key)
         try:
-            attempts, reason = await self._deliver(notification)
+            attempts, failure = await self._deliver(notification)
+        except Exception as err:  # anything else: this notification cannot be sent as it is
+            attempts, failure = 1, PermanentFailure(f"cannot send: {type(err).__name__}")
         finally:
             self._in_flight.discard(key)
-        if reason is None:
+        if failure is None:
             self.sent_log.record(key, "sent")
             self.stats.incr(name, "sent")
             return DeliveryOutcome(idempotency_key=key, receiver=name, status="sent", attempts=attempts)
+        if isinstance(failure, TransientFailure):
+            self.deferred[group] = (notification, self.clock() + RETRY_DEFERRED_S)
+            self.stats.incr(name, "deferred")
+            log.warning("notification %s for receiver %s not delivered after %d attempt(s): %s; trying again in "
+                        "%g s", key, name, attempts, failure.reason, RETRY_DEFERRED_S)
+            return DeliveryOutcome(idempotency_key=key, receiver=name, status="deferred", attempts=attempts,
+                                   reason=failure.reason)
+        reason = failure.reason
         log.warning("notification %s for receiver %s dead-lettered after %d attempt(s): %s", key, name, attempts, reason)
         letter = DeadLetter(
             idempotency_key=key,
@@ -276,15 +341,15 @@ class Dispatcher:
         self.stats.incr(name, "dead_lettered")
         return DeliveryOutcome(idempotency_key=key, receiver=name, status="dead_lettered", attempts=attempts, reason=reason)
 
-    async def _deliver(self, notification: Notification) -> tuple[int, str | None]:
-        """(attempts, None) when sent, (attempts, reason) when it must be dead-lettered."""
+    async def _deliver(self, notification: Notification) -> tuple[int, DeliveryFailed | None]:
+        """(attempts, None) when sent, else (attempts, the last failure)."""
         name = notification.receiver
         receiver = self.receivers.get(name)
         if receiver is None:
-            return 0, f"unknown receiver {name!r}"
+            return 0, PermanentFailure(f"unknown receiver {name!r}")
         if name in self.problems:
-            return 0, f"receiver not configured: {self.problems[name]}"
-        body = PAYLOAD_BUILDERS[receiver.kind](notification)
+            return 0, PermanentFailure(f"receiver not configured: {self.problems[name]}")
+        body = json_safe(PAYLOAD_BUILDERS[receiver.kind](notification))
         attempts = 0
         retrying = AsyncRetrying(
             stop=stop_after_attempt(receiver.max_attempts),
@@ -300,7 +365,7 @@ class Dispatcher:
                     await asyncio.sleep(self._limiters[name].reserve(self.clock()))
                     await self._post(receiver, body, notification.idempotency_key)
         except DeliveryFailed as failure:
-            return attempts, failure.reason
+            return attempts, failure
         return attempts, None
 
     def _wait_strategy(self, receiver: ReceiverConfig) -> Callable[[RetryCallState], float]:
@@ -328,8 +393,11 @@ class Dispatcher:
         # Build our own error outside the `except` so the httpx exception (which holds the URL)
         # is not even attached as __context__.
         try:
-            response = await self._client.post(url, json=body, headers={IDEMPOTENCY_HEADER: key}, timeout=receiver.timeout)
-        except httpx.TimeoutException as err:
+            # httpx's timeout bounds each read; wait_for bounds the whole request (a trickling server).
+            response = await asyncio.wait_for(
+                self._client.post(url, json=body, headers={IDEMPOTENCY_HEADER: key}, timeout=receiver.timeout),
+                receiver.timeout)
+        except (httpx.TimeoutException, asyncio.TimeoutError) as err:
             failure = TransientFailure(f"timed out after {receiver.timeout:g}s ({type(err).__name__})")
         except httpx.TransportError as err:
             failure = TransientFailure(f"network error: {type(err).__name__}: {redact(str(err), [url])}")

@@ -17,6 +17,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from agents.sink import InfluxSink
 from agents.stages import MARKER_PREFIX, parse_results
 from agents.windows import Windower
+from collectors.publisher import default_partition
 from collectors.simulate import FleetSimulator, load_scenario
 from laggard.kafka_config import client_config
 from laggard.settings import Settings
@@ -73,6 +74,28 @@ def expected_gpu_windows(settings: Settings, scenario: Path | str, start_ts: flo
             windower.add(sample)
         expected += sum(len(w.series) for w in windower.pop_closed())
     return expected + sum(len(w.series) for w in windower.flush())
+
+
+def missing_gpu_windows(settings: Settings, scenario: Path | str, start_ts: float) -> Counter[tuple[int, float]]:
+    """GPU windows the scenario yields that are not in InfluxDB, counted by (samples partition,
+    window start relative to `start_ts`): where a loss happened, for a failing test to say."""
+    spec = load_scenario(Path(scenario))
+    windower = Windower(settings.window_s, settings.late_grace_s)
+    expected: set[tuple[str, int, float]] = set()
+    for tick in FleetSimulator(spec, start_ts=start_ts).ticks():
+        for sample in tick:
+            windower.add(sample)
+        expected |= {(node, gpu, w.window_start) for w in windower.pop_closed() for (_c, node, gpu, *_rest) in w.series}
+    expected |= {(node, gpu, w.window_start) for w in windower.flush() for (_c, node, gpu, *_rest) in w.series}
+    sink = InfluxSink(settings)
+    try:
+        rows = sink.query(f'SELECT "samples", "node", "gpu" FROM "gpu_window" WHERE "cluster" = \'{spec.cluster}\' '
+                          f'AND time >= {int(start_ts) - 20}s AND time <= {int(start_ts + spec.duration_s) + 20}s')
+    finally:
+        sink.close()
+    found = {(row["node"], int(row["gpu"]), float(row["time"])) for row in rows}
+    return Counter((default_partition(node.encode(), settings.topic_partitions), round(start - start_ts, 1))
+                   for node, gpu, start in expected - found)
 
 
 def _aggregate(settings: Settings, function: str, measurement: str, field_name: str, where: str) -> int:
@@ -134,8 +157,18 @@ def worker_stats(port: int) -> dict[str, Any]:
         return {}
 
 
+def commit_progress(settings: Settings, group: str, topic: str) -> dict[int, tuple[int, int]]:
+    """Each partition of `topic`: (`group`'s committed offset, end offset)."""
+    end, committed = end_offsets(settings, topic), committed_offsets(settings, group, topic)
+    return {p: (committed[p], end[p]) for p in sorted(end)}
+
+
 def uncommitted(settings: Settings, group: str) -> int:
     """Messages of the samples topic that `group` has not committed yet."""
-    end = end_offsets(settings, settings.topic_samples)
-    committed = committed_offsets(settings, group, settings.topic_samples)
-    return sum(end[p] - committed[p] for p in end)
+    return sum(end - committed for committed, end in commit_progress(settings, group, settings.topic_samples).values())
+
+
+def commit_report(settings: Settings, group: str) -> str:
+    """For a failure message: per input topic, each partition's committed/end offsets."""
+    return "\n".join(f"{topic}: " + " ".join(f"{p}:{c}/{e}" for p, (c, e) in commit_progress(settings, group, topic).items())
+                     for topic in (settings.topic_samples, settings.topic_windows, settings.topic_fleet))

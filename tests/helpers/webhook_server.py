@@ -29,6 +29,7 @@ class Reply:
     retry_after_header: str | None = None  # Retry-After: seconds or an HTTP date
     retry_after_json: float | None = None  # Discord-style {"retry_after": 0.25, ...}
     hang_s: float = 0.0  # hold the response this long before answering
+    trickle_s: float = 0.0  # send the body one byte at a time, this long apart (each read stays short)
 
 
 HANG = Reply(status=200, hang_s=30.0)
@@ -134,7 +135,13 @@ class WebhookServer:
                     self.send_header("Content-Type", "application/json" if reply.retry_after_json is not None else "text/plain")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if not reply.trickle_s:
+                        self.wfile.write(payload)
+                    for byte in payload if reply.trickle_s else b"":
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        if server._stopping.wait(reply.trickle_s):
+                            return
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
 

@@ -1,0 +1,68 @@
+"""The alerting agent's own functions (agents/alerting.py) without Kafka: a bad rules file at
+startup keeps the firing findings until it is fixed, and a bad silences file keeps the last good
+silences (logged and counted once)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from agents import alerting
+from agents.app import counters
+from agents.findings import Finding
+
+RULES = """\
+receivers:
+  - {name: hook, kind: webhook, url_env: ALERTING_AGENT_TEST_URL}
+route: {receiver: hook, group_wait: 0s, group_interval: 1s, repeat_interval: 1h}
+rules:
+  - name: StragglerRank
+    finding: {kind: straggler}
+    annotations: {summary: "rank {{ labels.rank }}"}
+"""
+
+
+def straggler() -> Finding:
+    return Finding.model_validate({
+        "kind": "straggler", "state": "firing", "cluster": "c1", "job": "j1", "rank": 3, "node": "n1", "gpu": 0,
+        "window_start": 1.0, "window_end": 11.0, "evidence": {}, "cost": {}, "summary": "rank 3 paces j1"})
+
+
+@pytest.fixture
+def rules_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "rules.yaml"
+    monkeypatch.setattr(alerting.settings, "rules_file", path)
+    monkeypatch.setattr(alerting.settings, "state_dir", tmp_path)
+    return path
+
+
+def test_a_bad_rules_file_at_startup_keeps_the_firing_findings_until_it_is_fixed(rules_file: Path) -> None:
+    rules_file.write_text(RULES.replace("group_wait", "group_wiat"))
+    failures = counters.rules_reload_failures
+    current = alerting.make_alerting({})  # no checkpoint to fall back on
+    assert counters.rules_reload_failures == failures + 1 and current.engine.config.rules == []
+    current.take(straggler(), 100.0)
+
+    rules_file.write_text(RULES)
+    os.utime(rules_file, (current.rules_mtime + 1, current.rules_mtime + 1))
+    fixed = asyncio.run(alerting.reload_rules(current))
+    assert [r.name for r in fixed.engine.config.rules] == ["StragglerRank"]
+    assert list(fixed.firing) == [straggler().fingerprint]  # alerted on at the next tick
+
+
+def test_a_bad_silences_file_keeps_the_last_good_silences(rules_file: Path, tmp_path: Path) -> None:
+    rules_file.write_text(RULES)
+    current = alerting.make_alerting({})
+    silences = tmp_path / "silences.json"
+    silences.write_text(json.dumps([{"id": "s1", "matchers": [{"name": "job", "value": "j1"}], "starts_at": 0,
+                                     "ends_at": 4e9, "comment": "parked", "created_by": "test", "created_at": 0}]))
+    good = current.current_silences(silences)
+    assert [s.id for s in good] == ["s1"]
+    failures = counters.silences_load_failures
+    silences.write_text("")  # emptied by a hand edit
+    assert current.current_silences(silences) == good and current.current_silences(silences) == good
+    assert counters.silences_load_failures == failures + 1  # logged and counted once, not every tick
