@@ -17,6 +17,8 @@ already emitted is skipped. Outputs carry deterministic ids (window id = series 
 finding idempotency key), so the at-least-once repeats of a crash overwrite instead of doubling.
 Faust itself repeats or skips messages in races around a rebalance; every stage knows the next
 offset it expects, so a repeat is ignored and a skipped range is taken anyway (agents/gaps.py).
+Faust's seek back to the group's commit, after it throws fetched messages away, moves every
+partition here (agents/transport.py): aiokafka's alone skipped partitions committed at 0.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from agents.gaps import StallWatch, acknowledge
 from agents.metrics import consumer_lags, input_partitions, metrics_page, worker_registry
 from agents.points import finding_point, fleet_point
 from agents.sink import InfluxRejected, InfluxSink
+from agents.transport import App
 from agents.outputs import window_outputs
 from agents.stages import (
     MARKER_PREFIX, DetectStage, FleetPartial, FleetStage, SampleStage, WindowMarker, kpi_window,
@@ -73,7 +76,7 @@ def _broker_credentials() -> faust.SASLCredentials | faust.SSLCredentials | None
 
 WORKER_DATA = settings.state_dir / "workers"
 WORKER_DATA.mkdir(parents=True, exist_ok=True)  # Faust creates only the last folder level
-app = faust.App(
+app = App(
     settings.worker_app_id,
     broker=_broker_url(),
     broker_credentials=_broker_credentials(),
