@@ -5,7 +5,8 @@
    at which every worker has input partitions and the group has all of them (Faust's start-up and
    rebalances not counted) to the poll that sees every message taken; GPU-samples/s = GPU samples
    taken in the span / its length. Memory: each worker's VmRSS (/proc/<pid>/status) before it has
-   taken anything and at the end, against its `laggard_gpus_tracked` (/metrics).
+   taken anything and at the end, against its `laggard_gpus_tracked` (/metrics); its share of the
+   messages taken.
 2. Latency under load, on the largest N's workers: the same fleet with a straggler in each job,
    published paced in event time at --load of the throughput just measured (speed-up K = that
    rate / fleet GPUs; event time runs K times faster than wall time). Each tick is flushed
@@ -22,6 +23,7 @@ The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -44,6 +46,7 @@ from collectors.simulate import FleetSimulator
 from collectors.simulate.scenario import Scenario
 from laggard.pipeline_run import PipelineError, PipelineRun, gpus_in, messages_taken
 from laggard.settings import Settings, get_settings
+from laggard.stack.process import log_tail
 from laggard.topics import read_records
 
 POLL_S = 0.2
@@ -85,13 +88,15 @@ def metric(metrics: dict[str, float], name: str, **labels: str) -> float:
     return metrics.get(name + json.dumps(labels, sort_keys=True), 0.0)
 
 
-def start_group(base: Settings, count: int, tmp: Path) -> list[PipelineRun]:
-    """`count` workers in one consumer group: the first run owns the topics, the others join it."""
-    first = PipelineRun(base, prefix="scale", state_root=tmp).__enter__()
+def start_group(base: Settings, count: int, tmp: Path, group: contextlib.ExitStack) -> list[PipelineRun]:
+    """`count` workers in one consumer group: the first run owns the topics, the others join it.
+    Leaving `group` stops them all."""
+    first = group.enter_context(PipelineRun(base, prefix="scale", state_root=tmp))
     shared = {name: getattr(first.settings, name) for name in
               ("topic_samples", "topic_windows", "topic_fleet", "topic_findings", "topic_deadletter", "topic_truth")}
-    runs = [first] + [PipelineRun(base, prefix="scale", state_root=tmp,
-                                  overrides={**shared, "worker_app_id": first.run_id}) for _ in range(count - 1)]
+    runs = [first] + [group.enter_context(PipelineRun(base, prefix="scale", state_root=tmp,
+                                                      overrides={**shared, "worker_app_id": first.run_id}))
+                      for _ in range(count - 1)]
     for run in runs:
         run.start_worker()
     return runs
@@ -104,8 +109,15 @@ def group_ready(runs: list[PipelineRun], partitions: int) -> bool:
     return min(held) > 0 and sum(held) == partitions
 
 
-def throughput(base: Settings, count: int, messages: int, tmp: Path) -> tuple[dict, list[PipelineRun]]:
-    runs = start_group(base, count, tmp)
+def observed(runs: list[PipelineRun]) -> str:
+    """What each worker reports and logs, for a failure message."""
+    return "\n".join(f"worker {run.settings.worker_web_port}: stats {run.stats()}\n{log_tail(run.log_path)}"
+                     for run in runs)
+
+
+def throughput(base: Settings, count: int, messages: int, tmp: Path,
+               group: contextlib.ExitStack) -> tuple[dict, list[PipelineRun]]:
+    runs = start_group(base, count, tmp, group)
     first = runs[0]
     duration_s = math.ceil(messages / (JOBS * NODES_PER_JOB))
     sim = FleetSimulator(bench_fleet(with_stragglers=False, duration_s=duration_s), start_ts=time.time() - 3600 - duration_s)
@@ -132,16 +144,17 @@ def throughput(base: Settings, count: int, messages: int, tmp: Path) -> tuple[di
         if done >= published:
             break
         if time.monotonic() > deadline:
-            raise PipelineError(f"{count} worker(s) took {done:,} of {published:,} messages in 180 s")
+            raise PipelineError(f"{count} worker(s) took {done:,} of {published:,} messages in 180 s\n{observed(runs)}")
         time.sleep(POLL_S)
     if start is None or done - start[1] < published / 4:
         raise PipelineError(f"the group of {count} became ready too late to time ({start}); raise --messages")
     seconds = now - start[0]
     gpus_per_message = gpu_samples / published
     memory = []
-    for run in runs:
+    for run, s in zip(runs, stats):
         pid = run.worker.pid
-        memory.append({"rss_mib_idle": round(idle_rss.get(pid, float("nan")), 1),
+        memory.append({"share": round(messages_taken(s) / done, 3),
+                       "rss_mib_idle": round(idle_rss.get(pid, float("nan")), 1),
                        "rss_mib": round(rss_mib(pid), 1),
                        "gpus_tracked": int(metric(scrape(run), "laggard_gpus_tracked"))})
     result = {"workers": count, "gpu_samples_per_s": round((done - start[1]) * gpus_per_message / seconds),
@@ -201,18 +214,13 @@ def main() -> None:
     scaling: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="laggard-scale-") as tmp:
         for count in args.workers:
-            result, runs = throughput(base, count, args.messages, Path(tmp))
-            print(f"{count} worker(s): {result}", file=sys.stderr)
-            scaling.append(result)
-            if count != args.workers[-1]:
-                for run in runs:
-                    run.stop_worker()
-        try:
-            under_load = latency(runs, args.load * scaling[-1]["gpu_samples_per_s"])
-            print(f"latency: {under_load}", file=sys.stderr)
-        finally:
-            for run in runs:
-                run.stop_worker()
+            with contextlib.ExitStack() as group:  # stops this group's workers, also on failure
+                result, runs = throughput(base, count, args.messages, Path(tmp), group)
+                print(f"{count} worker(s): {result}", file=sys.stderr)
+                scaling.append(result)
+                if count == args.workers[-1]:
+                    under_load = latency(runs, args.load * scaling[-1]["gpu_samples_per_s"])
+                    print(f"latency: {under_load}", file=sys.stderr)
     one = scaling[0]["gpu_samples_per_s"]
     best = scaling[-1]
     print(json.dumps({
