@@ -92,11 +92,7 @@ def start_group(base: Settings, count: int, tmp: Path, group: contextlib.ExitSta
     """`count` workers in one consumer group: the first run owns the topics, the others join it.
     Leaving `group` stops them all."""
     first = group.enter_context(PipelineRun(base, prefix="scale", state_root=tmp))
-    shared = {name: getattr(first.settings, name) for name in
-              ("topic_samples", "topic_windows", "topic_fleet", "topic_findings", "topic_deadletter", "topic_truth")}
-    runs = [first] + [group.enter_context(PipelineRun(base, prefix="scale", state_root=tmp,
-                                                      overrides={**shared, "worker_app_id": first.run_id}))
-                      for _ in range(count - 1)]
+    runs = [first] + [group.enter_context(first.member()) for _ in range(count - 1)]
     for run in runs:
         run.start_worker()
     return runs

@@ -52,6 +52,9 @@ WORKER_SETTINGS = ("topic_samples", "topic_windows", "topic_fleet", "topic_findi
                    "kafka_bootstrap_servers", "window_s", "window_hold_s", "topic_partitions")
 
 
+RUN_TOPICS = ("samples", "windows", "fleet", "findings", "deadletter", "truth")
+
+
 class PipelineError(RuntimeError):
     """A run that could not be completed; the message says which step and why."""
 
@@ -87,9 +90,9 @@ class PipelineRun:
     def __init__(self, base: Settings, prefix: str = "run", extra_env: Mapping[str, str] | None = None,
                  state_root: Path | None = None, overrides: Mapping[str, Any] | None = None) -> None:
         self.run_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.prefix, self.state_root = prefix, state_root
         update: dict[str, Any] = {
-            **{f"topic_{name}": f"{self.run_id}.{name}"
-               for name in ("samples", "windows", "fleet", "findings", "deadletter", "truth")},
+            **{f"topic_{name}": f"{self.run_id}.{name}" for name in RUN_TOPICS},
             "worker_app_id": self.run_id, "worker_web_port": free_port(), **(overrides or {}),
         }
         if state_root is not None:
@@ -106,6 +109,13 @@ class PipelineRun:
         self.gpu_samples = 0
         self.truth: list[FaultTruth] = []
         self.start_ts = 0.0  # event time of the published scenario's first tick
+
+    def member(self) -> PipelineRun:
+        """Another worker's run in this run's consumer group, on this run's topics (with its own
+        web port and state folder): how a user grows past one worker."""
+        shared = {f"topic_{name}": getattr(self.settings, f"topic_{name}") for name in RUN_TOPICS}
+        return PipelineRun(self.settings, prefix=self.prefix, state_root=self.state_root,
+                           overrides={**shared, "worker_app_id": self.settings.worker_app_id})
 
     def __enter__(self) -> PipelineRun:
         ensure_topics(self.settings)
