@@ -98,6 +98,7 @@ def worker(
 ) -> None:
     """Run a laggard worker (Faust): windows, detectors, InfluxDB sink, alerts. Start several to
     share the partitions; give each its own LAGGARD_WORKER_WEB_PORT."""
+    import logging
     import sys
 
     from agents.app import app as faust_app
@@ -105,6 +106,9 @@ def worker(
 
     settings = get_settings()
     ensure_topics(settings)  # Faust ignores a missing input topic instead of waiting for it
+    # kafka-python (the worker's own offset reads and re-reads) logs every connection at info.
+    quietest = {"crit": logging.CRITICAL, "critical": logging.CRITICAL, "error": logging.ERROR}
+    logging.getLogger("kafka").setLevel(quietest.get(loglevel.lower(), logging.WARNING))
     sys.argv = ["laggard worker", "worker", "--loglevel", loglevel,
                 "--web-host", settings.worker_web_host, "--web-port", str(settings.worker_web_port)]
     faust_app.main()
