@@ -30,8 +30,14 @@ $(CHROMIUM):
 influx2: install
 	$(BIN)/python -m laggard.stack.build_influxd
 
-test: stack $(CHROMIUM) influx2
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+# Pure-logic tests first, stopping at the first failure, before the stack is even started; then
+# the tests on real services (marked `stack`, see tests/conftest.py), a file per pytest-xdist
+# worker: they mostly wait on Kafka, Faust and timers, so three share the two cores.
+STACK_TEST_WORKERS ?= 3
+test: install $(CHROMIUM)
+	$(BIN)/pytest -q -m "not stack" -x $(PYTEST_ARGS)
+	$(MAKE) stack influx2
+	$(BIN)/pytest -q -m stack -n $(STACK_TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: stack
 	$(BIN)/python bench/collectors.py

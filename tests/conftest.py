@@ -1,5 +1,9 @@
 """Shared fixtures. Tests that need Kafka and InfluxDB take `stack`: it brings the local stack up
-once per session (idempotent; `make test` has usually started it already) and leaves it running."""
+once per session (idempotent; `make test` has usually started it already) and leaves it running.
+
+Every test that takes `stack` is marked `stack` here (a module that starts private instances of
+the services marks itself). `make test` runs the unmarked, pure-logic tests first and stops at
+the first failure, then the `stack` tests."""
 
 from __future__ import annotations
 
@@ -8,6 +12,12 @@ import uuid
 import pytest
 
 from laggard.settings import Settings, get_settings
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.stack)
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,8 @@ DEMO = "collectors/scenarios/demo.yaml"  # big enough that a worker is still bus
 SMALL = "tests/scenarios/small_eval.yaml"
 OUTAGE_S = 30.0  # how long InfluxDB stays down: the fault itself, a timed wait on purpose
 
+pytestmark = pytest.mark.stack  # private instances of the services
+
 
 @pytest.fixture(scope="module")
 def private(tmp_path_factory) -> Settings:

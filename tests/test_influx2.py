@@ -21,7 +21,7 @@ from laggard.stack.process import StackError, free_port, write_private
 from tests.helpers.telemetry import STRAGGLER_RANK, write_recent_run
 from tests.test_dashboards import template_queries
 
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = [pytest.mark.stack, pytest.mark.timeout(1800)]  # a private InfluxDB 2.7 server
 
 FUTURE_S = 1_900_000_000  # 2030: after now, so Flux needs an explicit range stop to see it
 

@@ -17,6 +17,8 @@ from laggard.stack.kafka import KafkaBroker
 from laggard.stack.process import StackError, free_port, wait_until
 from laggard.topics import read_topic
 
+pytestmark = pytest.mark.stack  # private instances of the services
+
 
 @pytest.fixture(scope="module")
 def private(tmp_path_factory) -> Settings:
