@@ -46,7 +46,6 @@ from collectors.simulate import FleetSimulator
 from collectors.simulate.scenario import Scenario
 from laggard.pipeline_run import PipelineError, PipelineRun, gpus_in, messages_taken
 from laggard.settings import Settings, get_settings
-from laggard.stack.process import log_tail
 from laggard.topics import read_records
 
 POLL_S = 0.2
@@ -105,12 +104,6 @@ def group_ready(runs: list[PipelineRun], partitions: int) -> bool:
     return min(held) > 0 and sum(held) == partitions
 
 
-def observed(runs: list[PipelineRun]) -> str:
-    """What each worker reports and logs, for a failure message."""
-    return "\n".join(f"worker {run.settings.worker_web_port}: stats {run.stats()}\n{log_tail(run.log_path)}"
-                     for run in runs)
-
-
 def throughput(base: Settings, count: int, messages: int, tmp: Path,
                group: contextlib.ExitStack) -> tuple[dict, list[PipelineRun]]:
     runs = start_group(base, count, tmp, group)
@@ -140,7 +133,8 @@ def throughput(base: Settings, count: int, messages: int, tmp: Path,
         if done >= published:
             break
         if time.monotonic() > deadline:
-            raise PipelineError(f"{count} worker(s) took {done:,} of {published:,} messages in 180 s\n{observed(runs)}")
+            workers = "\n".join(run.describe() for run in runs)
+            raise PipelineError(f"{count} worker(s) took {done:,} of {published:,} messages in 180 s\n{workers}")
         time.sleep(POLL_S)
     if start is None or done - start[1] < published / 4:
         raise PipelineError(f"the group of {count} became ready too late to time ({start}); raise --messages")

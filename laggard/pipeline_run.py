@@ -195,6 +195,13 @@ class PipelineRun:
             time.sleep(POLL_S)
         raise self._worker_error(f"the worker did not settle within {timeout_s:.0f} s (last stats {stats})")
 
+    def describe(self) -> str:
+        """What the worker reports and the end of its log, for a failure message."""
+        try:
+            return f"worker {self.run_id}: stats {self.stats()}\n{log_tail(self.log_path, 40)}"
+        except PipelineError as err:  # it has exited: the error quotes its log
+            return str(err)
+
     def findings(self) -> list[Finding]:
         """Every finding on the run's findings topic, once each (a replayed one has the same idempotency key)."""
         found = (Finding.model_validate_json(v) for v in read_topic(self.settings, self.settings.topic_findings))

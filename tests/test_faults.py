@@ -31,7 +31,7 @@ from collectors.simulate import load_scenario
 from laggard import stack as local_stack
 from laggard.pipeline_run import PipelineRun, gpus_in
 from laggard.settings import Settings
-from laggard.stack.process import free_port, wait_until
+from laggard.stack.process import free_port, log_tail, wait_until
 from laggard.topics import committed_offsets, ensure_topics, read_topic
 from tests.helpers.faults import (
     delivery, end_offsets, expected_gpu_windows, gpu_windows_in_influx, group_members, influx_count,
@@ -79,7 +79,8 @@ def test_two_workers_one_killed_its_partitions_move_to_the_other(stack, tmp_path
             run.publish_scenario(scenario)
             assert wait_until(lambda: worker_stats(victim_port).get("accepted", 0) > 0
                               and run.stats().get("accepted", 0) + worker_stats(victim_port).get("accepted", 0)
-                              >= run.published // 3, 120, 0.2)
+                              >= run.published // 3, 120, 0.2), (
+                f"victim: {worker_stats(victim_port)}\n{log_tail(tmp_path / 'victim.log', 40)}\n{run.describe()}")
             at_kill = committed_offsets(run.settings, run.run_id, run.settings.topic_samples)
             os.killpg(victim.pid, signal.SIGKILL)
             killed_at = time.monotonic()
@@ -165,7 +166,7 @@ def test_broker_sigkill_while_publishing_loses_no_acknowledged_message(private, 
         pid = kafka.pid()
         os.kill(pid, signal.SIGKILL)
         killed_at, sent_at_kill = time.monotonic(), len(collector.sent)
-        assert wait_until(lambda: kafka.pid() is None, 30)
+        assert wait_until(lambda: kafka.pid() is None, 30), f"broker pid {pid} still running after SIGKILL"
         # The collector keeps taking messages while the broker is gone (buffered, bounded).
         assert wait_until(lambda: len(collector.sent) >= sent_at_kill + 200, 60, 0.1), collector.error
         kafka.start()
@@ -213,12 +214,13 @@ def test_influxdb_down_30s_every_window_lands_once(stack, private, tmp_path):
         written_before = run.stats()["influx_points_written"]
         failures_before = run.stats()["influx_write_failures"]
         # The worker notices (retries, counted) and holds its results while InfluxDB is down.
-        assert wait_until(lambda: run.stats().get("influx_write_failures", 0) > failures_before, OUTAGE_S, 0.2)
+        assert wait_until(lambda: run.stats().get("influx_write_failures", 0) > failures_before, OUTAGE_S, 0.2), \
+            run.describe()
         time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))  # the outage itself
         held = run.stats()["influx_points_written"]
         influx.start()
         back_at = time.monotonic()
-        assert wait_until(lambda: run.stats().get("influx_points_written", 0) > held, 60, 0.1)
+        assert wait_until(lambda: run.stats().get("influx_points_written", 0) > held, 60, 0.1), run.describe()
         recover_s = time.monotonic() - back_at
         stats = run.wait_until_quiet(timeout_s=150)
         late_gpu_samples = sum(gpus_in(d["payload"].encode()) for d in run.dead_letters()

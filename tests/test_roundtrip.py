@@ -32,7 +32,8 @@ def test_sample_flows_from_kafka_python_through_faust_into_influxdb(stack, uniqu
     sink = InfluxSink(stack)
     query = f'SELECT "util_gpu", "node", "gpu" FROM "{measurement}"'
     try:
-        assert wait_until(lambda: worker.poll() is not None or len(sink.query(query)) == 12, timeout_s=90)
+        assert wait_until(lambda: worker.poll() is not None or len(sink.query(query)) == 12, timeout_s=90), (
+            f"{len(sink.query(query))} of 12 rows in InfluxDB\n" + (tmp_path / "worker.log").read_text()[-3000:])
         assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
     finally:
         worker.kill()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collectors.simulate import load_scenario
 from laggard.pipeline_run import PipelineRun, messages_taken
-from laggard.stack.process import log_tail, wait_until
+from laggard.stack.process import wait_until
 from tests.helpers.faults import (
     commit_report, expected_gpu_windows, gpu_windows_in_influx, missing_gpu_windows, scenario_for_run,
 )
@@ -16,7 +16,7 @@ DEMO = "collectors/scenarios/demo.yaml"
 
 def observed(runs: list[PipelineRun]) -> str:
     """For a failure message: what each worker reports and logs, and the group's commits."""
-    workers = "\n".join(f"worker {run.run_id}: {run.stats()}\n{log_tail(run.log_path, 40)}" for run in runs)
+    workers = "\n".join(run.describe() for run in runs)
     return f"{workers}\n{commit_report(runs[0].settings, runs[0].settings.worker_app_id)}"
 
 

@@ -64,7 +64,7 @@ def test_up_down_up_and_sigkill_keep_data(private):
     broker = KafkaBroker(private.state_dir, private.kafka_port, private.kafka_controller_port, private.kafka_version)
     pid = broker.pid()
     os.kill(pid, signal.SIGKILL)
-    assert wait_until(lambda: broker.pid() is None, 30)
+    assert wait_until(lambda: broker.pid() is None, 30), f"broker pid {pid} still running after SIGKILL"
     assert [s.healthy for s in stack.status(private)] == [False, True]
     lines = stack.up(private)
     assert lines[0].startswith("kafka: started")

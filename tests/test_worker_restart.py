@@ -30,7 +30,7 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(stack, tmp_path):
         scenario = scenario_for_run(DEMO, run.run_id, tmp_path)
         run.start_worker(tmp_path / "first.log")
         run.publish_scenario(scenario)
-        assert wait_until(lambda: run.stats().get("accepted", 0) >= run.published // 3, 120, 0.2)
+        assert wait_until(lambda: run.stats().get("accepted", 0) >= run.published // 3, 120, 0.2), run.describe()
         os.killpg(run.worker.pid, signal.SIGKILL)
         run.worker.wait()
         lag = uncommitted(run.settings, run.run_id)
