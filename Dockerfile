@@ -5,5 +5,6 @@ COPY laggard laggard
 COPY collectors collectors
 COPY agents agents
 COPY rules rules
+COPY commands commands
 RUN pip install --no-cache-dir .
 USER nobody

@@ -28,7 +28,7 @@ $(CHROMIUM):
 # InfluxDB 2.7's influxd for tests/test_influx2.py, built from source once per machine (~13
 # CPU-minutes and ~3 GB under ~/.cache/laggard/influxd-2.7.12; nothing to do once it is there).
 influx2: install
-	$(BIN)/python -m laggard.stack.build_influxd
+	$(BIN)/python -m laggard.commands.stack.build_influxd
 
 # Pure-logic tests first, stopping at the first failure, before the stack is even started; then
 # the tests on real services (marked `stack`, see tests/conftest.py), a file per pytest-xdist

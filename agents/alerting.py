@@ -1,7 +1,8 @@
-"""Stage 4 of the worker (agents/app.py): findings and fleet KPI windows -> alert rules -> chat webhooks.
+"""Stage 4 of the worker: findings and fleet KPI windows -> alert rules -> chat webhooks.
 
 The rules engine and receivers are in rules/; this module keeps the firing findings, drives the
 engine on a clock, dispatches notifications and checkpoints the alert state in a Faust table.
+`add_alerting` registers it on a worker (agents/worker.py builds one).
 
 Nothing here stops alerting for good: a rules file that is bad at startup (with no checkpointed
 rules to fall back on) leaves an engine without rules that still keeps the firing findings, so
@@ -20,19 +21,22 @@ from typing import Any
 
 import faust
 
-from agents.app import Input, alert_channel, app, counters, deadletter_topic, log, reject_stage_message, settings
-from agents.findings import Finding
+from laggard.agents.core import Input, WorkerCore, log
+from laggard.agents.metrics import Counters
+from laggard.results import Finding
+from laggard.rules.alert_lifecycle import AlertEngine
+from laggard.rules.loader import DEFAULT_RULES, RulesFileInvalid, load_rules
+from laggard.rules.model import RulesConfig
+from laggard.rules.receivers.delivery import DeadLetter, DeliveryOutcome, Dispatcher, SentLog
+from laggard.rules.silences import Silence, SilenceStore
+from laggard.settings import ALERTS_STATE_FILE, SILENCES_FILE
 from laggard.topics import alert_ticks_name, worker_tables
-from rules.cli import ALERTS_STATE_FILE, SILENCES_FILE
-from rules.lifecycle import AlertEngine
-from rules.loader import DEFAULT_RULES, RulesFileInvalid, load_rules
-from rules.model import RulesConfig
-from rules.receivers.delivery import DeadLetter, DeliveryOutcome, Dispatcher, SentLog
-from rules.silences import Silence, SilenceStore
 
 # Findings are re-delivered after a restart (at-least-once). A transition no newer than the last one
 # taken for its fingerprint is such a repeat; ended ones are remembered this long (event time).
 TRANSITION_MEMORY_S = 3600.0
+# The timer's message on the alert channel (beside the clusters' fleet KPI windows).
+TICK = b"tick"
 
 
 @dataclass
@@ -43,6 +47,7 @@ class Alerting:
     engine: AlertEngine
     dispatcher: Dispatcher
     rules_mtime: float
+    counters: Counters
     firing: dict[str, Finding] = field(default_factory=dict)
     latest: dict[str, float] = field(default_factory=dict)  # finding fingerprint -> window_start taken
     silences: list[Silence] = field(default_factory=list)  # the last good silences file
@@ -77,28 +82,9 @@ class Alerting:
             problem = f"{type(err).__name__}: {err}"[:500]
             if problem != self.silences_problem:
                 self.silences_problem = problem
-                counters.silences_load_failures += 1
+                self.counters.silences_load_failures += 1
                 log.error("silences file %s cannot be read, keeping the last good silences: %s", path, problem)
         return self.silences
-
-
-# Findings, the timer's ticks and the fleet KPI windows share one agent (ticks and windows on one
-# single-partition channel), so every alert decision, notification and state checkpoint happens
-# inside stream iteration (Faust tables accept writes only there): a restarted worker resumes with
-# the sent log and sends nothing twice.
-TICK = b"tick"
-alert_input = app.topic(settings.topic_findings, alert_ticks_name(settings), value_serializer="raw",
-                        key_serializer="raw")
-alert_state = app.Table("alert-state", default=dict, partitions=worker_tables(settings)["alert-state"])
-alerting: Alerting | None = None
-
-
-async def notification_dead_letter(letter: DeadLetter) -> None:
-    await deadletter_topic.send(key=b"notification", value=letter.model_dump_json().encode())
-
-
-def rules_path() -> Path:
-    return settings.rules_file or DEFAULT_RULES
 
 
 def rules_mtime(path: Path) -> float:
@@ -109,117 +95,134 @@ def rules_mtime(path: Path) -> float:
         return -1.0
 
 
-def startup_rules(saved: dict[str, Any]) -> RulesConfig:
-    """The rules file; if it is bad, the last good rules from the checkpoint (a restart must not
-    stop alerting), or, when there are none, the default receivers and routes with no rules: the
-    firing findings are kept and alerted on once the file is fixed (and reloaded)."""
-    path = rules_path()
-    try:
-        return load_rules(path)
-    except RulesFileInvalid as err:
-        counters.rules_reload_failures += 1
-        if saved.get("rules"):
-            log.error("rules file %s is invalid, keeping the last good rules (from the checkpoint): %s", path, err)
-            return RulesConfig.model_validate(saved["rules"])
-        log.error("rules file %s is invalid and no earlier rules are checkpointed: no alerts until it is fixed "
-                  "(firing findings are kept): %s", path, err)
-        return load_rules(DEFAULT_RULES).model_copy(update={"rules": []})
+class AlertingStage:
+    """Findings, the timer's ticks and the fleet KPI windows share one agent (ticks and windows on
+    one single-partition channel), so every alert decision, notification and state checkpoint
+    happens inside stream iteration (Faust tables accept writes only there): a restarted worker
+    resumes with the sent log and sends nothing twice."""
 
+    def __init__(self, core: WorkerCore) -> None:
+        self.core, self.settings, self.counters = core, core.settings, core.counters
+        self.input = core.topic(self.settings.topic_findings, alert_ticks_name(self.settings))
+        self.state_table = core.app.Table("alert-state", default=dict,
+                                          partitions=worker_tables(self.settings)["alert-state"])
+        self.alerting: Alerting | None = None
 
-def make_alerting(saved: dict[str, Any], config: RulesConfig | None = None) -> Alerting:
-    path = rules_path()
-    config = config or startup_rules(saved)
-    dispatcher = Dispatcher(config.receivers, dead_letter=notification_dead_letter, sent_log=SentLog(saved.get("sent")),
-                            deferred=saved.get("deferred", ()))
-    for name, why in dispatcher.problems.items():
-        log.warning("receiver %s cannot send: %s", name, why)
-    firing = (Finding.model_validate(data) for data in saved.get("firing", []))
-    return Alerting(AlertEngine(config, saved.get("engine")), dispatcher, rules_mtime(path),
-                    firing={f.fingerprint: f for f in firing}, latest=saved.get("latest", {}))
+    def rules_path(self) -> Path:
+        return self.settings.rules_file or DEFAULT_RULES
 
+    def startup_rules(self, saved: dict[str, Any]) -> RulesConfig:
+        """The rules file; if it is bad, the last good rules from the checkpoint (a restart must not
+        stop alerting), or, when there are none, the default receivers and routes with no rules: the
+        firing findings are kept and alerted on once the file is fixed (and reloaded)."""
+        path = self.rules_path()
+        try:
+            return load_rules(path)
+        except RulesFileInvalid as err:
+            self.counters.rules_reload_failures += 1
+            if saved.get("rules"):
+                log.error("rules file %s is invalid, keeping the last good rules (from the checkpoint): %s", path, err)
+                return RulesConfig.model_validate(saved["rules"])
+            log.error("rules file %s is invalid and no earlier rules are checkpointed: no alerts until it is fixed "
+                      "(firing findings are kept): %s", path, err)
+            return load_rules(DEFAULT_RULES).model_copy(update={"rules": []})
 
-async def reload_rules(current: Alerting) -> Alerting:
-    """A changed rules file is loaded; a bad (or vanished) one is refused with its errors and the
-    last good rules stay in force."""
-    path = rules_path()
-    mtime = rules_mtime(path)
-    if mtime == current.rules_mtime:
-        return current
-    current.rules_mtime = mtime
-    try:
-        config = load_rules(path)
-    except RulesFileInvalid as err:
-        counters.rules_reload_failures += 1
-        log.error("rules file %s not reloaded, keeping the last good rules: %s", path, err)
-        return current
-    try:
-        reloaded = make_alerting(current.state(), config)
-    except Exception as err:  # the new receivers cannot be set up: the current ones keep sending
-        counters.rules_reload_failures += 1
-        log.error("rules file %s not reloaded, keeping the last good rules: %s: %s", path, type(err).__name__, err)
-        return current
-    log.warning("rules file %s reloaded", path)
-    await current.dispatcher.aclose()
-    return reloaded
+    def make_alerting(self, saved: dict[str, Any], config: RulesConfig | None = None) -> Alerting:
+        path = self.rules_path()
+        config = config or self.startup_rules(saved)
+        dispatcher = Dispatcher(config.receivers, dead_letter=self.notification_dead_letter,
+                                sent_log=SentLog(saved.get("sent")), deferred=saved.get("deferred", ()))
+        for name, why in dispatcher.problems.items():
+            log.warning("receiver %s cannot send: %s", name, why)
+        firing = (Finding.model_validate(data) for data in saved.get("firing", []))
+        engine = AlertEngine(config, saved.get("engine"), render_failures=self.counters.template_render_failures)
+        return Alerting(engine, dispatcher, rules_mtime(path), self.counters,
+                        firing={f.fingerprint: f for f in firing}, latest=saved.get("latest", {}))
 
+    async def notification_dead_letter(self, letter: DeadLetter) -> None:
+        await self.core.deadletter_topic.send(key=b"notification", value=letter.model_dump_json().encode())
 
-def count(outcomes: list[DeliveryOutcome]) -> None:
-    for outcome in outcomes:
-        counters.notifications += outcome.status == "sent"
-        counters.notifications_deferred += outcome.status == "deferred"
-        counters.notifications_failed += outcome.status == "dead_lettered"
+    async def reload_rules(self, current: Alerting) -> Alerting:
+        """A changed rules file is loaded; a bad (or vanished) one is refused with its errors and the
+        last good rules stay in force."""
+        path = self.rules_path()
+        mtime = rules_mtime(path)
+        if mtime == current.rules_mtime:
+            return current
+        current.rules_mtime = mtime
+        try:
+            config = load_rules(path)
+        except RulesFileInvalid as err:
+            self.counters.rules_reload_failures += 1
+            log.error("rules file %s not reloaded, keeping the last good rules: %s", path, err)
+            return current
+        try:
+            reloaded = self.make_alerting(current.state(), config)
+        except Exception as err:  # the new receivers cannot be set up: the current ones keep sending
+            self.counters.rules_reload_failures += 1
+            log.error("rules file %s not reloaded, keeping the last good rules: %s: %s", path, type(err).__name__, err)
+            return current
+        log.warning("rules file %s reloaded", path)
+        await current.dispatcher.aclose()
+        return reloaded
 
+    def count(self, outcomes: list[DeliveryOutcome]) -> None:
+        for outcome in outcomes:
+            self.counters.notifications += outcome.status == "sent"
+            self.counters.notifications_deferred += outcome.status == "deferred"
+            self.counters.notifications_failed += outcome.status == "dead_lettered"
 
-async def send_due_notifications(current: Alerting, now: float) -> None:
-    for finding in current.firing.values():
-        current.engine.observe_finding(finding, now)
-    silences = current.current_silences(settings.state_dir / SILENCES_FILE)
-    count(await current.dispatcher.retry_deferred())
-    count([await current.dispatcher.dispatch(n) for n in current.engine.advance(now, silences)])
-    # Replaced in one step: `laggard alerts list` never reads half a file.
-    state_file = settings.state_dir / ALERTS_STATE_FILE
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = state_file.with_suffix(".tmp")
-    partial.write_text(json.dumps(current.engine.snapshot()))
-    partial.replace(state_file)
+    async def send_due_notifications(self, current: Alerting, now: float) -> None:
+        for finding in current.firing.values():
+            current.engine.observe_finding(finding, now)
+        silences = current.current_silences(self.settings.state_dir / SILENCES_FILE)
+        self.count(await current.dispatcher.retry_deferred())
+        self.count([await current.dispatcher.dispatch(n) for n in current.engine.advance(now, silences)])
+        # Replaced in one step: `laggard alerts list` never reads half a file.
+        state_file = self.settings.state_dir / ALERTS_STATE_FILE
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = state_file.with_suffix(".tmp")
+        partial.write_text(json.dumps(current.engine.snapshot()))
+        partial.replace(state_file)
 
-
-def take(current: Alerting, event: Any) -> None:
-    """A finding, or a cluster's fleet KPI window from the alert channel; ValueError if neither."""
-    if event.message.topic == settings.topic_findings:
-        current.take(Finding.model_validate_json(event.value), time.time())
-    else:
-        current.engine.observe_window(json.loads(event.value), time.time())
-
-
-@app.agent(alert_input)
-async def alert_on_findings(stream: faust.StreamT) -> None:
-    global alerting
-    async for event in stream.events():
-        if alerting is None:
-            alerting = make_alerting(alert_state.get("state") or {})
-        if event.message.topic != settings.topic_findings and event.value == TICK:
-            alerting = await reload_rules(alerting)
-            await send_due_notifications(alerting, time.time())
+    def take(self, current: Alerting, event: Any) -> None:
+        """A finding, or a cluster's fleet KPI window from the alert channel; ValueError if neither."""
+        if event.message.topic == self.settings.topic_findings:
+            current.take(Finding.model_validate_json(event.value), time.time())
         else:
-            try:
-                take(alerting, event)
-            except ValueError as err:
-                await reject_stage_message(Input.of(event), err)
-                continue
-        alert_state["state"] = alerting.state()
+            current.engine.observe_window(json.loads(event.value), time.time())
+
+    async def alert_on_findings(self, stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            if self.alerting is None:
+                self.alerting = self.make_alerting(self.state_table.get("state") or {})
+            if event.message.topic != self.settings.topic_findings and event.value == TICK:
+                self.alerting = await self.reload_rules(self.alerting)
+                await self.send_due_notifications(self.alerting, time.time())
+            else:
+                try:
+                    self.take(self.alerting, event)
+                except ValueError as err:
+                    await self.core.reject_stage_message(Input.of(event), err)
+                    continue
+            self.state_table["state"] = self.alerting.state()
+
+    async def forget_alerting(self, app: faust.App, revoked: set, **kwargs: Any) -> None:
+        """Whoever gets the alert channel next starts from the table, not from stale memory."""
+        if self.alerting is not None and any(tp.topic == self.settings.topic_findings for tp in revoked):
+            stale, self.alerting = self.alerting, None
+            # In the background: a notification being sent right now may finish first.
+            asyncio.ensure_future(stale.dispatcher.aclose())
+
+    async def alert_tick(self) -> None:
+        await self.core.alert_channel.send(value=TICK, partition=0)
 
 
-@app.on_partitions_revoked.connect
-async def forget_alerting(app: faust.App, revoked: set, **kwargs: Any) -> None:
-    """Whoever gets the alert channel next starts from the table, not from stale memory."""
-    global alerting
-    if alerting is not None and any(tp.topic == settings.topic_findings for tp in revoked):
-        stale, alerting = alerting, None
-        # In the background: a notification being sent right now may finish first.
-        asyncio.ensure_future(stale.dispatcher.aclose())
-
-
-@app.timer(interval=1.0)
-async def alert_tick() -> None:
-    await alert_channel.send(value=TICK, partition=0)
+def add_alerting(core: WorkerCore) -> AlertingStage:
+    """Stage 4's agent, revocation handler and clock, registered on the worker's app."""
+    stage = AlertingStage(core)
+    app = core.app
+    app.agent(stage.input, name="alert_on_findings")(stage.alert_on_findings)
+    app.on_partitions_revoked.connect(stage.forget_alerting)
+    app.timer(interval=1.0, name="alert_tick")(stage.alert_tick)
+    return stage

@@ -1,34 +1,38 @@
-"""Detectors over closed windows: per job, per GPU, and a naive baseline to compare against.
+"""Detectors over closed windows, as one registry: `DETECTORS` maps each finding kind to a plain
+function, its persistence/clearing and the shapes of evidence it emits.
 
-`FleetDetector.observe(window_start, window_s, gpu_results)` is called once per closed window, in
-window order, with the GPU-scope results of that window. It returns the findings that changed
-state (firing or resolved) in that window. All state is in `FleetDetector.state`, a pydantic model
+A detector looks at one job's GPU results of a window (`per="job"`) or at the whole window
+(`per="window"`) and returns candidate findings, firing ones, of its kind. `FleetDetector.observe`
+runs every registered detector once per closed window, in window order, and applies each kind's
+lifecycle (agents/finding_lifecycle.py): a finding fires after `fire_after` consecutive windows and
+resolves after `clear_after` clean ones. All its state is `FleetDetector.state`, a pydantic model
 that dumps to a plain dict and restores from one (`to_dict` / `from_dict`).
+
+Adding a detector is one function and one entry in `DETECTORS`: the worker runs it, `laggard rules
+check` accepts rules on its kind and renders their templates on its `samples`, and `laggard eval`
+scores it in its `family` against the simulator's truths of the kinds in `truths`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from agents.findings import Finding, FindingKind, WindowResult, detect_key, finding_fingerprint, group_key
-from agents.lifecycle import Lifecycle, LifecycleState
-from agents.straggler import MixedGeneration, Straggler, StragglerConfig, find_mixed_generation, find_stragglers
-from agents.windows import IDLE_UTIL_PCT
+from laggard.agents.finding_lifecycle import Lifecycle, LifecycleState
+from laggard.agents.straggler import MixedGeneration, Straggler, StragglerConfig, find_mixed_generation, find_stragglers
+from laggard.agents.windows import IDLE_UTIL_PCT
+from laggard.results import Finding, WindowResult, detect_key, finding_fingerprint, group_key
 
-DetectorKind = Literal["straggler", "mixed_generation", "idle_allocated", "job_stalled", "xid", "silent_gpu"]
+# (labels, evidence, cost) of one shape a finding of a kind comes in: what rule templates are
+# rendered on at check time. A None value where the detector may send None.
+Shape = tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    fire_after: int = 2  # consecutive windows before a finding fires (so latency <= 2 windows)
-    clear_after: int = 2  # consecutive clean windows before it resolves
-    xid_fire_after: int = 1  # an XID is an event: fire on the window that carries it
-    xid_clear_after: int = 3
-    silent_after: int = 2  # windows without samples from a GPU seen before
     idle_util_pct: float = IDLE_UTIL_PCT  # window-mean util at or below which an allocated GPU is idle
     busy_job_util_pct: float = 20.0  # median util at which a job counts as having been busy
     forget_after_windows: int = 360  # drop bookkeeping for GPUs/jobs unseen this long (not firing)
@@ -60,7 +64,63 @@ class DetectorState(BaseModel):
     job_busy: dict[str, float] = Field(default_factory=dict)  # cluster|job -> last window it was busy
 
 
-def _finding(kind: FindingKind, r: WindowResult, summary: str, **extra: object) -> Finding:
+@dataclass(frozen=True)
+class WindowView:
+    """What a detector sees of one closed window: its GPU results, the detectors' memory of earlier
+    windows (updated with this one) and whether a finding is firing now."""
+
+    start: float
+    length_s: float
+    results: Sequence[WindowResult]
+    config: DetectorConfig
+    memory: DetectorState
+    is_firing: Callable[[str, str], bool]  # (kind, fingerprint)
+
+    @property
+    def end(self) -> float:
+        return self.start + self.length_s
+
+
+@dataclass(frozen=True)
+class JobView:
+    """One job's GPU results (its ranks) in a window."""
+
+    cluster: str
+    job: str
+    ranks: Sequence[WindowResult]
+    window: WindowView
+
+    @property
+    def idle(self) -> list[WindowResult]:
+        return [r for r in self.ranks if r.util_mean <= self.window.config.idle_util_pct]
+
+    @property
+    def busy_before(self) -> float | None:
+        """The start of the last window the job was busy in (this one included), if any."""
+        return self.window.memory.job_busy.get(f"{self.cluster}|{self.job}")
+
+
+@dataclass(frozen=True)
+class Detector:
+    kind: str
+    find: Callable[[Any], Iterable[Finding]]  # a JobView (per="job") or a WindowView (per="window") -> firing findings
+    per: Literal["job", "window"]
+    samples: tuple[Shape, ...]
+    fire_after: int = 2  # consecutive windows before a finding fires (so latency <= 2 windows)
+    clear_after: int = 2  # consecutive clean windows before it resolves
+    family: str = ""  # what `laggard eval` scores it as (default: its kind)
+    truths: tuple[str, ...] = ()  # the simulator's truth kinds it should find (default: its kind)
+
+    @property
+    def eval_family(self) -> str:
+        return self.family or self.kind
+
+    @property
+    def truth_kinds(self) -> tuple[str, ...]:
+        return self.truths or (self.kind,)
+
+
+def _finding(kind: str, r: WindowResult, summary: str, **extra: object) -> Finding:
     """A firing finding about GPU result `r`'s GPU (job, rank, node, gpu, model from its labels)."""
     lb = r.labels
     return Finding(
@@ -155,21 +215,159 @@ def mixed_generation_finding(m: MixedGeneration, window_start: float, window_s: 
     )
 
 
-class FleetDetector:
-    """All laggard detectors with their persistence/clearing; state is one serialisable model."""
+# --- the detectors ----------------------------------------------------------------------------
 
-    KINDS: tuple[DetectorKind, ...] = ("straggler", "mixed_generation", "idle_allocated", "job_stalled", "xid", "silent_gpu")
+def stragglers(job: JobView) -> list[Finding]:
+    """The rank that paces its job (agents/straggler.py)."""
+    return [straggler_finding(s) for s in find_stragglers(job.ranks, job.window.config.straggler)]
+
+
+def mixed_generation(job: JobView) -> list[Finding]:
+    """The slower GPU model that paces a job spanning two."""
+    mixed = find_mixed_generation(job.ranks, job.window.config.straggler)
+    return [] if mixed is None else [mixed_generation_finding(mixed, job.window.start, job.window.length_s)]
+
+
+def _whole_job_finding(job: JobView, kind: str, summary: str, last_busy_end: float | None) -> Finding:
+    window = job.window
+    return Finding(
+        kind=kind, state="firing", cluster=job.cluster, job=job.job, window_start=window.start,
+        window_end=window.end, summary=summary,
+        evidence={"ranks": len(job.ranks), "max_util_pct": round(max(r.util_mean for r in job.ranks), 2),
+                  "last_busy_window_end": last_busy_end},
+        cost={"gpu_s_idle": round(len(job.ranks) * window.length_s, 1),
+              "energy_wh_idle": round(sum(r.energy_wh for r in job.ranks), 3)},
+    )
+
+
+def job_stalled(job: JobView) -> list[Finding]:
+    """Every rank idle in a job that was busy before: one finding for the job."""
+    if len(job.idle) != len(job.ranks) or job.busy_before is None:
+        return []
+    last_busy_end = job.busy_before + job.window.length_s
+    return [_whole_job_finding(job, "job_stalled", f"job {job.job} stalled: all {len(job.ranks)} ranks idle "
+                                                   f"(busy until {last_busy_end:.0f})", last_busy_end)]
+
+
+def idle_allocated(job: JobView) -> list[Finding]:
+    """A job that holds GPUs and has never used them (one finding for the job), or idle ranks of a
+    working job (one each). In a stalled job the stall is the finding; only GPUs already idle
+    before it stay reported."""
+    idle, window = job.idle, job.window
+    whole_job_idle = len(idle) == len(job.ranks)
+    if whole_job_idle and job.busy_before is None:
+        peak = max(r.util_mean for r in job.ranks)
+        return [_whole_job_finding(job, "idle_allocated", f"job {job.job} holds {len(job.ranks)} GPUs and has not "
+                                                          f"used them ({peak:.1f}% peak util)", None)]
+    found = []
+    for r in idle:
+        f = _finding(
+            "idle_allocated", r,
+            f"GPU {r.labels.gpu} on node {r.labels.node} is allocated to job {job.job} (rank {r.labels.rank}) "
+            f"but idle ({r.util_mean:.1f}% util)",
+            evidence={"util_pct": round(r.util_mean, 2), "power_w": round(r.power_w_mean, 1)},
+            cost={"gpu_s_idle": round(window.length_s, 1), "energy_wh_idle": round(r.energy_wh, 3)},
+        )
+        if not whole_job_idle or window.is_firing("idle_allocated", f.fingerprint):
+            found.append(f)
+    return found
+
+
+def xids(window: WindowView) -> list[Finding]:
+    """A GPU that reported an XID error: an event, fired on the window that carries it."""
+    return [_finding("xid", r, f"GPU {r.labels.gpu} on node {r.labels.node} reported XID {r.xid_last} "
+                               f"({r.xid_count} sample(s) this window)",
+                     evidence={"xid": r.xid_last, "xid_samples": r.xid_count})
+            for r in window.results if r.xid_count]
+
+
+def silent_gpus(window: WindowView) -> list[Finding]:
+    """A GPU seen before that stopped reporting while the rest of its job (or node) goes on."""
+    reporting = {detect_key(r) for r in window.results}
+    found = []
+    for g in window.memory.seen_gpus.values():
+        if g.last_window < window.start and g.group not in reporting:
+            continue  # its job ended or its node left as a whole: not one silent GPU
+        missing = round((window.start - g.last_window) / window.length_s)
+        if g.learned and missing >= g.every:  # seen twice: its interval is known
+            found.append(Finding(
+                kind="silent_gpu", state="firing", cluster=g.cluster, job=g.job, rank=g.rank, node=g.node,
+                gpu=g.gpu, model=g.model, window_start=window.start, window_end=window.end,
+                summary=f"GPU {g.gpu} on node {g.node} stopped reporting (last sample in window {g.last_window:.0f})",
+                evidence={"last_window_start": g.last_window, "windows_missing": missing},
+            ))
+    return found
+
+
+# Sample shapes, for rule-template checks (tests/test_rules_samples.py holds them to what the
+# detectors really emit).
+_T0 = 1_700_000_000.0
+_GPU_OF_JOB: dict[str, Any] = {"cluster": "cluster-0", "job": "job-0", "rank": 3, "node": "node-0", "gpu": 1,
+                               "model": "H100"}
+_FREE_GPU: dict[str, Any] = {"cluster": "cluster-0", "node": "node-0", "gpu": 1, "model": "H100"}
+_JOB: dict[str, Any] = {"cluster": "cluster-0", "job": "job-0"}
+_STRAGGLER_EVIDENCE: dict[str, Any] = {
+    "rank_util_pct": 96.5, "peer_util_median_pct": 68.9, "peer_util_sigma_pct": 1.5, "sm_clock_mhz": 1410.0,
+    "peer_sm_clock_median_mhz": 1980.0, "temp_c": 82.0, "peer_temp_median_c": 55.0, "throttled_share": 1.0,
+    "throttle_reasons": "sw_thermal", "peers": 31,
+}
+_STRAGGLER_COST = {"peer_wait_share": 0.286, "peer_gpu_s_wasted": 85.3, "energy_wh_wasted": 2.844}
+_IDLE_JOB_COST = {"gpu_s_idle": 40.0, "energy_wh_idle": 1.389}
+_XID = {"xid": 79, "xid_samples": 3}
+_SILENT = {"last_window_start": _T0 - 20.0, "windows_missing": 2}
+
+DETECTORS: dict[str, Detector] = {d.kind: d for d in (
+    Detector("straggler", stragglers, "job", truths=("straggler", "slow_node"), samples=(
+        (_GPU_OF_JOB, _STRAGGLER_EVIDENCE, _STRAGGLER_COST),
+        (_GPU_OF_JOB, {**_STRAGGLER_EVIDENCE, "throttled_share": 0.0, "throttle_reasons": None}, _STRAGGLER_COST),
+    )),
+    Detector("mixed_generation", mixed_generation, "job", samples=((_JOB, {
+        "slow_model": "H100", "fast_model": "H200", "slow_util_median_pct": 90.0, "fast_util_median_pct": 64.3,
+        "slow_ranks": 8, "fast_ranks": 16,
+    }, {"fast_rank_waste_share": 0.286, "fast_gpu_s_wasted": 41.1, "energy_wh_wasted": 1.37}),)),
+    # A job left idle and one that stalled look alike in telemetry: one family for eval.
+    Detector("idle_allocated", idle_allocated, "job", family="idle", samples=(
+        (_GPU_OF_JOB, {"util_pct": 0.0, "power_w": 125.0}, {"gpu_s_idle": 10.0, "energy_wh_idle": 0.347}),
+        (_JOB, {"ranks": 4, "max_util_pct": 0.4, "last_busy_window_end": None}, _IDLE_JOB_COST),
+    )),
+    Detector("job_stalled", job_stalled, "job", family="idle", samples=(
+        (_JOB, {"ranks": 4, "max_util_pct": 0.2, "last_busy_window_end": _T0 - 30.0}, _IDLE_JOB_COST),
+    )),
+    Detector("xid", xids, "window", fire_after=1, clear_after=3, samples=((_GPU_OF_JOB, _XID, {}), (_FREE_GPU, _XID, {}))),
+    # Missing windows are the persistence (SeenGpu.every): it fires when the gap is seen, resolves on the next sample.
+    Detector("silent_gpu", silent_gpus, "window", fire_after=2, clear_after=1,
+             samples=((_GPU_OF_JOB, _SILENT, {}), (_FREE_GPU, _SILENT, {}))),
+)}
+
+
+def low_utilization(window: WindowView, threshold_pct: float) -> list[Finding]:
+    return [_finding("low_utilization", r, f"GPU {r.labels.gpu} on node {r.labels.node} at {r.util_mean:.0f}% "
+                                           f"utilization (below {threshold_pct:.0f}%)",
+                     evidence={"util_pct": round(r.util_mean, 2)})
+            for r in window.results if r.util_mean < threshold_pct]
+
+
+# The naive rule laggard is compared with (`laggard eval`); not run by the fleet detector.
+BASELINE = Detector("low_utilization", low_utilization, "window", fire_after=1, clear_after=1, samples=(
+    (_GPU_OF_JOB, {"util_pct": 41.5}, {}), (_FREE_GPU, {"util_pct": 3.0}, {})))
+
+
+def finding_kinds() -> dict[str, Detector]:
+    """Every kind a finding can have: the registered detectors' and the baseline's."""
+    return {**DETECTORS, BASELINE.kind: BASELINE}
+
+
+class FleetDetector:
+    """Every registered detector with its persistence/clearing; state is one serialisable model.
+    The registry is read when the detector is made."""
 
     def __init__(self, config: DetectorConfig | None = None, state: DetectorState | None = None) -> None:
-        self.config = cfg = config or DetectorConfig()
+        self.config = config or DetectorConfig()
         self.state = state or DetectorState()
-        timing = {"xid": (cfg.xid_fire_after, cfg.xid_clear_after), "silent_gpu": (cfg.silent_after, 1)}
+        self.detectors = dict(DETECTORS)
         self._lifecycles = {
-            kind: Lifecycle(
-                *timing.get(kind, (cfg.fire_after, cfg.clear_after)),
-                state=self.state.lifecycles.setdefault(kind, LifecycleState()),
-            )
-            for kind in self.KINDS
+            kind: Lifecycle(d.fire_after, d.clear_after, state=self.state.lifecycles.setdefault(kind, LifecycleState()))
+            for kind, d in self.detectors.items()
         }
 
     def to_dict(self) -> dict:
@@ -182,90 +380,35 @@ class FleetDetector:
     def firing(self) -> list[Finding]:
         return [f for lc in self._lifecycles.values() for f in lc.firing()]
 
+    def is_firing(self, kind: str, fingerprint: str) -> bool:
+        return self._lifecycles[kind].is_firing(fingerprint)
+
     def observe(self, window_start: float, window_s: float, gpu_results: Sequence[WindowResult]) -> list[Finding]:
         """Feed one closed window's GPU results; returns the findings that fired or resolved in it."""
-        observed: dict[str, dict[str, Finding]] = {kind: {} for kind in self.KINDS}
         jobs: dict[tuple[str, str], list[WindowResult]] = {}
         for r in gpu_results:
             if r.labels.job is not None:
                 jobs.setdefault((r.labels.cluster, r.labels.job), []).append(r)
-            if r.xid_count:
-                self._add(observed, _finding("xid", r, f"GPU {r.labels.gpu} on node {r.labels.node} reported XID "
-                                             f"{r.xid_last} ({r.xid_count} sample(s) this window)",
-                                             evidence={"xid": r.xid_last, "xid_samples": r.xid_count}))
-        for (cluster, job), ranks in jobs.items():
-            self._observe_job(observed, cluster, job, ranks, window_start, window_s)
-        self._observe_silent(observed, window_start, window_s, gpu_results)
-        self._forget(window_start, window_s)
+        self._remember(window_start, window_s, gpu_results, jobs)
+        window = WindowView(window_start, window_s, gpu_results, self.config, self.state, self.is_firing)
+        job_views = [JobView(cluster, job, ranks, window) for (cluster, job), ranks in jobs.items()]
         out = []
-        for kind, lifecycle in self._lifecycles.items():
-            out += lifecycle.step(window_start, window_s, observed[kind])
+        for kind, detector in self.detectors.items():
+            found = detector.find(window) if detector.per == "window" else (
+                f for job in job_views for f in detector.find(job))
+            observed = {f.fingerprint: f for f in found}
+            out += self._lifecycles[kind].step(window_start, window_s, observed)
+        self._forget(window_start, window_s)
         return out
 
-    @staticmethod
-    def _add(observed: dict[str, dict[str, Finding]], f: Finding) -> None:
-        observed[f.kind][f.fingerprint] = f
-
-    def _observe_job(
-        self,
-        observed: dict[str, dict[str, Finding]],
-        cluster: str,
-        job: str,
-        ranks: list[WindowResult],
-        window_start: float,
-        window_s: float,
-    ) -> None:
-        cfg = self.config
-        job_key = f"{cluster}|{job}"
-        idle = [r for r in ranks if r.util_mean <= cfg.idle_util_pct]
-        utils = sorted(r.util_mean for r in ranks)
-        if utils[len(utils) // 2] >= cfg.busy_job_util_pct:
-            self.state.job_busy[job_key] = window_start
-        whole_job_idle = len(idle) == len(ranks)
-        stalled = whole_job_idle and job_key in self.state.job_busy
-        if whole_job_idle:
-            # One finding for the job, not one per GPU: stalled if it was busy before, else never used.
-            if stalled:
-                last_busy_end = self.state.job_busy[job_key] + window_s
-                kind: FindingKind = "job_stalled"
-                summary = f"job {job} stalled: all {len(ranks)} ranks idle (busy until {last_busy_end:.0f})"
-            else:
-                last_busy_end = None
-                kind = "idle_allocated"
-                summary = f"job {job} holds {len(ranks)} GPUs and has not used them ({utils[-1]:.1f}% peak util)"
-            self._add(observed, Finding(
-                kind=kind, state="firing", cluster=cluster, job=job,
-                window_start=window_start, window_end=window_start + window_s, summary=summary,
-                evidence={"ranks": len(ranks), "max_util_pct": round(utils[-1], 2), "last_busy_window_end": last_busy_end},
-                cost={"gpu_s_idle": round(len(ranks) * window_s, 1),
-                      "energy_wh_idle": round(sum(r.energy_wh for r in ranks), 3)},
-            ))
-            if not stalled:
-                return
-        for r in idle:
-            f = _finding(
-                "idle_allocated", r,
-                f"GPU {r.labels.gpu} on node {r.labels.node} is allocated to job {job} (rank {r.labels.rank}) "
-                f"but idle ({r.util_mean:.1f}% util)",
-                evidence={"util_pct": round(r.util_mean, 2), "power_w": round(r.power_w_mean, 1)},
-                cost={"gpu_s_idle": round(window_s, 1), "energy_wh_idle": round(r.energy_wh, 3)},
-            )
-            # In a stalled job the stall is the finding; only GPUs already idle before it stay reported.
-            if not stalled or self._lifecycles["idle_allocated"].is_firing(f.fingerprint):
-                self._add(observed, f)
-        for s in find_stragglers(ranks, cfg.straggler):
-            self._add(observed, straggler_finding(s))
-        mixed = find_mixed_generation(ranks, cfg.straggler)
-        if mixed is not None:
-            self._add(observed, mixed_generation_finding(mixed, window_start, window_s))
-
-    def _observe_silent(
-        self,
-        observed: dict[str, dict[str, Finding]],
-        window_start: float,
-        window_s: float,
-        gpu_results: Sequence[WindowResult],
-    ) -> None:
+    def _remember(self, window_start: float, window_s: float, gpu_results: Sequence[WindowResult],
+                  jobs: Mapping[tuple[str, str], list[WindowResult]]) -> None:
+        """The detectors' memory, updated with this window: when each job was last busy, when
+        each GPU was last seen and how often it reports."""
+        for (cluster, job), ranks in jobs.items():
+            utils = sorted(r.util_mean for r in ranks)
+            if utils[len(utils) // 2] >= self.config.busy_job_util_pct:
+                self.state.job_busy[f"{cluster}|{job}"] = window_start
         seen = self.state.seen_gpus
         for r in gpu_results:
             lb = r.labels
@@ -281,21 +424,12 @@ class FleetDetector:
                 seen[key] = SeenGpu(last_window=window_start, cluster=lb.cluster, node=lb.node or "", gpu=lb.gpu or 0,
                                     model=lb.model or "", job=lb.job, rank=lb.rank)
         # A job that ended (or a node that left) stops reporting here as a whole, and its GPUs go on
-        # under another key, maybe in another partition: only a GPU whose group still reports is silent.
+        # under another key, maybe in another partition: forget them unless one is firing silent.
         reporting = {detect_key(r) for r in gpu_results}
         for key, g in list(seen.items()):
-            if g.last_window < window_start and g.group not in reporting:
-                if not self._lifecycles["silent_gpu"].is_firing(self._silent_fingerprint(g)):
-                    del seen[key]
-                continue
-            missing = round((window_start - g.last_window) / window_s)
-            if g.learned and missing >= g.every:  # seen twice: its interval is known
-                self._add(observed, Finding(
-                    kind="silent_gpu", state="firing", cluster=g.cluster, job=g.job, rank=g.rank, node=g.node,
-                    gpu=g.gpu, model=g.model, window_start=window_start, window_end=window_start + window_s,
-                    summary=f"GPU {g.gpu} on node {g.node} stopped reporting (last sample in window {g.last_window:.0f})",
-                    evidence={"last_window_start": g.last_window, "windows_missing": missing},
-                ))
+            if (g.last_window < window_start and g.group not in reporting
+                    and not self.is_firing("silent_gpu", self._silent_fingerprint(g))):
+                del seen[key]
 
     @staticmethod
     def _silent_fingerprint(g: SeenGpu) -> str:
@@ -318,19 +452,17 @@ class FleetDetector:
 class LowUtilizationBaseline:
     """The naive rule laggard is compared with: alert on any GPU whose window-mean util is below X%."""
 
-    def __init__(self, threshold_pct: float = 50.0, fire_after: int = 1, state: LifecycleState | None = None) -> None:
+    def __init__(self, threshold_pct: float = 50.0, fire_after: int = BASELINE.fire_after,
+                 state: LifecycleState | None = None) -> None:
         self.threshold_pct = threshold_pct
-        self._lifecycle = Lifecycle(fire_after, 1, state)
+        self._lifecycle = Lifecycle(fire_after, BASELINE.clear_after, state)
 
     @property
     def state(self) -> LifecycleState:
         return self._lifecycle.state
 
     def observe(self, window_start: float, window_s: float, gpu_results: Sequence[WindowResult]) -> list[Finding]:
-        observed = {}
-        for r in gpu_results:
-            if r.util_mean < self.threshold_pct:
-                f = _finding("low_utilization", r, f"GPU {r.labels.gpu} on node {r.labels.node} at {r.util_mean:.0f}% "
-                             f"utilization (below {self.threshold_pct:.0f}%)", evidence={"util_pct": round(r.util_mean, 2)})
-                observed[f.fingerprint] = f
+        window = WindowView(window_start, window_s, gpu_results, DetectorConfig(), DetectorState(),
+                            lambda kind, fingerprint: False)
+        observed = {f.fingerprint: f for f in low_utilization(window, self.threshold_pct)}
         return self._lifecycle.step(window_start, window_s, observed)

@@ -6,7 +6,7 @@ offset it expects sees the hole when a later message arrives; when none does (th
 messages were dropped, or the ones below what the stage had from its checkpoint), nothing moves
 on the partition while it has input left, for the stage or for the group's commit (`StallWatch`;
 Faust also records a refused commit as done, with the same effect). The first case re-reads the
-hole from Kafka (agents/app.py, `deliver`); the second seeks Faust back to the group's commits
+hole from Kafka (agents/worker.py, `deliver`); the second seeks Faust back to the group's commits
 (`unstick`).
 """
 

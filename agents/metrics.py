@@ -1,6 +1,6 @@
-"""The worker's Prometheus `/metrics`: laggard's own health, read when Prometheus scrapes.
+"""The worker's counters and its Prometheus `/metrics`: laggard's own health, read when Prometheus scrapes.
 
-A collector reads the worker's plain counters (agents/app.py `Counters`), its InfluxDB sink, its
+A collector reads the worker's plain counters (`Counters`), its InfluxDB sink, its
 sample stages and its Faust consumer at scrape time, so the hot paths pay nothing for metrics.
 Counters are totals since the worker started (Prometheus' `rate()` makes them per second);
 `laggard_events_per_second` is Faust's own one-second sample of stream events.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from faust.exceptions import ConsumerNotStarted
@@ -18,13 +18,33 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from rules.templating import render_failures
-
 if TYPE_CHECKING:
     import faust
 
-    from agents.app import Counters
-    from agents.sink import InfluxSink
+    from laggard.agents.sink import InfluxSink
+
+
+@dataclass
+class Counters:
+    """The worker's totals since it started (its /stats, and /metrics below)."""
+
+    accepted: int = 0
+    rejected: int = 0
+    late: int = 0
+    replayed: int = 0
+    influx_rejected: int = 0  # points InfluxDB dropped
+    influx_dead_letters: int = 0  # refused writes, one dead letter each
+    windows_closed: int = 0
+    findings: int = 0
+    fleet_windows: int = 0
+    notifications: int = 0
+    notifications_failed: int = 0
+    rules_reload_failures: int = 0
+    notifications_deferred: int = 0  # not taken by the webhook after retries: tried again later
+    silences_load_failures: int = 0
+    stage_rejected: int = 0  # messages between stages that were not what the stage reads
+    input_gaps: int = 0  # offset ranges Faust skipped around a rebalance: re-read, or sought back to
+    template_render_failures: Counter[str] = field(default_factory=Counter)  # alert annotations, by rule
 
 
 @dataclass(frozen=True)
@@ -117,7 +137,7 @@ def counter_families(counters: Counters, influx_points_written: int, influx_writ
         _counter("laggard_silences_load_failures", "Silences files that could not be read (last good kept)",
                  c.silences_load_failures),
         _labelled("laggard_template_render_failures", "Annotation templates that failed at send time (sent as "
-                  "the raw template), by rule", "rule", dict(render_failures)),
+                  "the raw template), by rule", "rule", dict(c.template_render_failures)),
     ]
 
 

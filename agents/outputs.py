@@ -1,14 +1,14 @@
-"""What stage 1 sends for one closed window, as plain data: agents/app.py sends it, tests and
+"""What stage 1 sends for one closed window, as plain data: agents/worker.py sends it, tests and
 bench/agents.py call it without Kafka."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agents.findings import WindowResult, detect_key
-from agents.points import window_line
-from agents.stages import FleetPartial, WindowMarker, results_json
-from agents.windows import ClosedWindow
+from laggard.agents.points import window_line
+from laggard.agents.stages import FleetPartial, WindowMarker, results_json
+from laggard.agents.windows import ClosedWindow
+from laggard.results import WindowResult, detect_key
 
 
 @dataclass

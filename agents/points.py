@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from influxdb_client import Point
 
-from agents.findings import FLEET_METRICS, Finding, WindowResult
-from agents.stages import FleetKpi
+from laggard.agents.stages import FleetKpi
+from laggard.results import FLEET_METRICS, Finding, WindowResult
 
 WINDOW_FIELDS = (
     "samples", "util_mean", "util_min", "util_max", "util_p50", "util_p95", "effective_util",

@@ -17,18 +17,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from agents.findings import Finding
+from laggard.agents.detectors import DETECTORS
 from laggard.events import FaultTruth
+from laggard.results import Finding
 
-FAMILIES: dict[str, tuple[str, ...]] = {
-    "straggler": ("straggler", "slow_node"),
-    "mixed_generation": ("mixed_generation",),
-    "idle": ("idle_allocated", "job_stalled"),
-    "xid": ("xid",),
-    "silent_gpu": ("silent_gpu",),
-}
-FAMILY_OF = {kind: family for family, kinds in FAMILIES.items() for kind in kinds}
 SLACK_WINDOWS = 2
+
+
+def families() -> dict[str, str]:
+    """Finding kinds and truth kinds -> the family they are scored in (the detectors' registry)."""
+    family_of = {}
+    for detector in DETECTORS.values():
+        family_of[detector.kind] = detector.eval_family
+        family_of.update(dict.fromkeys(detector.truth_kinds, detector.eval_family))
+    return family_of
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -93,10 +95,14 @@ def score(
     laggard: Sequence[Finding], baseline: Sequence[Finding], truths: Sequence[FaultTruth], window_s: float
 ) -> dict[str, dict[str, dict[str, float | int | None]]]:
     """{"laggard": {family: metrics}, "baseline": {family: metrics}} over families with truths or findings."""
-    truth_by = {fam: [t for t in truths if FAMILY_OF[t.kind] == fam] for fam in FAMILIES}
-    found_by = {fam: [f for f in laggard if FAMILY_OF.get(f.kind) == fam] for fam in FAMILIES}
-    families = [fam for fam in FAMILIES if truth_by[fam] or found_by[fam]]
+    family_of = families()
+    if unclaimed := sorted({t.kind for t in truths} - family_of.keys()):
+        raise ValueError(f"no detector is registered to find truths of kind {', '.join(unclaimed)}")
+    all_families = list(dict.fromkeys(family_of.values()))
+    truth_by = {fam: [t for t in truths if family_of[t.kind] == fam] for fam in all_families}
+    found_by = {fam: [f for f in laggard if family_of.get(f.kind) == fam] for fam in all_families}
+    scored = [fam for fam in all_families if truth_by[fam] or found_by[fam]]
     return {
-        "laggard": {fam: score_family(found_by[fam], truth_by[fam], window_s) for fam in families},
-        "baseline": {fam: score_family(baseline, truth_by[fam], window_s) for fam in families if truth_by[fam]},
+        "laggard": {fam: score_family(found_by[fam], truth_by[fam], window_s) for fam in scored},
+        "baseline": {fam: score_family(baseline, truth_by[fam], window_s) for fam in scored if truth_by[fam]},
     }

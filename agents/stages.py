@@ -1,4 +1,4 @@
-"""The worker's three stages as plain classes (no Faust): the agents in agents/app.py feed them.
+"""The worker's three stages as plain classes (no Faust): the agents in agents/worker.py feed them.
 
 1. `SampleStage` (input partitioned by node): decode, reject, window per GPU. Closed windows give
    GPU and node results (complete: a node lives in one partition), and a partial cluster result.
@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from agents.detectors import FleetDetector, LowUtilizationBaseline
-from agents.findings import FLEET_METRICS, Finding, WindowResult
-from agents.windows import ClosedWindow, Windower
+from laggard.agents.detectors import FleetDetector, LowUtilizationBaseline
+from laggard.agents.windows import ClosedWindow, Windower
 from laggard.events import EventRejected, NodeSample, decode_node_sample
+from laggard.results import FLEET_METRICS, Finding, WindowResult
 
 
 @dataclass
@@ -41,7 +41,7 @@ class SampleOutcome:
 @dataclass
 class InputOffsets:
     """The lowest input offset feeding each open window: where a restarted worker re-reads from
-    to rebuild what it had in memory (see agents/app.py, checkpoints). With `keep_last_closed`,
+    to rebuild what it had in memory (see agents/worker.py, checkpoints). With `keep_last_closed`,
     from the last closed window's instead: its samples come back as already emitted, but they are
     each GPU's previous sample, which the first interval of the open window's energy is measured from."""
 
@@ -159,7 +159,7 @@ class PendingWindows:
 
     Complete = every one of the `parts` upstream partitions has said it closed the window
     (`mark`), or nothing has arrived for `hold_s` of wall time. An upstream partition that carries
-    no data says so with heartbeat marks (agents/app.py), so it does not hold the others back; a
+    no data says so with heartbeat marks (agents/worker.py), so it does not hold the others back; a
     slow one still sends, so it is waited for (a backlog drains partitions at different speeds).
     """
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import median
 
-from agents.findings import WindowResult
+from laggard.results import WindowResult
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution -> its standard deviation
 

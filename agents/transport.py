@@ -1,5 +1,6 @@
-"""Faust's Kafka transport (aiokafka) with one fix: seeking back to the group's commit moves every
-partition, including one the group has committed at offset 0 or not at all.
+"""The worker's Faust app (`worker_app`) on Faust's Kafka transport (aiokafka) with one fix:
+seeking back to the group's commit moves every partition, including one the group has committed
+at offset 0 or not at all.
 
 Faust throws away messages it fetched while its flow was stopped (a rebalance, a table recovery)
 and calls `Consumer.perform_seek` to fetch them again from the group's committed offsets.
@@ -12,12 +13,15 @@ it in most runs (issue 12).
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Mapping
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
+
+from laggard.settings import Settings
 
 
 async def rewind_to_committed(consumer: AIOKafkaConsumer,
@@ -54,3 +58,40 @@ class App(faust.App):
 
     def _new_transport(self) -> Transport:
         return Transport(self.conf.broker_consumer, self)
+
+
+def broker_credentials(settings: Settings) -> faust.SASLCredentials | faust.SSLCredentials | None:
+    """The same TLS/SASL settings the kafka-python clients use (laggard/kafka_config.py)."""
+    protocol = settings.kafka_security_protocol
+    context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile) if "SSL" in protocol else None
+    if protocol.startswith("SASL"):
+        password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
+        return faust.SASLCredentials(username=settings.kafka_sasl_username, password=password,
+                                     mechanism=settings.kafka_sasl_mechanism, ssl_context=context)
+    return faust.SSLCredentials(context) if context else None
+
+
+def worker_app(settings: Settings) -> App:
+    """The worker's Faust app: consumer group `worker_app_id`, in-memory tables (their changelogs
+    in Kafka), its web server (/stats, /metrics) on loopback by default."""
+    datadir = settings.state_dir / "workers" / settings.worker_app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)  # Faust creates only the last folder level
+    return App(
+        settings.worker_app_id,
+        broker=";".join(f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(",")),
+        broker_credentials=broker_credentials(settings),
+        datadir=str(datadir),
+        store="memory://",
+        topic_partitions=settings.topic_partitions,
+        consumer_auto_offset_reset="earliest",
+        web_host=settings.worker_web_host,
+        web_bind=settings.worker_web_host,  # loopback by default: /stats and /metrics are not public
+        web_port=settings.worker_web_port,
+        broker_session_timeout=15.0,
+        broker_heartbeat_interval=3.0,
+        producer_compression_type="lz4",
+        producer_max_request_size=8 * 1024 * 1024,
+        stream_buffer_maxsize=16384,
+        # Bigger fetches: fewer round trips through aiokafka's thread (+35% on a no-op agent here).
+        consumer_max_fetch_size=8 * 1024 * 1024,
+    )

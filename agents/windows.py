@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from itertools import accumulate
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 
-from agents.effective import effective_utilization, idle_power_w, power_share
-from agents.findings import Labels, Scope, WindowResult
+from laggard.agents.effective import effective_utilization, idle_power_w, power_share
 from laggard.events import THROTTLE_REASONS, ClockReason, NodeSample
+from laggard.results import Labels, Scope, WindowResult
 
 # Reported throttle reasons, in accumulator order; plain ints because IntFlag arithmetic is slow.
 THROTTLE_NAMES: tuple[tuple[str, int], ...] = (

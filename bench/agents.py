@@ -33,11 +33,11 @@ from pathlib import Path
 # `agents` package: put the repository root there instead.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from agents.outputs import window_outputs
-from agents.stages import SampleStage
-from collectors.simulate import FleetSimulator, load_scenario
-from laggard.evaluate import EVAL_OVERRIDES
-from laggard.pipeline_run import PipelineRun
+from laggard.agents.outputs import window_outputs
+from laggard.agents.stages import SampleStage
+from laggard.collectors.simulate import FleetSimulator, load_scenario
+from laggard.commands.detection_eval import EVAL_OVERRIDES
+from laggard.commands.pipeline_run import PipelineRun
 from laggard.settings import get_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def top_functions(raw_profile: Path, count: int = 15) -> list[tuple[int, str]]:
 
 # Where a worker's CPU goes, by the outermost laggard frame on the stack (py-spy frame prefixes).
 PARTS = (
-    ("window_samples ", "stage 1: samples -> windows (agents/app.py window_samples)"),
+    ("window_samples ", "stage 1: samples -> windows (agents/worker.py window_samples)"),
     ("detect ", "stage 2: detectors (detect)"),
     ("fleet_kpi ", "stage 3: fleet KPI (fleet_kpi)"),
     ("close_idle_windows ", "1 s timer (close_idle_windows)"),

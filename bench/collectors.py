@@ -43,8 +43,8 @@ from typing import Any
 # `collectors` package: put the repository root there instead.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from collectors.publisher import DEFAULT_PRODUCER_CONFIG, Publisher
-from collectors.simulate import FleetSimulator, load_scenario
+from laggard.collectors.publisher import DEFAULT_PRODUCER_CONFIG, Publisher
+from laggard.collectors.simulate import FleetSimulator, load_scenario
 from laggard.settings import get_settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,12 +39,12 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents.findings import Finding
-from agents.scoring import percentile
-from collectors.publisher import Publisher
-from collectors.simulate import FleetSimulator
-from collectors.simulate.scenario import Scenario
-from laggard.pipeline_run import PipelineError, PipelineRun, gpus_in, messages_taken
+from laggard.agents.scoring import percentile
+from laggard.collectors.publisher import Publisher
+from laggard.collectors.simulate import FleetSimulator
+from laggard.collectors.simulate.scenario import Scenario
+from laggard.commands.pipeline_run import PipelineError, PipelineRun, gpus_in, messages_taken
+from laggard.results import Finding
 from laggard.settings import Settings, get_settings
 from laggard.topics import read_records
 

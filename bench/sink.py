@@ -23,9 +23,9 @@ from pathlib import Path
 # `sink` import below; the repository root goes there instead.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from agents.findings import Labels, WindowResult  # noqa: E402
-from agents.points import window_line  # noqa: E402
-from agents.sink import InfluxSink  # noqa: E402
+from laggard.agents.points import window_line  # noqa: E402
+from laggard.agents.sink import InfluxSink  # noqa: E402
+from laggard.results import Labels, WindowResult  # noqa: E402
 from laggard.settings import get_settings  # noqa: E402
 
 WINDOW_S = 10.0

@@ -47,7 +47,7 @@ from typing import Protocol, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from collectors.base import Rejects
+from laggard.collectors.base import Rejects
 from laggard.events import describe_validation_error
 
 log = logging.getLogger("laggard.collectors")

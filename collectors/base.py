@@ -2,7 +2,7 @@
 
 A source is one file (Telegraf-style): a subclass of `Source` whose `ticks()` yields one
 `list[NodeSample]` per tick (one NodeSample per node, every GPU of that node inside). A source
-never talks to Kafka; `collectors.cli` drives any source into stdout or the publisher.
+never talks to Kafka; `laggard.collectors.cli` drives any source into stdout or the publisher.
 
 Bad raw values are not fatal: `Rejects.validate` turns a pydantic ValidationError into one log
 line naming the source, node, field and value, counts it by category and returns None, so the

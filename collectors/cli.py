@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from collectors.attribution import DEFAULT_SLURM_DIR, Attribution, AttributionError
-from collectors.base import Source, SystemClock, stdout_to_devnull
+from laggard.collectors.attribution import DEFAULT_SLURM_DIR, Attribution, AttributionError
+from laggard.collectors.base import Source, SystemClock, stdout_to_devnull
 from laggard.events import NodeSample, encode
 from laggard.settings import get_settings
 
@@ -155,7 +155,7 @@ class StatusLine:
 def _open_sink(to_stdout: bool) -> Sink:
     if to_stdout:
         return StdoutSink()
-    from collectors.publisher import Publisher  # Kafka only when publishing
+    from laggard.collectors.publisher import Publisher  # Kafka only when publishing
     from laggard.kafka_config import unreachable
 
     settings = get_settings()
@@ -227,7 +227,7 @@ def nvml_command(
     to_stdout: ToStdout = False,
 ) -> None:
     """Read this machine's GPUs through NVML at a fixed rate (needs the NVIDIA driver)."""
-    from collectors.nvml import NvmlSource, NvmlUnavailable
+    from laggard.collectors.nvml import NvmlSource, NvmlUnavailable
 
     clock = SystemClock()
     lookup = _attribution(attribution, slurm_dir)
@@ -263,7 +263,7 @@ def dcgm_command(
     to_stdout: ToStdout = False,
 ) -> None:
     """Scrape a dcgm-exporter endpoint; job and rank come from its Kubernetes pod labels."""
-    from collectors.dcgm import DcgmSource
+    from laggard.collectors.dcgm import DcgmSource
 
     clock = SystemClock()
     try:
@@ -321,7 +321,7 @@ def replay_command(
     to_stdout: ToStdout = False,
 ) -> None:
     """Play a recorded trace back on its own schedule, optionally faster and shifted to now."""
-    from collectors.replay import ReplaySource
+    from laggard.collectors.replay import ReplaySource
 
     clock = SystemClock()
     try:

@@ -45,8 +45,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from collectors.attribution import Attribution, k8s_assignments
-from collectors.base import (
+from laggard.collectors.attribution import Attribution, k8s_assignments
+from laggard.collectors.base import (
     Clock,
     FixedRateScheduler,
     Rejects,

@@ -15,7 +15,6 @@ the source raises NvmlUnavailable with a one-line reason.
 from __future__ import annotations
 
 import ctypes
-
 import logging
 import socket
 import time
@@ -23,8 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from collectors.attribution import Attribution
-from collectors.base import Clock, FixedRateScheduler, Source, SystemClock, Tick, build_node_sample, short_model
+from laggard.collectors.attribution import Attribution
+from laggard.collectors.base import Clock, FixedRateScheduler, Source, SystemClock, Tick, build_node_sample, short_model
 
 try:
     import pynvml

@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from collectors.attribution import Attribution
-from collectors.base import Clock, Source, SystemClock, Tick, build_node_sample, log, sleep_until
+from laggard.collectors.attribution import Attribution
+from laggard.collectors.base import Clock, Source, SystemClock, Tick, build_node_sample, log, sleep_until
 from laggard.events import PLAUSIBLE_TS_RANGE, NodeSample, plausible_ts, shown
 
 Format = Literal["auto", "nvml-trace", "samples"]

@@ -21,10 +21,10 @@ from typing import IO, Annotated, Protocol
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from collectors.base import SystemClock, sleep_until, stdout_to_devnull
-from collectors.cli import StopSignals, err_console, kafka_counts
-from collectors.simulate import FleetSimulator, Scenario, ScenarioError, load_scenario
-from collectors.simulate.scenario import revalidated, shortened
+from laggard.collectors.base import SystemClock, sleep_until, stdout_to_devnull
+from laggard.collectors.cli import StopSignals, err_console, kafka_counts
+from laggard.collectors.simulate import FleetSimulator, Scenario, ScenarioError, load_scenario
+from laggard.collectors.simulate.scenario import revalidated, shortened
 from laggard.events import PLAUSIBLE_TS_RANGE, FaultTruth, encode, plausible_ts
 from laggard.settings import get_settings
 
@@ -86,7 +86,7 @@ class _Stdout:
 
 class _Kafka:
     def __init__(self) -> None:
-        from collectors.publisher import Publisher  # Kafka only when publishing
+        from laggard.collectors.publisher import Publisher  # Kafka only when publishing
 
         self.settings = get_settings()
         self.publisher = Publisher(self.settings)

@@ -129,7 +129,7 @@ class FaultTruth(_Strict):
 
     v: Literal[1] = SCHEMA_VERSION
     scenario: str
-    kind: Literal["straggler", "mixed_generation", "idle_allocated", "job_stalled", "xid", "silent_gpu", "slow_node"]
+    kind: str = Field(pattern=r"^[a-z][a-z0-9_]*$")  # a fault the simulator injects (collectors/simulate/scenario.py)
     cluster: str
     job: str | None = None
     rank: int | None = None

@@ -21,6 +21,12 @@ def _default_state_dir() -> Path:
     return Path(os.environ.get("LAGGARD_STATE_DIR", Path.cwd() / ".stack"))
 
 
+# The alert engine's state and the silences, in state_dir: written by the worker and by
+# `laggard silence`, read by `laggard alerts list`.
+ALERTS_STATE_FILE = "alerts-state.json"
+SILENCES_FILE = "silences.json"
+
+
 def local_influx2_token_file(state_dir: Path) -> Path:
     """Where `stack up --influx 2` keeps the token it generated for the local InfluxDB 2 (mode 600)."""
     return state_dir / "influx2" / "token"
@@ -74,7 +80,7 @@ class Settings(BaseSettings):
     kafka_sasl_port: int | None = None
     influx_port: int = 8086
     # Which InfluxDB `stack up` runs: 1 = Debian's 1.6.7 on influx_port, 2 = InfluxDB 2.7 built from
-    # source (laggard/stack/build_influxd.py) on influx2_port. With 2, influx_url and influx_token
+    # source (commands/stack/build_influxd.py) on influx2_port. With 2, influx_url and influx_token
     # default to that local server and the token `stack up` generated.
     local_influx_version: int = Field(default=1, ge=1, le=2)
     influx2_port: int = 8087

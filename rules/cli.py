@@ -17,17 +17,14 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from laggard.settings import get_settings
-from rules.evaluate import sample_contexts
-from rules.lifecycle import AlertSnapshot, EngineState, Notification, dashboard_url, fingerprint
-from rules.loader import DEFAULT_RULES, RulesFileInvalid, check_file, load_rules
-from rules.model import Matcher, RulesConfig, parse_duration
-from rules.receivers.delivery import DeadLetter, DeliveryOutcome, Dispatcher
-from rules.receivers.text import human_duration, iso_utc, pairs
-from rules.silences import SilenceStore
-
-ALERTS_STATE_FILE = "alerts-state.json"
-SILENCES_FILE = "silences.json"
+from laggard.rules.alert_lifecycle import AlertSnapshot, EngineState, Notification, dashboard_url, fingerprint
+from laggard.rules.evaluate import sample_contexts
+from laggard.rules.loader import DEFAULT_RULES, RulesFileInvalid, check_file, load_rules
+from laggard.rules.model import Matcher, RulesConfig, parse_duration
+from laggard.rules.receivers.delivery import DeadLetter, DeliveryOutcome, Dispatcher
+from laggard.rules.receivers.text import human_duration, iso_utc, pairs
+from laggard.rules.silences import SilenceStore
+from laggard.settings import ALERTS_STATE_FILE, SILENCES_FILE, get_settings
 
 console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from collections import Counter
 from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agents.findings import Labels
-from rules.model import Comparator, Rule, RulesConfig, Scope, matches_all
-from rules.templating import render
+from laggard.agents.detectors import finding_kinds
+from laggard.results import Labels
+from laggard.rules.model import Comparator, Rule, RulesConfig, Scope, matches_all
+from laggard.rules.templating import render
 
 _COMPARE: dict[Comparator, Callable[[float, float], bool]] = {
     ">": operator.gt,
@@ -40,7 +42,7 @@ def _as_dict(obj: object) -> dict[str, Any]:
 
 
 class FindingIn(Labels):
-    """What the rules read from a detector finding (agents.findings.Finding or a dict like it):
+    """What the rules read from a detector finding (laggard.results.Finding or a dict like it):
     the agents' identity labels plus the finding's own fields; unknown fields are ignored."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -125,9 +127,9 @@ def _alert_labels(rule: Rule, subject: dict[str, str]) -> dict[str, str]:
     return {**subject, "alertname": rule.name, "severity": rule.severity, **rule.labels}
 
 
-def _render_annotations(rule: Rule, context: dict[str, Any]) -> dict[str, str]:
+def _render_annotations(rule: Rule, context: dict[str, Any], failures: Counter[str] | None = None) -> dict[str, str]:
     raw = rule.annotations.model_dump()
-    return {name: render(text, context, rule.name, name) for name, text in raw.items() if text}
+    return {name: render(text, context, rule.name, name, failures) for name, text in raw.items() if text}
 
 
 def finding_context(rule: Rule, finding: FindingIn, external_url: str) -> dict[str, Any]:
@@ -161,8 +163,9 @@ def window_context(rule: Rule, window: WindowIn, value: float, external_url: str
     }
 
 
-def evaluate_finding(config: RulesConfig, finding: object) -> list[Observation]:
-    """Observations for every finding rule that matches this finding (firing -> active)."""
+def evaluate_finding(config: RulesConfig, finding: object, failures: Counter[str] | None = None) -> list[Observation]:
+    """Observations for every finding rule that matches this finding (firing -> active); templates
+    that fail to render are counted by rule in `failures`."""
     parsed = finding if isinstance(finding, FindingIn) else FindingIn.model_validate(finding)
     out = []
     for rule in config.rules:
@@ -175,7 +178,7 @@ def evaluate_finding(config: RulesConfig, finding: object) -> list[Observation]:
                 rule=rule.name,
                 labels=context["labels"],
                 active=parsed.state == "firing",
-                annotations=_render_annotations(rule, context),
+                annotations=_render_annotations(rule, context, failures),
                 evidence=parsed.evidence,
                 cost=parsed.cost,
                 finding_fingerprint=parsed.fingerprint or None,
@@ -184,8 +187,8 @@ def evaluate_finding(config: RulesConfig, finding: object) -> list[Observation]:
     return out
 
 
-def evaluate_window(config: RulesConfig, window: object) -> list[Observation]:
-    """Observations for every threshold rule on this window's scope and metric."""
+def evaluate_window(config: RulesConfig, window: object, failures: Counter[str] | None = None) -> list[Observation]:
+    """Observations for every threshold rule on this window's scope and metric (see evaluate_finding)."""
     parsed = window if isinstance(window, WindowIn) else WindowIn.model_validate(window)
     out = []
     for rule in config.rules:
@@ -201,7 +204,7 @@ def evaluate_window(config: RulesConfig, window: object) -> list[Observation]:
                 rule=rule.name,
                 labels=context["labels"],
                 active=_COMPARE[cond.op](value, cond.threshold),
-                annotations=_render_annotations(rule, context),
+                annotations=_render_annotations(rule, context, failures),
                 value=value,
                 evidence=context["evidence"],
             )
@@ -209,42 +212,10 @@ def evaluate_window(config: RulesConfig, window: object) -> list[Observation]:
     return out
 
 
-# What the detectors (agents/detectors.py) emit, one entry per shape a kind comes in, so that
-# `rules check` renders templates against the evidence and cost keys real findings carry (and
-# the labels they set: a job-level finding has no node or GPU). tests/test_rules_samples.py runs
-# the detectors and fails when these drift from what they emit.
+# Sample inputs' time: `rules check` renders templates on each kind's sample shapes (the
+# detectors' registry, agents/detectors.py), tests/test_rules_samples.py holds them to what the
+# detectors really emit.
 _T0 = 1_700_000_000.0
-_GPU_OF_JOB: dict[str, Any] = {"cluster": "cluster-0", "job": "job-0", "rank": 3, "node": "node-0", "gpu": 1, "model": "H100"}
-_FREE_GPU: dict[str, Any] = {"cluster": "cluster-0", "node": "node-0", "gpu": 1, "model": "H100"}
-_JOB: dict[str, Any] = {"cluster": "cluster-0", "job": "job-0"}
-_STRAGGLER_EVIDENCE: dict[str, Any] = {
-    "rank_util_pct": 96.5, "peer_util_median_pct": 68.9, "peer_util_sigma_pct": 1.5, "sm_clock_mhz": 1410.0,
-    "peer_sm_clock_median_mhz": 1980.0, "temp_c": 82.0, "peer_temp_median_c": 55.0, "throttled_share": 1.0,
-    "throttle_reasons": "sw_thermal", "peers": 31,
-}
-_STRAGGLER_COST = {"peer_wait_share": 0.286, "peer_gpu_s_wasted": 85.3, "energy_wh_wasted": 2.844}
-_IDLE_JOB_COST = {"gpu_s_idle": 40.0, "energy_wh_idle": 1.389}
-_XID = {"xid": 79, "xid_samples": 3}
-_SILENT = {"last_window_start": _T0 - 20.0, "windows_missing": 2}
-# kind -> (labels, evidence, cost) of each shape; a None value where the detector may send None
-SAMPLE_FINDINGS: dict[str, tuple[tuple[dict[str, Any], dict[str, Any], dict[str, Any]], ...]] = {
-    "straggler": (
-        (_GPU_OF_JOB, _STRAGGLER_EVIDENCE, _STRAGGLER_COST),
-        (_GPU_OF_JOB, {**_STRAGGLER_EVIDENCE, "throttled_share": 0.0, "throttle_reasons": None}, _STRAGGLER_COST),
-    ),
-    "mixed_generation": ((_JOB, {
-        "slow_model": "H100", "fast_model": "H200", "slow_util_median_pct": 90.0, "fast_util_median_pct": 64.3,
-        "slow_ranks": 8, "fast_ranks": 16,
-    }, {"fast_rank_waste_share": 0.286, "fast_gpu_s_wasted": 41.1, "energy_wh_wasted": 1.37}),),
-    "idle_allocated": (
-        (_GPU_OF_JOB, {"util_pct": 0.0, "power_w": 125.0}, {"gpu_s_idle": 10.0, "energy_wh_idle": 0.347}),
-        (_JOB, {"ranks": 4, "max_util_pct": 0.4, "last_busy_window_end": None}, _IDLE_JOB_COST),
-    ),
-    "job_stalled": ((_JOB, {"ranks": 4, "max_util_pct": 0.2, "last_busy_window_end": _T0 - 30.0}, _IDLE_JOB_COST),),
-    "xid": ((_GPU_OF_JOB, _XID, {}), (_FREE_GPU, _XID, {})),
-    "silent_gpu": ((_GPU_OF_JOB, _SILENT, {}), (_FREE_GPU, _SILENT, {})),
-    "low_utilization": ((_GPU_OF_JOB, {"util_pct": 41.5}, {}), (_FREE_GPU, {"util_pct": 3.0}, {})),
-}
 
 
 def sample_contexts(rule: Rule, external_url: str) -> list[dict[str, Any]]:
@@ -265,6 +236,6 @@ def sample_contexts(rule: Rule, external_url: str) -> list[dict[str, Any]]:
     findings = (
         FindingIn(kind=kind, **labels, window_start=_T0, window_end=_T0 + 10.0, evidence=evidence, cost=cost,
                   summary=f"sample {kind} finding", fingerprint="0123456789abcdef")
-        for labels, evidence, cost in SAMPLE_FINDINGS[kind]
+        for labels, evidence, cost in finding_kinds()[kind].samples
     )
     return [finding_context(rule, finding, external_url) for finding in findings]

@@ -14,10 +14,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from agents.findings import FLEET_METRICS
-from rules.evaluate import sample_contexts
-from rules.model import Route, RulesConfig, ThresholdCondition
-from rules.templating import TemplateProblem, check_template
+from laggard.results import FLEET_METRICS
+from laggard.rules.evaluate import sample_contexts
+from laggard.rules.model import Route, RulesConfig, ThresholdCondition
+from laggard.rules.templating import TemplateProblem, check_template
 
 PathKey = tuple[str | int, ...]
 

@@ -15,10 +15,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from agents.findings import FindingKind  # the detectors' kinds: one list, so rules cannot drift from them
+from laggard.agents.detectors import finding_kinds  # the detectors' registry: rules cannot drift from it
+from laggard.results import Scope
 
-FINDING_KINDS: tuple[str, ...] = FindingKind.__args__  # type: ignore[attr-defined]
-Scope = Literal["gpu", "node", "job", "model", "cluster"]
 Comparator = Literal[">", ">=", "<", "<=", "==", "!="]
 Severity = Literal["info", "warning", "critical"]
 ReceiverKind = Literal["slack", "discord", "teams", "mattermost", "webhook"]
@@ -114,8 +113,16 @@ def matches_all(matchers: list[Matcher], labels: dict[str, str]) -> bool:
 class FindingCondition(_Strict):
     """Fire on findings of one kind from the detectors, optionally narrowed by label matchers."""
 
-    kind: FindingKind
+    kind: str
     match: list[Matcher] = Field(default_factory=list)
+
+    @field_validator("kind")
+    @classmethod
+    def _a_detectors_kind(cls, kind: str) -> str:
+        kinds = finding_kinds()
+        if kind not in kinds:
+            raise ValueError(f"unknown finding kind {kind!r}; the detectors' kinds are {', '.join(sorted(kinds))}")
+        return kind
 
 
 class ThresholdCondition(_Strict):

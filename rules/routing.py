@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rules.model import RootRoute, Route, Rule, matches_all
+from laggard.rules.model import RootRoute, Route, Rule, matches_all
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-from rules.model import Matcher, matches_all
+from laggard.rules.model import Matcher, matches_all
 
 SilenceState = Literal["pending", "active", "expired"]
 

@@ -114,17 +114,15 @@ def _compiled(source: str) -> Template:
     return _ENV.from_string(source)
 
 
-# Templates that failed at send time, by rule name: the worker exposes these as a metric.
-render_failures: Counter[str] = Counter()
-
-
-def render(source: str, context: dict[str, Any], rule: str, field: str) -> str:
+def render(source: str, context: dict[str, Any], rule: str, field: str, failures: Counter[str] | None = None) -> str:
     """Render one template; a failure yields the raw template with the reason, never an exception,
     so one bad annotation cannot stop alerting. Failures are logged (rule and field only: the
-    context may hold values that must not reach a log) and counted in `render_failures`."""
+    context may hold values that must not reach a log) and counted by rule in `failures` (the
+    worker exposes them as a metric)."""
     try:
         return _compiled(source).render(context)
     except Exception as err:
-        render_failures[rule] += 1
+        if failures is not None:
+            failures[rule] += 1
         log.warning("rule %s: annotation %s failed to render: %s", rule, field, type(err).__name__)
         return f"{source} [template error: {type(err).__name__}]"

@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def stack() -> Settings:
-    from laggard import stack as local_stack
+    from laggard.commands import stack as local_stack
 
     settings = get_settings()
     local_stack.up(settings)

@@ -20,13 +20,12 @@ from typing import Any
 
 import pytest
 
-from collectors.publisher import Publisher
-from collectors.simulate import FleetSimulator, load_scenario
-from laggard.pipeline_run import PipelineRun, past_start_ts
-from laggard.settings import Settings
-from laggard.stack.process import wait_until
+from laggard.collectors.publisher import Publisher
+from laggard.collectors.simulate import FleetSimulator, load_scenario
+from laggard.commands.pipeline_run import PipelineRun, past_start_ts
+from laggard.commands.stack.process import wait_until
+from laggard.settings import ALERTS_STATE_FILE, Settings
 from laggard.topics import changelog_name, read_topic
-from rules.cli import ALERTS_STATE_FILE
 from tests.helpers.webhook_server import RecordedRequest, Reply, WebhookServer
 
 SCENARIO = Path(__file__).parent / "scenarios" / "alerting.yaml"
@@ -112,7 +111,7 @@ class AlertingRun:
 def cli(*args: str, state_dir: Path) -> subprocess.CompletedProcess[str]:
     """`laggard ARGS` with the run's state folder (silences.json, alerts-state.json)."""
     env = {**os.environ, "LAGGARD_STATE_DIR": str(state_dir), "COLUMNS": "250"}
-    return subprocess.run([sys.executable, "-m", "laggard.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "laggard.commands.cli", *args], env=env, capture_output=True, text=True,
                           timeout=60, check=True)
 
 

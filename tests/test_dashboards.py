@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.sink import InfluxSink
+from laggard.agents.sink import InfluxSink
 from laggard.settings import Settings
 from tests.helpers.telemetry import simulate
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from collectors.attribution import AttributionError, MappingFile
-from collectors.base import SystemClock
-from collectors.dcgm import DcgmSource
+from laggard.collectors.attribution import AttributionError, MappingFile
+from laggard.collectors.base import SystemClock
+from laggard.collectors.dcgm import DcgmSource
 from laggard.events import NodeSample
 from tests.helpers.exporter_server import ExporterServer, Page
 
@@ -176,7 +176,7 @@ def test_stop_ends_a_scrape_in_progress(exporter_server: ExporterServer) -> None
 
 def test_sigterm_ends_the_dcgm_command_during_a_slow_scrape(exporter_server: ExporterServer) -> None:
     exporter_server.serve("/slow", Page(body=exporter_text(G0), trickle_s=TRICKLE_S))
-    command = [sys.executable, "-m", "collectors.cli", "dcgm", "--url", exporter_server.url("/slow")]
+    command = [sys.executable, "-m", "laggard.collectors.cli", "dcgm", "--url", exporter_server.url("/slow")]
     command += ["--timeout", "600", "--stdout"]
     env = os.environ | {"PYTHONPATH": str(REPO)}
     with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
@@ -296,7 +296,7 @@ def test_good_urls_are_accepted() -> None:
 
 
 def test_the_dcgm_command_refuses_an_unusable_url_in_one_line() -> None:
-    done = subprocess.run([sys.executable, "-m", "collectors.cli", "dcgm", "--url", "http://127.0.0.1:99999/metrics",
+    done = subprocess.run([sys.executable, "-m", "laggard.collectors.cli", "dcgm", "--url", "http://127.0.0.1:99999/metrics",
                            "--stdout", "--count", "1"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == "laggard collect: dcgm-exporter URL 'http://127.0.0.1:99999/metrics': port 99999 is not in 1-65535"

@@ -9,10 +9,12 @@ from collections.abc import Callable
 
 import pytest
 
-from agents.detectors import DetectorConfig, FleetDetector, LowUtilizationBaseline
-from agents.findings import Finding
-from agents.windows import Windower
-from laggard.events import ClockReason, GpuSample, NodeSample
+from laggard.agents.detectors import DETECTORS, Detector, DetectorConfig, FleetDetector, JobView, LowUtilizationBaseline
+from laggard.agents.scoring import score
+from laggard.agents.windows import Windower
+from laggard.events import ClockReason, FaultTruth, GpuSample, NodeSample
+from laggard.results import Finding
+from laggard.rules.loader import check_text
 from tests.test_windows import T0, gpu_sample
 
 WINDOW_S = 10.0
@@ -227,3 +229,53 @@ def test_detector_state_round_trips_through_a_dict_mid_episode() -> None:
         restored_events += restored.observe(c.window_start, c.window_s, c.gpu_results())
     assert [(f.kind, f.rank, f.window_start) for f in restored_events] == [("straggler", 4, T0 + 30)]
     assert [f.rank for f in restored.firing()] == [4]
+
+
+# --- the registry: a detector is one function and one entry ----------------------------------
+
+def hot_ranks(job: JobView) -> list[Finding]:
+    """A toy detector: every rank of a job above 95% util."""
+    return [Finding(kind="hot_rank", state="firing", cluster=job.cluster, job=job.job, rank=r.labels.rank,
+                    node=r.labels.node, gpu=r.labels.gpu, window_start=job.window.start, window_end=job.window.end,
+                    summary=f"rank {r.labels.rank} runs hot", evidence={"util_pct": round(r.util_mean, 1)})
+            for r in job.ranks if r.util_mean > 95.0]
+
+
+HOT_RANK = Detector("hot_rank", hot_ranks, "job", fire_after=1, clear_after=1, samples=(
+    ({"cluster": "c", "job": "j", "rank": 1, "node": "n0", "gpu": 1}, {"util_pct": 99.0}, {}),))
+
+
+@pytest.fixture
+def toy_registered(monkeypatch: pytest.MonkeyPatch) -> Detector:
+    monkeypatch.setitem(DETECTORS, HOT_RANK.kind, HOT_RANK)
+    return HOT_RANK
+
+
+def test_a_registered_toy_detector_fires_and_resolves(toy_registered: Detector) -> None:
+    events = run(job_samples(4, 6, lambda r, w: {"util_gpu": 99.0 if (r == 2 and 1 <= w < 4) else 60.0}, noise=0.5),
+                 FleetDetector())
+    assert [(w, f.rank) for w, f in firing(events, "hot_rank")] == [(1, 2)]  # fire_after 1: its first window
+    assert [(w, f.rank) for w, f in resolved(events, "hot_rank")] == [(4, 2)]
+
+
+def test_a_registered_toy_detector_is_accepted_by_rules_check_and_scored_by_eval(toy_registered: Detector) -> None:
+    rule = ("receivers: [{name: hook, kind: webhook, url_env: X}]\nroute: {receiver: hook}\nrules:\n"
+            "  - name: HotRank\n    finding: {kind: hot_rank}\n    annotations: {summary: '{{ evidence.util_pct - 95 }} over'}\n")
+    config, errors = check_text(rule, "rules.yaml")
+    assert errors == [] and config is not None
+    _, errors = check_text(rule.replace("util_pct", "utilpct"), "rules.yaml")  # rendered on its samples' evidence
+    assert [e.message for e in errors] == ["template failed on a sample: UndefinedError: 'dict object' has no "
+                                           "attribute 'utilpct'"]
+
+    truth = FaultTruth(scenario="s", kind="hot_rank", cluster="c", job="j", rank=2, start=T0, end=T0 + 30)
+    [finding] = [f for _, f in firing(run(job_samples(4, 3, lambda r, w: {"util_gpu": 99.0 if r == 2 else 60.0},
+                                                      job="j", noise=0.5), FleetDetector()), "hot_rank")]
+    scores = score([finding], [], [truth], WINDOW_S)
+    assert scores["laggard"]["hot_rank"]["recall"] == 1.0 and scores["laggard"]["hot_rank"]["precision"] == 1.0
+
+
+def test_rules_on_an_unregistered_kind_are_refused() -> None:
+    rule = ("receivers: [{name: hook, kind: webhook, url_env: X}]\nroute: {receiver: hook}\nrules:\n"
+            "  - name: HotRank\n    finding: {kind: hot_rank}\n    annotations: {summary: hot}\n")
+    _, errors = check_text(rule, "rules.yaml")
+    assert "unknown finding kind 'hot_rank'" in str(errors[0])

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agents.effective import effective_utilization, idle_power_w, power_share
+from laggard.agents.effective import effective_utilization, idle_power_w, power_share
+from tests.helpers.fixtures import NVML_TRACE as NVML
+from tests.helpers.fixtures import TRAINING_TRACE as TRAINING
 
-from tests.helpers.fixtures import NVML_TRACE as NVML, TRAINING_TRACE as TRAINING
 MODEL = "H200"
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from laggard.evaluate import evaluate
+from laggard.commands.detection_eval import evaluate
 
 SCENARIO = Path(__file__).parent / "scenarios" / "small_eval.yaml"
 

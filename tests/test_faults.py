@@ -26,16 +26,27 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from collectors.publisher import Publisher, default_partition
-from collectors.simulate import load_scenario
-from laggard import stack as local_stack
-from laggard.pipeline_run import PipelineRun, gpus_in
+from laggard.collectors.publisher import Publisher, default_partition
+from laggard.collectors.simulate import load_scenario
+from laggard.commands import stack as local_stack
+from laggard.commands.pipeline_run import PipelineRun, gpus_in
+from laggard.commands.stack.process import free_port, log_tail, wait_until
 from laggard.settings import Settings
-from laggard.stack.process import free_port, log_tail, wait_until
 from laggard.topics import committed_offsets, ensure_topics, read_topic
 from tests.helpers.faults import (
-    delivery, end_offsets, expected_gpu_windows, gpu_windows_in_influx, group_members, influx_count,
-    influx_sum, missing_gpu_windows, scenario_for_run, summary_line, uncommitted, window_result_ids, worker_stats,
+    delivery,
+    end_offsets,
+    expected_gpu_windows,
+    gpu_windows_in_influx,
+    group_members,
+    influx_count,
+    influx_sum,
+    missing_gpu_windows,
+    scenario_for_run,
+    summary_line,
+    uncommitted,
+    window_result_ids,
+    worker_stats,
 )
 from tests.helpers.samples import node_sample
 
@@ -68,7 +79,7 @@ def test_two_workers_one_killed_its_partitions_move_to_the_other(stack, tmp_path
         victim_port = free_port()
         with (tmp_path / "victim.log").open("w") as log:
             victim = subprocess.Popen(
-                [sys.executable, "-m", "laggard.cli", "worker", "-l", "info"],
+                [sys.executable, "-m", "laggard.commands.cli", "worker", "-l", "info"],
                 env={**run.env, "LAGGARD_WORKER_WEB_PORT": str(victim_port)},
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
@@ -159,7 +170,7 @@ def test_broker_sigkill_while_publishing_loses_no_acknowledged_message(private, 
     ensure_topics(private.model_copy(update={"topic_samples": topic}))
     collector = Collector(private, topic)
     thread = threading.Thread(target=collector.run, name="collector")
-    caplog.set_level(logging.ERROR, logger="collectors.publisher")
+    caplog.set_level(logging.ERROR, logger="laggard.collectors.publisher")
     thread.start()
     try:
         assert wait_until(lambda: collector.acked() >= 500, 60, 0.1), collector.error
@@ -182,7 +193,7 @@ def test_broker_sigkill_while_publishing_loses_no_acknowledged_message(private, 
     assert not thread.is_alive() and collector.error is None, collector.error
 
     stats = collector.publisher.stats
-    failed = {record.args[1] for record in caplog.records if record.name == "collectors.publisher"
+    failed = {record.args[1] for record in caplog.records if record.name == "laggard.collectors.publisher"
               and record.levelno == logging.ERROR and record.msg.startswith("message to")}
     present = read_topic(private, topic)
     counted = delivery(set(collector.sent) - failed, present)

@@ -1,6 +1,6 @@
 """How a stage notices the messages Faust never delivered (agents/gaps.py), without Kafka."""
 
-from agents.gaps import StallWatch
+from laggard.agents.gaps import StallWatch
 
 
 def test_a_stage_standing_still_is_stalled_after_the_wait_and_again_only_after_another():

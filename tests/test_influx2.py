@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from influxdb_client import InfluxDBClient
 
-from agents.sink import InfluxSink
+from laggard.agents.sink import InfluxSink
+from laggard.commands.stack.build_influxd import ensure_influxd
+from laggard.commands.stack.influx2 import InfluxDB2
+from laggard.commands.stack.process import StackError, free_port, write_private
 from laggard.settings import Settings
-from laggard.stack.build_influxd import ensure_influxd
-from laggard.stack.influx2 import InfluxDB2
-from laggard.stack.process import StackError, free_port, write_private
 from tests.helpers.telemetry import STRAGGLER_RANK, write_recent_run
 from tests.test_dashboards import template_queries
 

@@ -16,11 +16,11 @@ import pytest
 from kafka import KafkaAdminClient
 from pydantic import SecretStr
 
+from laggard.commands.pipeline_run import PipelineRun, env_value
+from laggard.commands.stack.kafka import SASL_USER, KafkaBroker
+from laggard.commands.stack.process import free_port
 from laggard.kafka_config import client_config
-from laggard.pipeline_run import PipelineRun, env_value
 from laggard.settings import Settings
-from laggard.stack.kafka import SASL_USER, KafkaBroker
-from laggard.stack.process import free_port
 from laggard.topics import read_topic
 
 SCENARIO = "tests/scenarios/small_eval.yaml"
@@ -75,7 +75,7 @@ def test_a_wrong_sasl_password_ends_in_one_line_that_names_what_to_check(tls_bro
     env = {**os.environ, **{f"LAGGARD_{name.upper()}": env_value(value) for name, value in secured.items()},
            "LAGGARD_STATE_DIR": str(tmp_path)}
     failed_logins = tls_broker.log_path.read_text().count("Failed authentication")
-    done = subprocess.run([sys.executable, "-m", "laggard.cli", "simulate", "tests/scenarios/small_eval.yaml",
+    done = subprocess.run([sys.executable, "-m", "laggard.commands.cli", "simulate", "tests/scenarios/small_eval.yaml",
                            "--as-fast-as-possible"], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 2
     assert "cannot reach Kafka" in done.stderr and "LAGGARD_KAFKA_SASL_USERNAME" in done.stderr

@@ -1,6 +1,6 @@
 """A live stream on a small fleet: two nodes fill at most two of the eight samples partitions.
 Findings and the fleet KPI must come while the stream goes on, not only once it pauses: the empty
-partitions send heartbeat marks (agents/app.py), so stages 2 and 3 do not wait for them."""
+partitions send heartbeat marks (agents/worker.py), so stages 2 and 3 do not wait for them."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import threading
 import time
 from pathlib import Path
 
-from collectors.publisher import Publisher
-from collectors.simulate import FleetSimulator, load_scenario
-from laggard.pipeline_run import PipelineRun
+from laggard.collectors.publisher import Publisher
+from laggard.collectors.simulate import FleetSimulator, load_scenario
+from laggard.commands.pipeline_run import PipelineRun
+from laggard.commands.stack.process import wait_until
 from laggard.settings import Settings
-from laggard.stack.process import wait_until
 
 SCENARIO = """\
 name: live-two-nodes

@@ -10,11 +10,11 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents.metrics import PartitionLag, lag_family, partition_lag
-from agents.sink import InfluxSink
-from rules.cli import ALERTS_STATE_FILE
-from collectors.publisher import Publisher
-from laggard.pipeline_run import PipelineRun
+from laggard.agents.metrics import PartitionLag, lag_family, partition_lag
+from laggard.agents.sink import InfluxSink
+from laggard.collectors.publisher import Publisher
+from laggard.commands.pipeline_run import PipelineRun
+from laggard.settings import ALERTS_STATE_FILE
 
 SCENARIO = "tests/scenarios/small_eval.yaml"  # 24 nodes x 8 H100s
 

@@ -17,11 +17,11 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 
-from collectors.publisher import Publisher, default_partition
-from collectors.simulate import FleetSimulator, load_scenario
+from laggard.collectors.publisher import Publisher, default_partition
+from laggard.collectors.simulate import FleetSimulator, load_scenario
+from laggard.commands.stack.process import wait_until
 from laggard.events import decode_node_sample
 from laggard.settings import Settings
-from laggard.stack.process import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 STATUS_LINE = re.compile(r"kafka sent (\d+) acked (\d+) failed (\d+)")
@@ -178,7 +178,7 @@ def test_sigterm_while_publishing_keeps_every_acknowledged_sample(stack, unique,
     topic = f"test.publisher.sigterm.{unique}"
     samples_file = tmp_path / "quiet.jsonl"
     total = _simulated_samples_file(samples_file)
-    command = [sys.executable, "-m", "collectors.cli", "replay", str(samples_file), "--format", "samples",
+    command = [sys.executable, "-m", "laggard.collectors.cli", "replay", str(samples_file), "--format", "samples",
                "--speed", "0"]
     returncode, stderr = _sigterm_once_published(stack, command, {"LAGGARD_TOPIC_SAMPLES": topic}, topic, 300)
     assert returncode == 0, stderr[-2000:]
@@ -200,7 +200,7 @@ def test_sigterm_stops_an_unpaced_simulation_with_everything_acknowledged_in_the
     env = {"LAGGARD_TOPIC_SAMPLES": topic, "LAGGARD_TOPIC_TRUTH": f"{topic}.truth"}
     # The quiet fleet (128 nodes, no faults, so no truth messages) for an hour: far more than it
     # can publish before the signal.
-    command = [sys.executable, "-m", "laggard.cli", "simulate", str(ROOT / "collectors/scenarios/quiet.yaml"),
+    command = [sys.executable, "-m", "laggard.commands.cli", "simulate", str(ROOT / "collectors/scenarios/quiet.yaml"),
                "--as-fast-as-possible", "--duration", "3600"]
     returncode, stderr = _sigterm_once_published(stack, command, env, topic, 300)
     assert returncode == 0, stderr[-2000:]

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from collectors.base import SystemClock
-from collectors.cli import collect_app
-from collectors.replay import ReplaySource
-
+from laggard.collectors.base import SystemClock
+from laggard.collectors.cli import collect_app
+from laggard.collectors.replay import ReplaySource
 from tests.helpers.fixtures import NVML_TRACE
 
 TRACE = NVML_TRACE / "trace.jsonl"

@@ -13,7 +13,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from laggard.report import Episode, ReportData, duration_s, episodes, report
+from laggard.commands.report import Episode, ReportData, duration_s, episodes, report
 from laggard.settings import Settings
 from tests.helpers.telemetry import STRAGGLER_RANK, write_recent_run
 

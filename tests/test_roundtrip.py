@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agents.sink import InfluxSink
-from collectors.publisher import Publisher
-from laggard.stack.process import wait_until
+from laggard.agents.sink import InfluxSink
+from laggard.collectors.publisher import Publisher
+from laggard.commands.stack.process import wait_until
 from tests.helpers.samples import node_sample
 
 ROOT = Path(__file__).resolve().parents[1]

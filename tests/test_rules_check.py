@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from rules.cli import rules_app
-from rules.loader import DEFAULT_RULES, RulesFileInvalid, check_file, load_rules
-from rules.model import FINDING_KINDS, parse_duration
+from laggard.agents.detectors import finding_kinds
+from laggard.rules.cli import rules_app
+from laggard.rules.loader import DEFAULT_RULES, RulesFileInvalid, check_file, load_rules
+from laggard.rules.model import parse_duration
 
 GOOD = """\
 receivers:
@@ -51,7 +52,7 @@ def test_good_file_passes(tmp_path: Path) -> None:
 def test_default_rules_pass_and_cover_every_finding_kind() -> None:
     config = load_rules(DEFAULT_RULES)
     kinds = {rule.finding.kind for rule in config.rules if rule.finding}
-    assert kinds == set(FINDING_KINDS)
+    assert kinds == set(finding_kinds())
     assert any(r.threshold and r.threshold.scope == "cluster" and r.threshold.metric == "effective_util" for r in config.rules)
 
 
@@ -141,7 +142,7 @@ def test_bad_durations(text: object) -> None:
 ])
 def test_default_idle_summary_reads_well_for_a_whole_job_and_for_one_gpu(labels, expected) -> None:
     """An idle_allocated finding is job-level when the job never used its GPUs (no node or GPU)."""
-    from rules.evaluate import FindingIn, _render_annotations, finding_context
+    from laggard.rules.evaluate import FindingIn, _render_annotations, finding_context
 
     rule = next(r for r in load_rules(DEFAULT_RULES).rules if r.finding and r.finding.kind == "idle_allocated")
     finding = FindingIn(kind="idle_allocated", cluster="c", summary="held, unused", **labels)
@@ -150,7 +151,7 @@ def test_default_idle_summary_reads_well_for_a_whole_job_and_for_one_gpu(labels,
 
 
 def test_demo_rules_are_the_default_rules_with_short_timings(tmp_path: Path) -> None:
-    from laggard.demo import demo_rules
+    from laggard.commands.demo import demo_rules
 
     config, errors = check_file(demo_rules(tmp_path / "demo-rules.yaml"))
     default = load_rules(DEFAULT_RULES)
@@ -205,7 +206,7 @@ def test_cli_reports_broken_files_as_one_line_per_error(tmp_path: Path, content:
 
 def test_aliases_are_indexed_once_not_once_per_use() -> None:
     """An alias bomb of 6**7 leaves is indexed in as many entries as the file has nodes."""
-    from rules.loader import _LocatedDoc
+    from laggard.rules.loader import _LocatedDoc
 
     doc = _LocatedDoc("bomb.yaml", _alias_bomb(7))
     assert len(doc.lines) < 200
@@ -237,7 +238,7 @@ def test_threshold_must_be_a_finite_number(tmp_path: Path) -> None:
 
 
 def test_url_file_that_is_not_utf8_is_a_receiver_problem_without_its_content(tmp_path: Path) -> None:
-    from rules.model import ReceiverConfig
+    from laggard.rules.model import ReceiverConfig
 
     secret = tmp_path / "hook_url"
     secret.write_bytes("https://hooks.example/h\u00f6oks/T0KEN".encode("latin-1"))

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from rules.cli import alerts_app
-from rules.lifecycle import AlertEngine, EngineState, Notification
-from rules.model import ReceiverConfig, RulesConfig
-from rules.receivers import discord
-from rules.receivers.delivery import RETRY_DEFERRED_S, DeadLetter, Dispatcher, RateLimiter, SentLog, redact
+from laggard.rules.alert_lifecycle import AlertEngine, EngineState, Notification
+from laggard.rules.cli import alerts_app
+from laggard.rules.model import ReceiverConfig, RulesConfig
+from laggard.rules.receivers import discord
+from laggard.rules.receivers.delivery import RETRY_DEFERRED_S, DeadLetter, Dispatcher, RateLimiter, SentLog, redact
 from tests.helpers.webhook_server import HANG, Reply, WebhookServer, webhook_server  # noqa: F401 (fixture)
 
 SECRET = "T000/B000/s3cr3t-t0ken"

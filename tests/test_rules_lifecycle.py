@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from rules.lifecycle import AlertEngine, EngineState, Notification, fingerprint, idempotency_key
-from rules.loader import check_text
-from rules.model import Matcher, RulesConfig
-from rules.silences import Silence
+from laggard.rules.alert_lifecycle import AlertEngine, EngineState, Notification, fingerprint, idempotency_key
+from laggard.rules.loader import check_text
+from laggard.rules.model import Matcher, RulesConfig
+from laggard.rules.silences import Silence
 
 CONFIG = """
 external_url: http://dash.example/d/laggard

@@ -6,16 +6,16 @@ detectors), missing values render empty, and a template that fails at send time 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from agents.detectors import FleetDetector, LowUtilizationBaseline
-from agents.findings import Finding
-from rules.evaluate import SAMPLE_FINDINGS, FindingIn, evaluate_finding
-from rules.loader import DEFAULT_RULES, check_text, load_rules
-from rules.model import FINDING_KINDS, RulesConfig
-from rules.templating import render_failures
+from laggard.agents.detectors import FleetDetector, LowUtilizationBaseline, finding_kinds
+from laggard.results import Finding
+from laggard.rules.evaluate import FindingIn, evaluate_finding
+from laggard.rules.loader import DEFAULT_RULES, check_text, load_rules
+from laggard.rules.model import RulesConfig
 from tests.test_detectors import job_samples, run, straggler_job
 
 
@@ -51,10 +51,10 @@ def _shapes(pairs: list[tuple[dict, dict]]) -> set[tuple[frozenset[str], frozens
 
 
 def test_samples_carry_the_evidence_and_cost_keys_the_detectors_emit(real_findings: list[Finding]) -> None:
-    """If a detector gains, renames or drops a key, update SAMPLE_FINDINGS in rules/evaluate.py."""
-    assert set(SAMPLE_FINDINGS) == set(FINDING_KINDS)
-    assert {f.kind for f in real_findings} == set(FINDING_KINDS)
-    for kind, samples in SAMPLE_FINDINGS.items():
+    """If a detector gains, renames or drops a key, update its `samples` in agents/detectors.py."""
+    assert {f.kind for f in real_findings} == set(finding_kinds())
+    for kind, detector in finding_kinds().items():
+        samples = detector.samples
         real = _shapes([(f.evidence, f.cost) for f in real_findings if f.kind == kind])
         assert _shapes([(evidence, cost) for _, evidence, cost in samples]) == real, kind
         sample_labels = {frozenset(labels) for labels, _, _ in samples}
@@ -64,13 +64,12 @@ def test_samples_carry_the_evidence_and_cost_keys_the_detectors_emit(real_findin
 
 
 def test_default_rules_render_every_real_finding_without_template_errors(real_findings: list[Finding]) -> None:
-    config = load_rules(DEFAULT_RULES)
-    before = sum(render_failures.values())
-    observations = [o for f in real_findings for o in evaluate_finding(config, f)]
+    config, failures = load_rules(DEFAULT_RULES), Counter[str]()
+    observations = [o for f in real_findings for o in evaluate_finding(config, f, failures)]
     assert {o.rule for o in observations} == {r.name for r in config.rules if r.finding}
     for o in observations:
         assert o.annotations["summary"].strip() and all("template error" not in t for t in o.annotations.values()), o
-    assert sum(render_failures.values()) == before
+    assert not failures
 
 
 RULE = """\
@@ -114,11 +113,11 @@ def test_missing_and_none_values_render_empty_through_number_filters() -> None:
     config, errors = rules_with("[{{ evidence.nope | pct }}|{{ evidence.gone | round(1) }}|{{ evidence.none | pct }}|"
                                 "{{ evidence.none | round }}|{{ cost.nope | int }}|{{ value | abs }}]")
     assert errors == [] and config is not None
-    before = render_failures["Strag"]
+    failures = Counter[str]()
     finding = {"kind": "straggler", "cluster": "c", "evidence": {"none": None}}
-    [observation] = evaluate_finding(config, finding)
+    [observation] = evaluate_finding(config, finding, failures)
     assert observation.annotations["summary"] == "[|||||]"
-    assert render_failures["Strag"] == before
+    assert not failures
 
 
 def test_sandbox_refusal_is_not_rendered_away_by_a_number_filter() -> None:
@@ -131,18 +130,19 @@ def test_a_template_failing_at_send_time_is_logged_by_rule_and_field_and_counted
 ) -> None:
     config, errors = rules_with("{{ evidence.rank_util_pct + 1 }}")  # fine on the detector's numbers
     assert errors == [] and config is not None
-    caplog.set_level(logging.DEBUG, logger="rules.templating")
-    before = render_failures["Strag"]
+    caplog.set_level(logging.DEBUG, logger="laggard.rules.templating")
+    failures = Counter[str]()
     secret = "s3cr3t-token-value"
-    [observation] = evaluate_finding(config, {"kind": "straggler", "cluster": "c", "evidence": {"rank_util_pct": secret}})
+    finding = {"kind": "straggler", "cluster": "c", "evidence": {"rank_util_pct": secret}}
+    [observation] = evaluate_finding(config, finding, failures)
     assert observation.annotations["summary"].endswith("[template error: TypeError]")
-    assert render_failures["Strag"] == before + 1
+    assert failures == {"Strag": 1}
     assert [r.getMessage() for r in caplog.records] == ["rule Strag: annotation summary failed to render: TypeError"]
     assert secret not in caplog.text
 
 
 def test_test_notification_uses_a_real_findings_evidence(tmp_path: Path) -> None:
-    from rules.cli import test_notification
+    from laggard.rules.cli import test_notification
 
     notification = test_notification(load_rules(DEFAULT_RULES), "chat", now=1_700_000_000.0)
     [alert] = notification.alerts

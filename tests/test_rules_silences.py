@@ -10,14 +10,14 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from agents.findings import Finding
-from laggard.settings import get_settings
-from rules.cli import ALERTS_STATE_FILE, alerts_app, silence_app
-from rules.evaluate import FindingIn, WindowIn
-from rules.lifecycle import AlertEngine
-from rules.loader import DEFAULT_RULES, load_rules
-from rules.model import Matcher
-from rules.silences import SilenceStore
+from laggard.results import Finding
+from laggard.rules.alert_lifecycle import AlertEngine
+from laggard.rules.cli import alerts_app, silence_app
+from laggard.rules.evaluate import FindingIn, WindowIn
+from laggard.rules.loader import DEFAULT_RULES, load_rules
+from laggard.rules.model import Matcher
+from laggard.rules.silences import SilenceStore
+from laggard.settings import ALERTS_STATE_FILE, get_settings
 
 
 @pytest.fixture

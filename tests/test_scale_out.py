@@ -4,11 +4,15 @@ a busy group and one killed in it: tests/test_faults.py.)"""
 
 from __future__ import annotations
 
-from collectors.simulate import load_scenario
-from laggard.pipeline_run import PipelineRun, messages_taken
-from laggard.stack.process import wait_until
+from laggard.collectors.simulate import load_scenario
+from laggard.commands.pipeline_run import PipelineRun, messages_taken
+from laggard.commands.stack.process import wait_until
 from tests.helpers.faults import (
-    commit_report, expected_gpu_windows, gpu_windows_in_influx, missing_gpu_windows, scenario_for_run,
+    commit_report,
+    expected_gpu_windows,
+    gpu_windows_in_influx,
+    missing_gpu_windows,
+    scenario_for_run,
 )
 
 DEMO = "collectors/scenarios/demo.yaml"

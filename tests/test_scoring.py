@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from agents.detectors import FleetDetector, LowUtilizationBaseline
-from agents.findings import Finding
-from agents.scoring import matches, percentile, score
-from agents.windows import Windower, windows_of
+from laggard.agents.detectors import FleetDetector, LowUtilizationBaseline
+from laggard.agents.scoring import matches, percentile, score
+from laggard.agents.windows import Windower, windows_of
 from laggard.events import FaultTruth
+from laggard.results import Finding
 
 T0 = 1_790_000_000.0
 W = 10.0
@@ -74,7 +74,7 @@ SCENARIOS = Path(__file__).resolve().parent.parent / "collectors" / "scenarios"
 @lru_cache(maxsize=None)
 def evaluate(name: str) -> tuple[dict, tuple[Finding, ...]]:
     """A shipped scenario (collectors/scenarios/<name>.yaml), evaluated once per test session."""
-    from collectors.simulate import load_scenario
+    from laggard.collectors.simulate import load_scenario
 
     return evaluate_scenario(load_scenario(SCENARIOS / f"{name}.yaml"))
 
@@ -82,7 +82,7 @@ def evaluate(name: str) -> tuple[dict, tuple[Finding, ...]]:
 def evaluate_scenario(scenario: object, window_s: float = W) -> tuple[dict, tuple[Finding, ...]]:
     """Run a scenario through windows, laggard's detectors and the baseline, in-process (no Kafka);
     score against the simulator's truth."""
-    from collectors.simulate import FleetSimulator
+    from laggard.collectors.simulate import FleetSimulator
 
     sim = FleetSimulator(scenario, start_ts=T0)
     windower = Windower(window_s, grace_s=5.0)
@@ -101,7 +101,7 @@ def evaluate_scenario(scenario: object, window_s: float = W) -> tuple[dict, tupl
 
 @pytest.mark.parametrize("name", ["straggler", "all_faults"])
 def test_shipped_scenarios_stragglers_found_within_two_windows_and_baseline_misses_them(name: str) -> None:
-    pytest.importorskip("collectors.simulate")
+    pytest.importorskip("laggard.collectors.simulate")
     out, _ = evaluate(name)
     lag = out["laggard"]["straggler"]
     assert lag["precision"] >= 0.95 and lag["recall"] >= 0.95, lag
@@ -111,7 +111,7 @@ def test_shipped_scenarios_stragglers_found_within_two_windows_and_baseline_miss
 
 
 def test_shipped_all_faults_scenario_every_family_found() -> None:
-    pytest.importorskip("collectors.simulate")
+    pytest.importorskip("laggard.collectors.simulate")
     out, _ = evaluate("all_faults")
     for family, metrics in out["laggard"].items():
         assert metrics["recall"] == 1.0, (family, metrics)
@@ -119,14 +119,14 @@ def test_shipped_all_faults_scenario_every_family_found() -> None:
 
 
 def test_shipped_quiet_scenario_raises_nothing() -> None:
-    pytest.importorskip("collectors.simulate")
+    pytest.importorskip("laggard.collectors.simulate")
     out, found = evaluate("quiet")
     assert found == (), [f.summary for f in found]
 
 
 def unseen_scenario() -> object:
     """Not shipped: small and odd jobs, 2 s ticks, mild-to-severe slowdowns at onsets off window bounds."""
-    from collectors.simulate import Scenario
+    from laggard.collectors.simulate import Scenario
 
     return Scenario.model_validate({
         "name": "unseen", "seed": 5, "duration_s": 160, "tick_s": 2.0, "cluster": "u",
@@ -153,7 +153,7 @@ def unseen_scenario() -> object:
 
 
 def test_unseen_scenario_stragglers_found_within_two_windows_of_the_onset_window() -> None:
-    pytest.importorskip("collectors.simulate")
+    pytest.importorskip("laggard.collectors.simulate")
     out, found = evaluate_scenario(unseen_scenario())
     lag = out["laggard"]["straggler"]
     assert lag["precision"] >= 0.95 and lag["recall"] >= 0.95, lag

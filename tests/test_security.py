@@ -27,13 +27,12 @@ import httpx
 import pytest
 from kafka import KafkaAdminClient
 
+from laggard.commands.pipeline_run import PipelineRun
+from laggard.commands.stack.process import wait_until
 from laggard.kafka_config import client_config
-from laggard.pipeline_run import PipelineRun
-from laggard.settings import Settings
-from laggard.stack.process import wait_until
+from laggard.rules.receivers.delivery import redact
+from laggard.settings import ALERTS_STATE_FILE, Settings
 from laggard.topics import read_topic
-from rules.cli import ALERTS_STATE_FILE
-from rules.receivers.delivery import redact
 from tests.helpers.webhook_server import Reply, WebhookServer
 
 SCENARIO = "tests/scenarios/small_eval.yaml"
@@ -107,7 +106,7 @@ def try_connect(address: str, port: int) -> str:
 
 
 def cli(args: list[str], env: Mapping[str, str]) -> str:
-    done = subprocess.run([sys.executable, "-m", "laggard.cli", *args], env=dict(env), capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "laggard.commands.cli", *args], env=dict(env), capture_output=True,
                           text=True, timeout=120)
     return done.stdout + done.stderr
 

@@ -14,9 +14,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from collectors.simulate import ScenarioError, load_scenario
-from collectors.simulate.scenario import shortened
-from collectors.simulate_cli import simulate
+from laggard.collectors.simulate import ScenarioError, load_scenario
+from laggard.collectors.simulate.scenario import shortened
+from laggard.collectors.simulate_cli import simulate
 from laggard.events import decode_node_sample
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,7 +127,7 @@ def test_scenario_errors_name_the_line(tmp_path: Path, faults: str, line: int, f
 def test_a_reader_that_leaves_ends_the_run_normally(tmp_path: Path) -> None:
     truth = tmp_path / "truth.jsonl"
     command = [
-        sys.executable, "-m", "laggard.cli", "simulate", str(REPO / "collectors" / "scenarios" / "demo.yaml"),
+        sys.executable, "-m", "laggard.commands.cli", "simulate", str(REPO / "collectors" / "scenarios" / "demo.yaml"),
         "--stdout", "--as-fast-as-possible", "--truth-file", str(truth),
     ]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(REPO)}

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 import pytest
 from pydantic import SecretStr
 
-from agents.sink import InfluxRejected, InfluxSink
+from laggard.agents.sink import InfluxRejected, InfluxSink
+from laggard.commands.stack.influx import InfluxDB
+from laggard.commands.stack.influx2 import InfluxDB2
+from laggard.commands.stack.process import ManagedService, free_port, wait_until
 from laggard.settings import Settings
-from laggard.stack.influx import InfluxDB
-from laggard.stack.influx2 import InfluxDB2
-from laggard.stack.process import ManagedService, free_port, wait_until
 from tests.helpers.telemetry import STRAGGLER_RANK, write_recent_run
 
 pytestmark = pytest.mark.stack

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from collectors.attribution import (
+from laggard.collectors.attribution import (
     Assignment,
     Attribution,
     AttributionError,
@@ -29,13 +29,13 @@ from collectors.attribution import (
     k8s_assignments,
     pod_owner,
 )
-from collectors.base import FixedRateScheduler, Rejects, build_node_sample, short_model
-from collectors.cli import collect_app
-from collectors.dcgm import DcgmSource, parse_exporter_text
-from collectors.replay import ReplaySource
+from laggard.collectors.base import FixedRateScheduler, Rejects, build_node_sample, short_model
+from laggard.collectors.cli import collect_app
+from laggard.collectors.dcgm import DcgmSource, parse_exporter_text
+from laggard.collectors.replay import ReplaySource
 from laggard.events import NodeSample, decode_node_sample
-
 from tests.helpers.fixtures import NVML_TRACE as FIXTURES
+
 TRACE = FIXTURES / "trace.jsonl"
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -599,7 +599,7 @@ def test_dcgm_cli_keeps_going_when_server_is_down() -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_the_loop_cleanly(signum: int) -> None:
-    command = [sys.executable, "-m", "collectors.cli", "replay", str(TRACE), "--speed", "1", "--stdout"]
+    command = [sys.executable, "-m", "laggard.collectors.cli", "replay", str(TRACE), "--speed", "1", "--stdout"]
     env = os.environ | {"PYTHONPATH": str(REPO)}
     with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         first = proc.stdout.readline()  # type: ignore[union-attr]
@@ -630,7 +630,7 @@ def nvml_works() -> bool:
 def test_nvml_without_driver_exits_2_with_one_line() -> None:
     env = os.environ | {"PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-m", "collectors.cli", "nvml", "--stdout", "--count", "1"],
+        [sys.executable, "-m", "laggard.collectors.cli", "nvml", "--stdout", "--count", "1"],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -9,12 +9,12 @@ import socket
 
 import pytest
 
-from agents.sink import InfluxSink
-from collectors.publisher import Publisher
-from laggard import stack
+from laggard.agents.sink import InfluxSink
+from laggard.collectors.publisher import Publisher
+from laggard.commands import stack
+from laggard.commands.stack.kafka import KafkaBroker
+from laggard.commands.stack.process import StackError, free_port, wait_until
 from laggard.settings import Settings
-from laggard.stack.kafka import KafkaBroker
-from laggard.stack.process import StackError, free_port, wait_until
 from laggard.topics import read_topic
 
 pytestmark = pytest.mark.stack  # private instances of the services
@@ -91,7 +91,7 @@ def test_missing_java_says_how_to_fix(tmp_path, monkeypatch):
 
 
 def test_maven_failure_names_the_artifact(tmp_path, monkeypatch):
-    monkeypatch.setattr("laggard.stack.kafka.CACHE_ROOT", tmp_path / "cache")
+    monkeypatch.setattr("laggard.commands.stack.kafka.CACHE_ROOT", tmp_path / "cache")
     broker = KafkaBroker(tmp_path, 1, 2, "0.0.0-does-not-exist")
     with pytest.raises(StackError, match=r"Maven could not resolve org\.apache\.kafka:kafka_2\.13:0\.0\.0-does-not-exist"):
         broker.resolve()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from agents.outputs import window_outputs
-from agents.stages import FleetStage, PendingWindows, SampleStage, parse_results
-from agents.windows import Windower
+from laggard.agents.outputs import window_outputs
+from laggard.agents.stages import FleetStage, PendingWindows, SampleStage, parse_results
+from laggard.agents.windows import Windower
 from laggard.events import NodeSample
 from tests.helpers.samples import gpu, node_sample
 

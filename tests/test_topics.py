@@ -8,7 +8,12 @@ from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 
 from laggard.kafka_config import client_config
 from laggard.topics import (
-    changelog_name, committed_offsets, ensure_topics, read_range, topic_partitions, worker_tables,
+    changelog_name,
+    committed_offsets,
+    ensure_topics,
+    read_range,
+    topic_partitions,
+    worker_tables,
 )
 
 

@@ -8,7 +8,7 @@ import asyncio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from kafka import KafkaProducer
 
-from agents.transport import rewind_to_committed
+from laggard.agents.transport import rewind_to_committed
 from laggard.kafka_config import client_config
 from laggard.topics import ensure_topics
 

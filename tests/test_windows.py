@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agents.windows import GpuAccumulator, Windower, windows_of
+from laggard.agents.windows import GpuAccumulator, Windower, windows_of
 from laggard.events import ClockReason, GpuSample, NodeSample
 
 T0 = 1_790_000_000.0  # a window boundary for 10 s windows

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import time
 
-from agents.sink import InfluxSink
-from collectors.publisher import Publisher
-from laggard.pipeline_run import PipelineRun
+from laggard.agents.sink import InfluxSink
+from laggard.collectors.publisher import Publisher
+from laggard.commands.pipeline_run import PipelineRun
 from tests.helpers.samples import node_sample
 
 SCENARIO = "collectors/scenarios/demo.yaml"

@@ -12,13 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from agents.findings import Finding
-from collectors.simulate import load_scenario
-from laggard.pipeline_run import PipelineRun
-from laggard.stack.process import wait_until
+from laggard.collectors.simulate import load_scenario
+from laggard.commands.pipeline_run import PipelineRun
+from laggard.commands.stack.process import wait_until
+from laggard.results import Finding
 from laggard.topics import read_topic
 from tests.helpers.faults import (
-    commit_report, expected_gpu_windows, gpu_windows_in_influx, scenario_for_run, uncommitted,
+    commit_report,
+    expected_gpu_windows,
+    gpu_windows_in_influx,
+    scenario_for_run,
+    uncommitted,
 )
 
 DEMO = Path("collectors/scenarios/demo.yaml")

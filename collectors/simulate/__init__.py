@@ -1,6 +1,7 @@
 """Fleet simulator: scale and ground truth for the pipeline (see fleet.py for the model)."""
 
-from collectors.simulate.fleet import FleetSimulator, Frame
-from collectors.simulate.scenario import Scenario, ScenarioError, load_scenario
+from laggard.collectors.simulate.fleet import FleetSimulator
+from laggard.collectors.simulate.frame import Frame
+from laggard.collectors.simulate.scenario import Scenario, ScenarioError, load_scenario
 
 __all__ = ["FleetSimulator", "Frame", "Scenario", "ScenarioError", "load_scenario"]

@@ -12,15 +12,12 @@ A node with a silent GPU or an XID this tick gets a template made for that tick.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from collectors.simulate.layout import FleetLayout
-from collectors.simulate.scenario import Scenario
-
-if TYPE_CHECKING:
-    from collectors.simulate.fleet import Frame
+from laggard.collectors.simulate.frame import Frame
+from laggard.collectors.simulate.layout import FleetLayout
+from laggard.collectors.simulate.scenario import Scenario
 
 SOURCE = "simulate"
 _MEASURED = (

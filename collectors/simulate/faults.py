@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from collectors.simulate.layout import FleetLayout
-from collectors.simulate.physics import MODELS
-from collectors.simulate.scenario import (
+from laggard.collectors.simulate.layout import FleetLayout
+from laggard.collectors.simulate.physics import MODELS
+from laggard.collectors.simulate.scenario import (
     Fault,
+    GpuTarget,
     IdleAllocatedFault,
     JobStalledFault,
     Scenario,
@@ -18,7 +19,6 @@ from collectors.simulate.scenario import (
     SlowNodeFault,
     StragglerFault,
     XidFault,
-    GpuTarget,
 )
 from laggard.events import ClockReason, FaultTruth
 

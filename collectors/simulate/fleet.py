@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
-from collectors.base import Source, Tick
-from collectors.simulate.encode import SOURCE, NodeEncoder
-from collectors.simulate.faults import FaultSchedule, TickEffects, tick_count
-from collectors.simulate.layout import FleetLayout, build_layout
-from collectors.simulate.physics import (
+from laggard.collectors.base import Source, Tick
+from laggard.collectors.simulate.encode import SOURCE, NodeEncoder
+from laggard.collectors.simulate.faults import FaultSchedule, TickEffects, tick_count
+from laggard.collectors.simulate.frame import Frame
+from laggard.collectors.simulate.layout import FleetLayout, build_layout
+from laggard.collectors.simulate.physics import (
     CAP_INTENSITY,
     POWER_EXPONENT,
     PowerCurve,
@@ -29,33 +29,10 @@ from collectors.simulate.physics import (
     sm_clock_mhz,
     temperature_step,
 )
-from collectors.simulate.scenario import Scenario
+from laggard.collectors.simulate.scenario import Scenario
 from laggard.events import FaultTruth, GpuSample, NodeSample
 
 IDLE_MEM_MIB = 615.0  # driver context on an idle H200 (fixture)
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One tick of the fleet: reported values per GPU (whole numbers, as sent) and step truth per job."""
-
-    ts: float
-    job: np.ndarray  # job index per GPU, -1 when unallocated
-    rank: np.ndarray
-    present: np.ndarray  # False where the GPU is silent this tick
-    util_gpu: np.ndarray
-    util_mem: np.ndarray
-    power_w: np.ndarray
-    power_limit_w: np.ndarray
-    sm_clock_mhz: np.ndarray
-    temp_c: np.ndarray
-    mem_used_mib: np.ndarray
-    reasons: np.ndarray
-    energy_j: np.ndarray
-    xid: np.ndarray  # 0 where none
-    busy: np.ndarray  # exact busy share, before noise
-    job_step_s: np.ndarray  # per job: step time this tick (inf: stalled or all idle; nan: not running)
-    job_steps: np.ndarray  # per job: steps completed during this tick
 
 
 class FleetSimulator(Source):

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from collectors.simulate.physics import MODELS
-from collectors.simulate.scenario import JobSpec, Scenario
+from laggard.collectors.simulate.physics import MODELS
+from laggard.collectors.simulate.scenario import JobSpec, Scenario
 
 _UUID_NAMESPACE = uuid.UUID("6c1b8c6e-2f55-4a8e-9a57-2b3f4c0d7e11")
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from collectors.simulate.physics import MODELS
+from laggard.collectors.simulate.physics import MODELS
 from laggard.events import PLAUSIBLE_TS_RANGE, describe_validation_error, plausible_ts
 
 ModelName = Literal["H100", "H200", "GB200"]
@@ -158,10 +158,17 @@ class JobStalledFault(Timed):
     job: str
 
 
+FAULT_MODELS = (StragglerFault, SlowNodeFault, XidFault, SilentGpuFault, IdleAllocatedFault, JobStalledFault)
 Fault = Annotated[
     StragglerFault | SlowNodeFault | XidFault | SilentGpuFault | IdleAllocatedFault | JobStalledFault,
     Field(discriminator="kind"),
 ]
+
+
+def fault_kinds() -> set[str]:
+    """The kinds of the simulator's ground truth: each fault it injects, and a job spanning two GPU
+    models (paced by the slower, collectors/simulate/faults.py)."""
+    return {model.model_fields["kind"].annotation.__args__[0] for model in FAULT_MODELS} | {"mixed_generation"}
 
 
 class Scenario(_Spec):

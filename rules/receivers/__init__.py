@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from rules.lifecycle import Notification
-from rules.receivers import discord, mattermost, slack, teams, webhook
+from laggard.rules.alert_lifecycle import Notification
+from laggard.rules.receivers import discord, mattermost, slack, teams, webhook
 
 PAYLOAD_BUILDERS: dict[str, Callable[[Notification], dict[str, Any]]] = {
     "slack": slack.payload,

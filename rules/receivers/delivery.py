@@ -45,9 +45,9 @@ from tenacity import (
     wait_random,
 )
 
-from rules.lifecycle import Notification
-from rules.model import ReceiverConfig
-from rules.receivers import PAYLOAD_BUILDERS
+from laggard.rules.alert_lifecycle import Notification
+from laggard.rules.model import ReceiverConfig
+from laggard.rules.receivers import PAYLOAD_BUILDERS
 
 log = logging.getLogger("laggard.rules.delivery")
 

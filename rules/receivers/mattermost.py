@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from rules.lifecycle import Notification
-from rules.receivers.slack import markdown_lines
-from rules.receivers.text import truncate
+from laggard.rules.alert_lifecycle import Notification
+from laggard.rules.receivers.slack import markdown_lines
+from laggard.rules.receivers.text import truncate
 
 MAX_TEXT_CHARS = 16383  # Mattermost's post size limit
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rules.lifecycle import Notification
-from rules.receivers.text import alert_fields, summary, title, truncate
+from laggard.rules.alert_lifecycle import Notification
+from laggard.rules.receivers.text import alert_fields, summary, title, truncate
 
 MAX_BLOCKS = 50
 MAX_SECTION_CHARS = 3000

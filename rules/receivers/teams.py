@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rules.lifecycle import Notification
-from rules.receivers.text import alert_fields, summary, title
+from laggard.rules.alert_lifecycle import Notification
+from laggard.rules.receivers.text import alert_fields, summary, title
 
 MAX_ALERTS = 20  # Teams rejects cards over about 28 KB
 

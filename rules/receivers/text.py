@@ -7,7 +7,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-from rules.lifecycle import AlertSnapshot, Notification
+from laggard.rules.alert_lifecycle import AlertSnapshot, Notification
 
 _WHERE = ("cluster", "job", "rank", "node", "gpu", "model")
 

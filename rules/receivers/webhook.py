@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rules.lifecycle import Notification
-from rules.receivers.text import iso_utc
+from laggard.rules.alert_lifecycle import Notification
+from laggard.rules.receivers.text import iso_utc
 
 # Alertmanager writes this for "no end time yet".
 ZERO_TIME = "0001-01-01T00:00:00Z"

@@ -6,7 +6,7 @@ import os
 import faust
 from influxdb_client import Point
 
-from agents.sink import InfluxSink
+from laggard.agents.sink import InfluxSink
 from laggard.events import EventRejected, decode_node_sample
 from laggard.settings import get_settings
 

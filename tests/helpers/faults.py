@@ -14,11 +14,11 @@ import httpx
 import yaml
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
-from agents.sink import InfluxSink
-from agents.stages import MARKER_PREFIX, parse_results
-from agents.windows import Windower
-from collectors.publisher import default_partition
-from collectors.simulate import FleetSimulator, load_scenario
+from laggard.agents.sink import InfluxSink
+from laggard.agents.stages import MARKER_PREFIX, parse_results
+from laggard.agents.windows import Windower
+from laggard.collectors.publisher import default_partition
+from laggard.collectors.simulate import FleetSimulator, load_scenario
 from laggard.kafka_config import client_config
 from laggard.settings import Settings
 from laggard.topics import committed_offsets, read_topic

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 from influxdb_client import Point
 
-from agents.detectors import FleetDetector
-from agents.findings import Finding, WindowResult
-from agents.points import finding_point, fleet_point, window_line
-from agents.sink import InfluxSink
-from agents.stages import FleetKpi, merge_fleet
-from agents.windows import ClosedWindow, Windower
+from laggard.agents.detectors import FleetDetector
+from laggard.agents.points import finding_point, fleet_point, window_line
+from laggard.agents.sink import InfluxSink
+from laggard.agents.stages import FleetKpi, merge_fleet
+from laggard.agents.windows import ClosedWindow, Windower
 from laggard.events import ClockReason, GpuSample, NodeSample
+from laggard.results import Finding, WindowResult
 from laggard.settings import Settings
 from tests.helpers.samples import gpu
 

@@ -1,4 +1,4 @@
-"""InfluxDB 2.7 (`influxd` built from source by laggard/stack/build_influxd.py), run with its own
+"""InfluxDB 2.7 (`influxd` built from source by commands/stack/build_influxd.py), run with its own
 bolt and engine paths under <state>/influx2 on a loopback port of its own (8087 by default, so it
 can run beside the 1.x one). It speaks /api/v2 (token, org, bucket), Flux, and InfluxQL on /query.
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from laggard.commands.stack.process import ManagedService, StackError, http_answers, write_private
 from laggard.settings import local_influx2_token_file
-from laggard.stack.process import ManagedService, StackError, http_answers, write_private
 
 
 class InfluxDB2(ManagedService):
@@ -38,8 +38,8 @@ class InfluxDB2(ManagedService):
         return str(self.bolt_path)
 
     def prepare(self) -> None:
-        # Imported here, not at the top: `python -m laggard.stack.build_influxd` imports this package first.
-        from laggard.stack.build_influxd import ensure_influxd
+        # Imported here, not at the top: `python -m laggard.commands.stack.build_influxd` imports this package first.
+        from laggard.commands.stack.build_influxd import ensure_influxd
 
         self.influxd = ensure_influxd()  # builds it the first time on this machine
         self.bolt_path.parent.mkdir(parents=True, exist_ok=True)

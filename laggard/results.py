@@ -11,10 +11,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Scope = Literal["gpu", "node", "job", "model", "cluster"]
-FindingKind = Literal[
-    "straggler", "mixed_generation", "idle_allocated", "job_stalled", "xid", "silent_gpu", "low_utilization"
-]
 FindingState = Literal["firing", "resolved"]
+# A finding's kind names the detector that made it (the registry: agents/detectors.py DETECTORS).
+KIND_PATTERN = r"^[a-z][a-z0-9_]*$"
 # The fleet KPI's numbers per cluster and window (agents.stages.FleetKpi): what the sink writes, and
 # the metrics threshold rules can watch (the worker evaluates them on scope cluster only).
 FLEET_METRICS = ("gpus", "allocated_gpus", "idle_allocated_gpus", "samples", "util_mean", "effective_util",
@@ -102,7 +101,7 @@ class Finding(_Frozen):
     them as fields.
     """
 
-    kind: FindingKind
+    kind: str = Field(pattern=KIND_PATTERN)
     state: FindingState
     cluster: str
     job: str | None = None

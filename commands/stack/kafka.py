@@ -17,7 +17,7 @@ import uuid
 from importlib import resources
 from pathlib import Path
 
-from laggard.stack.process import ManagedService, StackError, write_private
+from laggard.commands.stack.process import ManagedService, StackError, write_private
 
 CACHE_ROOT = Path(os.environ.get("LAGGARD_CACHE_DIR", Path.home() / ".cache" / "laggard"))
 # The local SASL listener's one user and what it accepts (production brokers: mostly SCRAM over TLS).
@@ -146,7 +146,7 @@ class KafkaBroker(ManagedService):
                 "apt-get install -y maven."
             )
         self.libs.mkdir(parents=True, exist_ok=True)
-        with resources.as_file(resources.files("laggard.stack") / "pom.xml") as pom:
+        with resources.as_file(resources.files("laggard.commands.stack") / "pom.xml") as pom:
             result = subprocess.run(
                 [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
                  f"-Dkafka.version={self.version}", f"-DoutputDirectory={self.libs}",
@@ -164,7 +164,7 @@ class KafkaBroker(ManagedService):
 
     def write_config(self) -> None:
         log4j = self.home / "log4j2.properties"
-        log4j.write_text((resources.files("laggard.stack") / "log4j2.properties").read_text())
+        log4j.write_text((resources.files("laggard.commands.stack") / "log4j2.properties").read_text())
         tls = (f",SSL://127.0.0.1:{self.tls_port}" if self.tls_port else "") + (
             f",SASL_SSL://127.0.0.1:{self.sasl_port}" if self.sasl_port else "")
         write_private(self.config_path, "\n".join([

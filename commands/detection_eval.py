@@ -1,7 +1,7 @@
 """`laggard eval SCENARIO...`: score the real pipeline (simulator -> Kafka -> Faust worker) against
 the simulator's ground truth, next to the naive "low utilization" baseline.
 
-Per scenario, a laggard.pipeline_run.PipelineRun (its own topics `eval-<scenario>-<id>.*`, consumer
+Per scenario, a laggard.commands.pipeline_run.PipelineRun (its own topics `eval-<scenario>-<id>.*`, consumer
 group, port and state folder): the simulator's messages are published as fast as possible with
 event time in the past (first tick at now - duration - 60 s), so every window closes by event time
 or by the worker's idle timer; the truth goes to the run's truth topic. Then one worker (`laggard
@@ -30,11 +30,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agents.findings import Finding
-from agents.scoring import score
-from collectors.simulate import load_scenario
+from laggard.agents.scoring import score
+from laggard.collectors.simulate import load_scenario
+from laggard.commands.pipeline_run import PipelineError, PipelineRun, messages_taken
 from laggard.events import FaultTruth
-from laggard.pipeline_run import PipelineError, PipelineRun, messages_taken
+from laggard.results import Finding
 from laggard.settings import Settings, get_settings
 
 BASELINE_KIND = "low_utilization"

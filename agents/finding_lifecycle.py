@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from agents.findings import Finding
+from laggard.results import Finding
 
 
 class Episode(BaseModel):

@@ -28,12 +28,12 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from agents.findings import Finding
-from collectors.publisher import Publisher
-from collectors.simulate import FleetSimulator, load_scenario
+from laggard.collectors.publisher import Publisher
+from laggard.collectors.simulate import FleetSimulator, load_scenario
+from laggard.commands.stack.process import free_port, log_tail
 from laggard.events import EARLIEST_TS, FaultTruth, encode
+from laggard.results import Finding
 from laggard.settings import Settings
-from laggard.stack.process import free_port, log_tail
 from laggard.topics import ensure_topics, read_topic
 
 # Event time of the first tick lies this far before (now - duration): all of it is in the past,
@@ -131,7 +131,7 @@ class PipelineRun:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("w") as log:
             self.worker = subprocess.Popen(
-                [sys.executable, "-m", "laggard.cli", "worker", "-l", log_level], env=self.env,
+                [sys.executable, "-m", "laggard.commands.cli", "worker", "-l", log_level], env=self.env,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 

@@ -7,11 +7,11 @@ import shutil
 
 from pydantic import SecretStr
 
+from laggard.commands.stack.influx import InfluxDB
+from laggard.commands.stack.influx2 import InfluxDB2
+from laggard.commands.stack.kafka import SASL_MECHANISMS, SASL_USER, KafkaBroker
+from laggard.commands.stack.process import ManagedService, ServiceStatus, StackError
 from laggard.settings import Settings
-from laggard.stack.influx import InfluxDB
-from laggard.stack.influx2 import InfluxDB2
-from laggard.stack.kafka import SASL_MECHANISMS, SASL_USER, KafkaBroker
-from laggard.stack.process import ManagedService, ServiceStatus, StackError
 
 __all__ = ["services", "up", "down", "status", "StackError", "ServiceStatus"]
 

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from typing import Any, Iterable, Literal, Sequence
 from urllib.parse import urlencode
 
 from pydantic import BaseModel, Field
 
-from rules.evaluate import Observation, evaluate_finding, evaluate_window
-from rules.model import RulesConfig, matches_all
-from rules.routing import RouteTarget, route_targets
-from rules.silences import Silence
+from laggard.rules.evaluate import Observation, evaluate_finding, evaluate_window
+from laggard.rules.model import RulesConfig, matches_all
+from laggard.rules.routing import RouteTarget, route_targets
+from laggard.rules.silences import Silence
 
 AlertStatus = Literal["pending", "firing", "resolved"]
 
@@ -134,8 +135,10 @@ def _common(maps: list[dict[str, str]]) -> dict[str, str]:
 class AlertEngine:
     """Pending/firing/resolved alerts, deduplicated by fingerprint, grouped per route."""
 
-    def __init__(self, config: RulesConfig, state: EngineState | dict[str, Any] | None = None) -> None:
+    def __init__(self, config: RulesConfig, state: EngineState | dict[str, Any] | None = None,
+                 render_failures: Counter[str] | None = None) -> None:
         self.config = config
+        self.render_failures = render_failures  # templates that failed at send time, by rule
         self.state = state if isinstance(state, EngineState) else EngineState.model_validate(state or {})
         self._rules = {rule.name: rule for rule in config.rules}
 
@@ -146,12 +149,12 @@ class AlertEngine:
     # -- input ---------------------------------------------------------------------------------
 
     def observe_finding(self, finding: object, now: float) -> list[Observation]:
-        observations = evaluate_finding(self.config, finding)
+        observations = evaluate_finding(self.config, finding, self.render_failures)
         self.observe(observations, now)
         return observations
 
     def observe_window(self, window: object, now: float) -> list[Observation]:
-        observations = evaluate_window(self.config, window)
+        observations = evaluate_window(self.config, window, self.render_failures)
         self.observe(observations, now)
         return observations
 

@@ -1,5 +1,5 @@
 """Builds InfluxDB 2.x's `influxd` from source once per machine: Go modules from the Go module
-proxy, its Flux engine (libflux, Rust) from crates.io. `python -m laggard.stack.build_influxd`.
+proxy, its Flux engine (libflux, Rust) from crates.io. `python -m laggard.commands.stack.build_influxd`.
 
 The binary lands in <cache>/influxd-<version>/influxd (~/.cache/laggard unless LAGGARD_CACHE_DIR)
 with everything the build downloads or compiles beside it in build/ (GOPATH with the module cache,
@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from laggard.stack.kafka import CACHE_ROOT
-from laggard.stack.process import StackError, log_tail
+from laggard.commands.stack.kafka import CACHE_ROOT
+from laggard.commands.stack.process import StackError, log_tail
 
 INFLUXD_VERSION = "2.7.12"
 PKG_CONFIG_MODULE = "github.com/influxdata/pkg-config@v0.2.14"

@@ -15,10 +15,10 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from agents.sink import InfluxSink
-from laggard.pipeline_run import PipelineRun
+from laggard.agents.sink import InfluxSink
+from laggard.commands.pipeline_run import PipelineRun
+from laggard.rules.loader import DEFAULT_RULES, load_rules
 from laggard.settings import Settings
-from rules.loader import DEFAULT_RULES, load_rules
 
 SCENARIO = Path(__file__).resolve().parents[1] / "collectors" / "scenarios" / "demo.yaml"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from laggard.stack.process import ManagedService, StackError, http_answers
+from laggard.commands.stack.process import ManagedService, StackError, http_answers
 
 
 class InfluxDB(ManagedService):

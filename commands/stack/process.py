@@ -19,7 +19,6 @@ from typing import Callable
 
 import httpx
 
-
 PORT_RELEASE_S = 5.0
 
 

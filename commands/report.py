@@ -16,9 +16,9 @@ from typing import Any
 
 import typer
 
-from agents.sink import InfluxSink
+from laggard.agents.sink import InfluxSink
+from laggard.rules.model import parse_duration
 from laggard.settings import get_settings
-from rules.model import parse_duration
 
 # Per-window finding costs (fields `cost_*` of the `finding` measurement, see agents/detectors.py).
 WASTE_GPU_S_FIELDS = ("cost_peer_gpu_s_wasted", "cost_fast_gpu_s_wasted", "cost_gpu_s_idle")

@@ -19,11 +19,11 @@ app.add_typer(stack_app, name="stack")
 
 def _add_room_commands() -> None:
     """Each room's commands live in that room; imported here so `--help` lists them all."""
-    from collectors.cli import collect_app
-    from collectors.simulate_cli import simulate
-    from laggard.evaluate import eval_command
-    from laggard.report import report
-    from rules.cli import alerts_app, rules_app, silence_app
+    from laggard.collectors.cli import collect_app
+    from laggard.collectors.simulate_cli import simulate
+    from laggard.commands.detection_eval import eval_command
+    from laggard.commands.report import report
+    from laggard.rules.cli import alerts_app, rules_app, silence_app
 
     app.add_typer(collect_app, name="collect")
     app.command("simulate")(simulate)
@@ -53,7 +53,7 @@ def stack_up(
 
 def bring_stack_up(reset: bool = False, influx: int | None = None) -> None:
     """`stack up` for any command that needs the local stack; exits 1 with the reason on failure."""
-    from laggard import stack
+    from laggard.commands import stack
     from laggard.settings import Settings
 
     settings = get_settings() if influx is None else Settings(local_influx_version=influx)
@@ -71,7 +71,7 @@ def bring_stack_up(reset: bool = False, influx: int | None = None) -> None:
 @stack_app.command("down")
 def stack_down() -> None:
     """Stop the services that `stack up` started (by pid); their data stays."""
-    from laggard import stack
+    from laggard.commands import stack
 
     for line in stack.down(get_settings()):
         console.print(line)
@@ -80,7 +80,7 @@ def stack_down() -> None:
 @stack_app.command("status")
 def stack_status() -> None:
     """Show each service, its pid, port and health. Exits 1 unless all are healthy."""
-    from laggard import stack
+    from laggard.commands import stack
 
     rows = stack.status(get_settings())
     table = Table("service", "pid", "port", "state")
@@ -101,7 +101,7 @@ def worker(
     import logging
     import sys
 
-    from agents.app import app as faust_app
+    from laggard.agents.worker import build_worker
     from laggard.topics import ensure_topics
 
     settings = get_settings()
@@ -111,13 +111,13 @@ def worker(
     logging.getLogger("kafka").setLevel(quietest.get(loglevel.lower(), logging.WARNING))
     sys.argv = ["laggard worker", "worker", "--loglevel", loglevel,
                 "--web-host", settings.worker_web_host, "--web-port", str(settings.worker_web_port)]
-    faust_app.main()
+    build_worker(settings).app.main()
 
 
 @app.command("demo")
 def demo() -> None:
     """Bring the local stack up and run the demo end to end, printing what it found."""
-    from laggard.demo import run_demo
+    from laggard.commands.demo import run_demo
 
     bring_stack_up()
     run_demo(get_settings(), console)

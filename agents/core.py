@@ -1,0 +1,118 @@
+"""What every stage of the worker shares: its Faust app, topics, counters and InfluxDB sink, and
+how a stage dead-letters a message, writes points and re-reads a partition. The stages build on
+it: agents/worker.py (samples, windows, fleet KPI) and agents/alerting.py (alerts)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+from faust.exceptions import ConsumerNotStarted
+from faust.types import TP
+from pydantic import ValidationError
+
+from laggard.agents.metrics import Counters
+from laggard.agents.sink import InfluxRejected, InfluxSink
+from laggard.agents.transport import worker_app
+from laggard.events import describe_validation_error
+from laggard.settings import Settings
+from laggard.topics import alert_ticks_name, read_range
+
+log = logging.getLogger("laggard.worker")
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input message: from a Faust event, or re-read from Kafka where Faust skipped it."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+
+    @classmethod
+    def of(cls, event: Any) -> Input:
+        return cls(event.message.topic, event.message.partition, event.message.offset, event.value)
+
+
+class WorkerCore:
+    """The parts of a worker every stage uses; `Worker` (agents/worker.py) adds the stages."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = worker_app(settings)
+        topic = self.topic
+        self.samples_topic, self.windows_topic = topic(settings.topic_samples), topic(settings.topic_windows)
+        self.fleet_topic, self.findings_topic = topic(settings.topic_fleet), topic(settings.topic_findings)
+        self.deadletter_topic = topic(settings.topic_deadletter)
+        # Stage 4's single-partition channel: its ticks and the clusters' fleet KPI windows (threshold rules).
+        self.alert_channel = topic(alert_ticks_name(settings))
+        self.sink = InfluxSink(settings)
+        self.counters = Counters()
+        # Writes in flight: while one waits (InfluxDB down), the agents stand still and no
+        # partition may be taken for quiet by the idle timer.
+        self.writes_waiting = 0
+
+    def topic(self, *names: str) -> faust.TopicT:
+        return self.app.topic(*names, value_serializer="raw", key_serializer="raw")
+
+    async def dead_letter(self, message: Input, reason: str) -> None:
+        record = {"reason": reason, "topic": message.topic, "partition": message.partition,
+                  "offset": message.offset, "at": time.time(),
+                  "payload": (message.value or b"")[:4096].decode("utf-8", "replace")}
+        await self.deadletter_topic.send(key=message.topic.encode(), value=json.dumps(record).encode())
+
+    async def reject_stage_message(self, message: Input, err: ValueError) -> None:
+        """A message on a topic between the worker's stages that is not what the stage reads
+        (written by something else, or by an older laggard): dead-lettered and counted, the stage goes on."""
+        self.counters.stage_rejected += 1
+        reason = describe_validation_error(err) if isinstance(err, ValidationError) else str(err)
+        log.error("%s[%d]@%d is not a laggard stage message: %s", message.topic, message.partition, message.offset,
+                  reason)
+        await self.dead_letter(message, f"not a laggard stage message: {reason}")
+
+    async def replay(self, topic: str, partition: int, start: int, end: int) -> list[tuple[int, bytes]]:
+        """Messages [start, end) of one partition, read directly (not through Faust's consumer)."""
+        if start >= end:
+            return []
+        records = await asyncio.to_thread(read_range, self.settings, topic, partition, start, end)
+        self.counters.replayed += len(records)
+        return records
+
+    async def write(self, points: list) -> None:
+        """Blocks this agent (not the event loop) until InfluxDB has the points. Points InfluxDB
+        refuses (type conflicts, say) go to the dead-letter topic with its answer."""
+        if not points:
+            return
+        self.writes_waiting += 1
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(self.sink.write, points, "ms")
+        except InfluxRejected as err:
+            # A partial write keeps the good points: count what InfluxDB says it dropped.
+            dropped = len(points) if err.dropped is None else err.dropped
+            self.counters.influx_rejected += dropped
+            self.counters.influx_dead_letters += 1
+            log.error("%s (%d of %d points dropped; the batch is dead-lettered)", err, dropped, len(points))
+            lines = "\n".join(p if isinstance(p, str) else p.to_line_protocol() for p in points)
+            record = {"reason": str(err), "topic": "influxdb", "at": time.time(), "payload": lines[:4096]}
+            await self.deadletter_topic.send(key=b"influxdb", value=json.dumps(record).encode())
+        finally:
+            self.writes_waiting -= 1
+            if time.monotonic() - started > 1.0:
+                self.held_up()
+
+    def held_up(self) -> None:
+        """After a write that held the agents for over a second (InfluxDB slow or down)."""
+
+    def fetched_highwater(self, topic: str, partition: int) -> int | None:
+        """The partition's highwater at the consumer's last fetch; None before the first one."""
+        try:
+            return self.app.consumer.highwater(TP(topic, partition))
+        except (AssertionError, ConsumerNotStarted):  # revoked meanwhile, or not started
+            return None
