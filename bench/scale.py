@@ -32,9 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the
-# `agents` package: put the repository root there instead.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
