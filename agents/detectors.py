@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from statistics import median
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -139,41 +140,56 @@ def _finding(kind: str, r: WindowResult, summary: str, **extra: object) -> Findi
     )
 
 
-def _throttle_words(r: WindowResult) -> list[str]:
-    words = {"power_cap": "power-capped", "power_brake": "power brake", "hw_slowdown": "HW slowdown",
-             "sw_thermal": "thermal throttling", "hw_thermal": "HW thermal throttling"}
-    return [words[name] for name, share in r.throttle_share.items() if share >= 0.5]
+_REASON_WORDS = {"power_cap": "power-capped", "power_brake": "power brake", "hw_slowdown": "HW slowdown",
+                 "sw_thermal": "thermal", "hw_thermal": "HW thermal"}
+
+
+def _why(s: Straggler) -> list[str]:
+    """What an operator reads in the summary: the signature's numbers, and only the throttle
+    reasons the culprit carries that its peers do not (busy Hopper GPUs all carry SW_POWER_CAP)."""
+    c, peers = s.culprit, len(s.peers)
+    clock = f"SM clock {c.sm_clock_mhz_mean:.0f} MHz vs {s.peer_clock_median:.0f} peers"
+    words = [_REASON_WORDS.get(name, name) for name in sorted(s.extra_reasons)]
+    if s.signature == "throttled":
+        why = [clock, *words]
+    elif s.signature == "slow_compute":
+        why = [f"working {s.culprit_work:.0%} of the time vs {s.peer_work_median:.0%} for {peers} peers spinning in "
+               f"the collective", clock, "no throttle reason: slow compute"]
+    elif s.signature == "host":
+        why = [f"GPU idle {1 - c.util_mean / 100:.0%} of each step while {peers} peers spin in the collective: "
+               f"host-side"]
+    else:
+        why = [f"busy {c.util_mean:.0f}% vs {s.peer_util_median:.0f}% for peers that idle while they wait", *words]
+    if c.temp_c_mean > s.peer_temp_median + 5:
+        why.append(f"{c.temp_c_mean:.0f} °C vs {s.peer_temp_median:.0f} peers")
+    return why
 
 
 def straggler_finding(s: Straggler) -> Finding:
     c = s.culprit
     waits = s.peer_wait_s()
     idle_w = [p.idle_power_w for p in s.peers]
-    why = [f"SM clock {c.sm_clock_mhz_mean:.0f} MHz vs {s.peer_clock_median:.0f} peers"] if (
-        c.sm_clock_mhz_mean < 0.97 * s.peer_clock_median
-    ) else []
-    why += _throttle_words(c)
-    if c.temp_c_mean > s.peer_temp_median + 5:
-        why.append(f"{c.temp_c_mean:.0f} °C vs {s.peer_temp_median:.0f} peers")
-    where = f" ({', '.join(why)})" if why else ""
     summary = (
-        f"job {c.labels.job} is paced by rank {c.labels.rank} on node {c.labels.node} GPU {c.labels.gpu}{where}; "
-        f"{len(s.peers)} peers wait {s.wait_share:.0%} of each step"
+        f"job {c.labels.job} is paced by rank {c.labels.rank} on node {c.labels.node} GPU {c.labels.gpu} "
+        f"({', '.join(_why(s))}); {len(s.peers)} peers wait {s.wait_share:.0%} of each step"
     )
     return _finding(
         "straggler",
         c,
         summary,
         evidence={
+            "signature": s.signature,
             "rank_util_pct": round(c.util_mean, 2),
             "peer_util_median_pct": round(s.peer_util_median, 2),
             "peer_util_sigma_pct": round(s.peer_util_sigma, 2),
+            "rank_work_share": round(s.culprit_work, 3),
+            "peer_work_share_median": round(s.peer_work_median, 3),
             "sm_clock_mhz": round(c.sm_clock_mhz_mean, 1),
             "peer_sm_clock_median_mhz": round(s.peer_clock_median, 1),
             "temp_c": round(c.temp_c_mean, 1),
             "peer_temp_median_c": round(s.peer_temp_median, 1),
             "throttled_share": round(c.throttled_share, 3),
-            "throttle_reasons": ",".join(n for n, v in c.throttle_share.items() if v >= 0.5) or None,
+            "throttle_reasons": ",".join(sorted(s.extra_reasons)) or None,
             "peers": len(s.peers),
         },
         cost={
@@ -186,7 +202,7 @@ def straggler_finding(s: Straggler) -> Finding:
 
 def mixed_generation_finding(m: MixedGeneration, window_start: float, window_s: float) -> Finding:
     any_rank = m.fast[0].labels
-    fast_wait_s = [max(0.0, m.slow_util_median - f.util_mean) / 100.0 * window_s for f in m.fast]
+    fast_wait_s = [m.waste * window_s for _ in m.fast]
     summary = (
         f"job {any_rank.job} spans {m.slow_model} and {m.fast_model}: {len(m.fast)} {m.fast_model} ranks wait "
         f"{m.waste:.0%} of each step for {len(m.slow)} {m.slow_model} ranks"
@@ -202,8 +218,10 @@ def mixed_generation_finding(m: MixedGeneration, window_start: float, window_s: 
         evidence={
             "slow_model": m.slow_model,
             "fast_model": m.fast_model,
-            "slow_util_median_pct": round(m.slow_util_median, 2),
-            "fast_util_median_pct": round(m.fast_util_median, 2),
+            "slow_util_median_pct": round(median(r.util_mean for r in m.slow), 2),
+            "fast_util_median_pct": round(median(r.util_mean for r in m.fast), 2),
+            "slow_work_share_median": round(m.slow_work_median, 3),
+            "fast_work_share_median": round(m.fast_work_median, 3),
             "slow_ranks": len(m.slow),
             "fast_ranks": len(m.fast),
         },
@@ -307,9 +325,9 @@ _GPU_OF_JOB: dict[str, Any] = {"cluster": "cluster-0", "job": "job-0", "rank": 3
 _FREE_GPU: dict[str, Any] = {"cluster": "cluster-0", "node": "node-0", "gpu": 1, "model": "H100"}
 _JOB: dict[str, Any] = {"cluster": "cluster-0", "job": "job-0"}
 _STRAGGLER_EVIDENCE: dict[str, Any] = {
-    "rank_util_pct": 96.5, "peer_util_median_pct": 68.9, "peer_util_sigma_pct": 1.5, "sm_clock_mhz": 1410.0,
-    "peer_sm_clock_median_mhz": 1980.0, "temp_c": 82.0, "peer_temp_median_c": 55.0, "throttled_share": 1.0,
-    "throttle_reasons": "sw_thermal", "peers": 31,
+    "signature": "throttled", "rank_util_pct": 99.5, "peer_util_median_pct": 99.4, "peer_util_sigma_pct": 1.5,
+    "rank_work_share": 0.62, "peer_work_share_median": 0.71, "sm_clock_mhz": 1410.0, "peer_sm_clock_median_mhz": 1980.0,
+    "temp_c": 82.0, "peer_temp_median_c": 55.0, "throttled_share": 1.0, "throttle_reasons": "sw_thermal", "peers": 31,
 }
 _STRAGGLER_COST = {"peer_wait_share": 0.286, "peer_gpu_s_wasted": 85.3, "energy_wh_wasted": 2.844}
 _IDLE_JOB_COST = {"gpu_s_idle": 40.0, "energy_wh_idle": 1.389}
@@ -322,8 +340,8 @@ DETECTORS: dict[str, Detector] = {d.kind: d for d in (
         (_GPU_OF_JOB, {**_STRAGGLER_EVIDENCE, "throttled_share": 0.0, "throttle_reasons": None}, _STRAGGLER_COST),
     )),
     Detector("mixed_generation", mixed_generation, "job", samples=((_JOB, {
-        "slow_model": "H100", "fast_model": "H200", "slow_util_median_pct": 90.0, "fast_util_median_pct": 64.3,
-        "slow_ranks": 8, "fast_ranks": 16,
+        "slow_model": "H100", "fast_model": "H200", "slow_util_median_pct": 99.6, "fast_util_median_pct": 99.5,
+        "slow_work_share_median": 0.93, "fast_work_share_median": 0.66, "slow_ranks": 8, "fast_ranks": 16,
     }, {"fast_rank_waste_share": 0.286, "fast_gpu_s_wasted": 41.1, "energy_wh_wasted": 1.37}),)),
     # A job left idle and one that stalled look alike in telemetry: one family for eval.
     Detector("idle_allocated", idle_allocated, "job", family="idle", samples=(

@@ -52,6 +52,25 @@ def power_share(power_w: float, power_limit_w: float, idle_w: float) -> float:
     return 0.0 if share < 0.0 else 1.0 if share > 1.0 else share
 
 
+# Power rises with busy share as busy ** 0.71 (fitted on fixtures/h200-nvml-trace: at low duty
+# the clock boosts, so each busy millisecond draws more).
+POWER_CURVE_EXPONENT = 0.71
+
+
+def work_share(util_pct: float, power_share_frac: float | None, sm_active: float | None = None) -> float:
+    """Share of the time a GPU did real work, 0..1: DCGM's SM_ACTIVE where there is one; else the
+    lower of util_gpu and the busy share its power implies (the power curve inverted). A rank
+    spinning in a collective kernel reads util ~100% at near-idle power: util alone calls it busy,
+    its power does not."""
+    if sm_active is not None:
+        return sm_active
+    util = util_pct / 100.0
+    if power_share_frac is None:
+        return util
+    from_power = power_share_frac ** (1.0 / POWER_CURVE_EXPONENT)
+    return util if util < from_power else from_power
+
+
 def effective_utilization(util_frac: float, power_share_frac: float, sm_active: float | None = None) -> float:
     """Effective utilization 0..1 from (window-mean) util_gpu/100, power share and SM_ACTIVE."""
     if sm_active is not None:

@@ -1,16 +1,26 @@
 """In-job comparisons for one window: which rank paces a job, and which GPU model paces a mixed one.
 
-In synchronous data-parallel training every rank waits at each collective for the slowest. The
-slow rank is therefore the *busiest* (high util, often with a lower clock, a throttle reason, a
-higher temperature) and its healthy peers show lower util from waiting: the inverse of what a
-"low utilization" alert looks for. Each rank is compared with the peers of its own GPU model
-(a mixed-generation job's slower model is not a straggler, it is `mixed_generation`) using the
-median and MAD of the peers, with a noise floor so that 2- and 3-rank jobs, whose MAD is
-meaningless, still need a clear gap.
-
-The util ratio culprit / peer median approximates the slowdown: a rank computing s times longer
-is busy for s * c + comm of a step while its peers are busy c + comm, so the ratio sits a little
-below s. Slowdowns under ~10% are left alone (below the noise of a window and not worth a page).
+In synchronous training every rank waits at each collective for the slowest. *Where* it waits
+decides what NVML shows (DESIGN.md, "Domain facts"):
+- inside the collective kernel (NCCL, the usual case): the waiting GPU spins on a few SMs, so
+  util_gpu reads ~100% at near-idle power with a boosted clock;
+- on the host: the waiting GPU reads idle.
+So the rank that paces its job is told from its peers (same job, same GPU model) by one of four
+signatures, each a robust comparison (median and MAD of the peers, with noise floors, so that 2- and
+3-rank jobs still need a clear gap):
+- `throttled`: its SM clock sits below its peers' with a throttle reason they do not carry, or far
+  below (a lowered power limit leaves the same SW_POWER_CAP flag busy peers carry anyway): thermal,
+  power cap, HW slowdown. It computes longer at the lower clock while its peers wait.
+- `busier`: it works a larger share of the time than its peers, who idle while they wait (host-side
+  waits: util shows it).
+- `slow_compute`: its peers spin in the collective (util ~100% at a low power share) while it
+  works at a higher power share at the same or a lower clock, without a throttle reason: memory
+  thrashing, a weak part.
+- `host`: its peers spin at ~100% while its own GPU idles part of each step: its host (input
+  pipeline, CPU contention, GC) is late, not its GPU.
+Work share is DCGM's SM_ACTIVE where a source has it, else the lower of util_gpu and the busy share
+power implies (agents/effective.py `work_share`). A host-side straggler whose peers also wait on
+the host looks like them in every window mean: nothing here can name it.
 """
 
 from __future__ import annotations
@@ -18,20 +28,44 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import median
+from typing import Literal
 
+from laggard.agents.effective import work_share
 from laggard.results import WindowResult
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution -> its standard deviation
+Signature = Literal["throttled", "busier", "slow_compute", "host"]
+# A throttle reason carried for at least this share of a window's samples counts as carried.
+REASON_SHARE = 0.5
+# Groups this small have no robust median: one culprit is half or a third of every peer set.
+SMALL_GROUP = 3
+# Groups at least this large measure their own spread well (see _Peers.of).
+LARGE_GROUP = 16
 
 
 @dataclass(frozen=True)
 class StragglerConfig:
-    min_ratio: float = 1.07  # culprit util / peer median util
-    min_gap_pct: float = 4.0  # culprit util - peer median util, percentage points
-    z: float = 4.0  # gap in robust sigmas of the peers' util
+    min_ratio: float = 1.05  # culprit work / peer median work (busier, slow_compute)
+    min_gap_pct: float = 4.0  # culprit util - peer median util, percentage points (busier, host)
+    min_work_gap: float = 0.04  # culprit work share - peer median (slow_compute, busier)
+    min_clock_deficit: float = 0.03  # culprit SM clock below the peers' median, share of it (throttled)
+    clock_deficit_alone: float = 0.10  # ... without a throttle reason the peers lack
+    z: float = 4.0  # gaps in robust sigmas of the peers
     noise_floor_pct: float = 1.5  # smallest sigma assumed for window-mean util (tiny or uniform groups)
+    work_noise_floor: float = 0.015  # smallest sigma of window-mean work share
+    clock_noise_floor: float = 0.005  # smallest sigma of window-mean SM clock, share of the median
+    spinning_util_pct: float = 90.0  # peers at or above this util while working less wait inside a kernel
     busy_pct: float = 5.0  # a GPU below this mean util takes no part in comparisons (idle, stalled)
-    mixed_min_waste: float = 0.08  # 1 - fast group util / slow group util
+    mixed_min_waste: float = 0.08  # 1 - fast group work / slow group work
+
+
+def reasons(r: WindowResult) -> frozenset[str]:
+    """The throttle reasons a GPU carried this window."""
+    return frozenset(name for name, share in r.throttle_share.items() if share >= REASON_SHARE)
+
+
+def work(r: WindowResult) -> float:
+    return work_share(r.util_mean, r.power_share, r.sm_active)
 
 
 @dataclass(frozen=True)
@@ -40,20 +74,23 @@ class Straggler:
 
     culprit: WindowResult
     peers: tuple[WindowResult, ...]
+    signature: Signature
+    wait_share: float  # share of each step the typical peer spends waiting for the culprit
+    window_wait: float  # share of this window the typical peer spent waiting
     peer_util_median: float
     peer_util_sigma: float
+    peer_work_median: float
     peer_clock_median: float
     peer_temp_median: float
+    extra_reasons: frozenset[str]  # throttle reasons the culprit carries and most peers do not
 
     @property
-    def wait_share(self) -> float:
-        """Share of each step the typical peer spends waiting for the culprit."""
-        return max(0.0, 1.0 - self.peer_util_median / self.culprit.util_mean)
+    def culprit_work(self) -> float:
+        return work(self.culprit)
 
     def peer_wait_s(self) -> list[float]:
-        """Seconds each peer spent waiting this window (the culprit's busy time minus its own)."""
-        c = self.culprit
-        return [max(0.0, c.util_mean - p.util_mean) / 100.0 * c.window_s for p in self.peers]
+        """Seconds each peer spent waiting this window."""
+        return [self.window_wait * p.window_s for p in self.peers]
 
 
 @dataclass(frozen=True)
@@ -62,15 +99,15 @@ class MixedGeneration:
 
     slow_model: str
     fast_model: str
-    slow_util_median: float
-    fast_util_median: float
+    slow_work_median: float
+    fast_work_median: float
     slow: tuple[WindowResult, ...]
     fast: tuple[WindowResult, ...]
 
     @property
     def waste(self) -> float:
-        """1 - slow throughput / fast throughput, from the fast ranks' busy share."""
-        return 1.0 - self.fast_util_median / self.slow_util_median
+        """1 - slow throughput / fast throughput, from the fast ranks' work share."""
+        return 1.0 - self.fast_work_median / self.slow_work_median
 
 
 def mad(values: Sequence[float], centre: float) -> float:
@@ -84,45 +121,113 @@ def by_model(ranks: Sequence[WindowResult]) -> dict[str, list[WindowResult]]:
     return groups
 
 
+@dataclass(frozen=True)
+class _Peers:
+    """Robust statistics of one candidate's peers."""
+
+    util: float
+    util_sigma: float
+    work: float
+    work_sigma: float
+    clock: float
+    clock_sigma: float
+    common_reasons: frozenset[str]  # carried by at least half of them
+
+    @classmethod
+    def of(cls, peers: Sequence[WindowResult], cfg: StragglerConfig) -> _Peers:
+        utils, works, clocks = [p.util_mean for p in peers], [work(p) for p in peers], [p.sm_clock_mhz_mean for p in peers]
+        u, w, c = median(utils), median(works), median(clocks)
+        # The floors stand in for a spread a small group cannot measure; a large one's MAD is
+        # good, so its floors can sit lower (still above the rounding of whole-number samples).
+        floor = 1.0 if len(peers) < LARGE_GROUP else 0.5
+        counts: dict[str, int] = {}
+        for p in peers:
+            for name in reasons(p):
+                counts[name] = counts.get(name, 0) + 1
+        return cls(u, max(MAD_TO_SIGMA * mad(utils, u), floor * cfg.noise_floor_pct),
+                   w, max(MAD_TO_SIGMA * mad(works, w), floor * cfg.work_noise_floor),
+                   c, max(MAD_TO_SIGMA * mad(clocks, c), floor * cfg.clock_noise_floor * c),
+                   frozenset(name for name, n in counts.items() if 2 * n >= len(peers)))
+
+
+def _signature(cand: WindowResult, p: _Peers, cfg: StragglerConfig) -> tuple[Signature, float, float] | None:
+    """Which signature (if any) says `cand` paces its peers, the share of each step they wait, and
+    the share of the window the typical peer spent waiting."""
+    w = work(cand)
+    clock_gap = p.clock - cand.sm_clock_mhz_mean
+    clock_deficit = clock_gap / p.clock if p.clock > 0 else 0.0
+    extra = reasons(cand) - p.common_reasons
+    work_wait = 1.0 - p.work / w if w > 0 else 0.0
+    if clock_deficit >= cfg.min_clock_deficit and clock_gap >= cfg.z * p.clock_sigma and (
+            extra or clock_deficit >= cfg.clock_deficit_alone):
+        step_wait = max(work_wait, clock_deficit)
+        return "throttled", step_wait, step_wait * max(cand.util_mean / 100.0, w)
+    util_gap = cand.util_mean - p.util
+    works_more = (w - p.work >= cfg.min_work_gap and w - p.work >= cfg.z * p.work_sigma and w >= cfg.min_ratio * p.work)
+    if util_gap >= cfg.min_gap_pct and util_gap >= cfg.z * p.util_sigma and cand.util_mean >= cfg.min_ratio * p.util:
+        return "busier", max(work_wait, 1.0 - p.util / cand.util_mean), util_gap / 100.0
+    # Peers that spin read busier than they work, by more than the candidate does (the power model's
+    # error for a GPU model shifts both alike).
+    spin_excess = (p.util / 100.0 - p.work) - (cand.util_mean / 100.0 - w)
+    spinning = p.util >= cfg.spinning_util_pct and spin_excess >= cfg.min_work_gap / 2
+    if works_more:
+        return ("slow_compute" if spinning else "busier"), work_wait, w - p.work
+    if spinning and -util_gap >= cfg.min_gap_pct and -util_gap >= cfg.z * p.util_sigma:
+        return "host", -util_gap / 100.0, -util_gap / 100.0
+    return None
+
+
 def find_stragglers(ranks: Sequence[WindowResult], cfg: StragglerConfig) -> list[Straggler]:
-    """Ranks of one job (GPU results of one window) whose util stands out above their model peers."""
+    """Ranks of one job (GPU results of one window) that pace their model peers, by any signature."""
     busy = [r for r in ranks if r.util_mean >= cfg.busy_pct]
-    found = []
+    found: list[Straggler] = []
     for group in by_model(busy).values():
         if len(group) < 2:
             continue
-        # Removing a rank above the median moves the median down by at most half its gap, so a
-        # rank within min_gap/2 of the whole group's median cannot pass: skip the O(n) test for it.
-        group_median = median(r.util_mean for r in group)
+        in_group: list[Straggler] = []
+        # Leaving one rank out moves a median by at most half of that rank's gap from it, so a rank
+        # within half of every threshold of the whole group's medians cannot pass: skip the O(n) test.
+        whole = _Peers.of(group, cfg)
         for i, cand in enumerate(group):
-            if cand.util_mean - group_median < cfg.min_gap_pct / 2:
+            if (abs(cand.util_mean - whole.util) < cfg.min_gap_pct / 2
+                    and work(cand) - whole.work < cfg.min_work_gap / 2
+                    and whole.clock - cand.sm_clock_mhz_mean < cfg.min_clock_deficit / 2 * whole.clock):
                 continue
-            peers = group[:i] + group[i + 1 :]
-            utils = [p.util_mean for p in peers]
-            med = median(utils)
-            sigma = max(MAD_TO_SIGMA * mad(utils, med), cfg.noise_floor_pct)
-            gap = cand.util_mean - med
-            if gap >= cfg.min_gap_pct and gap >= cfg.z * sigma and cand.util_mean >= cfg.min_ratio * med:
-                found.append(
-                    Straggler(
-                        culprit=cand,
-                        peers=tuple(peers),
-                        peer_util_median=med,
-                        peer_util_sigma=sigma,
-                        peer_clock_median=median(p.sm_clock_mhz_mean for p in peers),
-                        peer_temp_median=median(p.temp_c_mean for p in peers),
-                    )
-                )
+            peers = group[:i] + group[i + 1:]
+            stats = _Peers.of(peers, cfg)
+            verdict = _signature(cand, stats, cfg)
+            if verdict is None:
+                continue
+            signature, wait_share, window_wait = verdict
+            in_group.append(Straggler(
+                culprit=cand, peers=tuple(peers), signature=signature, wait_share=max(0.0, min(1.0, wait_share)),
+                window_wait=max(0.0, min(1.0, window_wait)),
+                peer_util_median=stats.util, peer_util_sigma=stats.util_sigma, peer_work_median=stats.work,
+                peer_clock_median=stats.clock, peer_temp_median=median(p.temp_c_mean for p in peers),
+                extra_reasons=reasons(cand) - stats.common_reasons,
+            ))
+        # A rank whose GPU paces the job explains why the others work less: next to it, they are
+        # its victims, not host-side stragglers. In a group of 2 or 3 a victim's peers are mostly
+        # the culprit, whose lowered clock also lowers the power its work is read from: keep only
+        # the strongest explanation there (a lower clock, then working more).
+        if any(s.signature != "host" for s in in_group):
+            in_group = [s for s in in_group if s.signature != "host"]
+        if len(group) <= SMALL_GROUP and any(s.signature == "throttled" for s in in_group):
+            in_group = [s for s in in_group if s.signature == "throttled"]
+        found += in_group
     return found
 
 
 def find_mixed_generation(ranks: Sequence[WindowResult], cfg: StragglerConfig) -> MixedGeneration | None:
-    """The slowest-paced pair of GPU models in a job spanning several, if the faster one waits."""
+    """The slowest-paced pair of GPU models in a job spanning several, if the faster one waits
+    (idle, or spinning in the collective: work share sees both)."""
     groups = by_model([r for r in ranks if r.util_mean >= cfg.busy_pct])
     if len(groups) < 2:
         return None
-    medians = {model: median(r.util_mean for r in group) for model, group in groups.items()}
-    slow = max(medians, key=medians.__getitem__)  # the busiest model paces the others
+    medians = {model: median(work(r) for r in group) for model, group in groups.items()}
+    slow = max(medians, key=medians.__getitem__)  # the hardest-working model paces the others
     fast = min(medians, key=medians.__getitem__)
+    if medians[slow] <= 0:
+        return None
     mixed = MixedGeneration(slow, fast, medians[slow], medians[fast], tuple(groups[slow]), tuple(groups[fast]))
     return mixed if mixed.waste >= cfg.mixed_min_waste else None

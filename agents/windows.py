@@ -151,6 +151,8 @@ def _result(scope: Scope, key: str, labels: Labels, start: float, size: float, r
         util_p50=_percentile(cumulative, 0.50),
         util_p95=_percentile(cumulative, 0.95),
         effective_util=rollup.effective_weighted / n,
+        power_share=a.power_share_sum / n,
+        sm_active=a.sm_active_sum / a.sm_active_samples if a.sm_active_samples else None,
         power_w_mean=a.power_sum / n,
         idle_power_w=a.idle_power_sum / n,
         energy_wh=a.energy_wh,

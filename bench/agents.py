@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from laggard.agents.outputs import window_outputs
 from laggard.agents.stages import SampleStage
 from laggard.collectors.simulate import FleetSimulator, load_scenario

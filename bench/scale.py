@@ -32,7 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 

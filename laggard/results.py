@@ -59,6 +59,10 @@ class WindowResult(_Frozen):
     util_p50: float
     util_p95: float
     effective_util: float
+    # Where the time went, for telling work from waiting (agents/straggler.py): mean power share
+    # (power above idle over the loaded range, 0-1) and DCGM's SM_ACTIVE where the source has it.
+    power_share: float | None = None
+    sm_active: float | None = None
     power_w_mean: float
     idle_power_w: float
     energy_wh: float
