@@ -106,3 +106,19 @@ def score(
         "laggard": {fam: score_family(found_by[fam], truth_by[fam], window_s) for fam in scored},
         "baseline": {fam: score_family(baseline, truth_by[fam], window_s) for fam in scored if truth_by[fam]},
     }
+
+
+def straggler_cells(laggard: Sequence[Finding], baseline: Sequence[Finding], truths: Sequence[FaultTruth],
+                    window_s: float) -> dict[str, dict[str, dict[str, float | int | None]]]:
+    """Straggler recall and detection latency per cause x wait mode ("thermal/kernel": {...}), from
+    the simulator's truth details: where laggard finds which kind of straggler, beside the
+    baseline. Precision has no cell (a false finding has no cause); `score` gives it per family."""
+    family_of = families()
+    cells: dict[str, list[FaultTruth]] = {}
+    for t in truths:
+        if family_of.get(t.kind) == "straggler" and "cause" in t.detail:
+            cells.setdefault(f"{t.detail['cause']}/{t.detail.get('wait', '?')}", []).append(t)
+    keep = ("truths", "detected", "recall", "detect_latency_windows_p50")
+    return {cell: {"laggard": {k: v for k, v in score_family(laggard, ts, window_s).items() if k in keep},
+                   "baseline": {k: v for k, v in score_family(baseline, ts, window_s).items() if k in keep}}
+            for cell, ts in sorted(cells.items())}

@@ -30,7 +30,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from laggard.agents.scoring import score
+from laggard.agents.scoring import score, straggler_cells
 from laggard.collectors.simulate import load_scenario
 from laggard.commands.pipeline_run import PipelineError, PipelineRun, messages_taken
 from laggard.events import FaultTruth
@@ -58,6 +58,9 @@ class ScenarioRun:
 
     def scores(self, window_s: float) -> Scores:
         return score(self.laggard, self.baseline, self.truths, window_s)
+
+    def cells(self, window_s: float) -> Scores:
+        return straggler_cells(self.laggard, self.baseline, self.truths, window_s)
 
 
 def evaluate_scenario(scenario_path: Path, base: Settings, workdir: Path, status: Status = lambda _: None,
@@ -122,6 +125,19 @@ def scores_table(title: str, scores: Scores) -> Table:
     return table
 
 
+def cells_table(title: str, cells: Scores) -> Table:
+    """Straggler cause x wait mode: how many laggard and the baseline found, and how fast."""
+    table = Table(title=title, caption="wait: where peers wait for the straggler (kernel: spinning in the "
+                  "collective; host: idle); detect: median windows from onset")
+    for column in ("cause/wait", "truths", "L recall", "L detect", "B recall"):
+        table.add_column(column, justify="left" if column == "cause/wait" else "right")
+    for cell, both in cells.items():
+        ours, theirs = both["laggard"], both["baseline"]
+        table.add_row(cell, str(ours["truths"]), _fmt(ours["recall"]), _fmt(ours["detect_latency_windows_p50"], 1),
+                      _fmt(theirs["recall"]))
+    return table
+
+
 def evaluate(scenarios: Sequence[Path], settings: Settings, console: Console) -> dict[str, Any]:
     """Run every scenario, print its table, and return the report written by `laggard eval`."""
     runs: list[ScenarioRun] = []
@@ -132,6 +148,8 @@ def evaluate(scenarios: Sequence[Path], settings: Settings, console: Console) ->
             console.print(scores_table(
                 f"{run.name}: {run.messages:,} messages, {run.gpu_samples:,} GPU samples, "
                 f"{run.seconds:.0f} s", run.scores(settings.window_s)))
+            if cells := run.cells(settings.window_s):
+                console.print(cells_table(f"{run.name}: stragglers by cause and wait mode", cells))
     pooled = pooled_scores(runs, settings.window_s)
     if len(runs) > 1:
         console.print(scores_table("all scenarios, pooled", pooled))
@@ -139,7 +157,7 @@ def evaluate(scenarios: Sequence[Path], settings: Settings, console: Console) ->
         **pooled,
         "window_s": settings.window_s,
         "scenarios": {
-            r.name: {**r.scores(settings.window_s), "messages": r.messages,
+            r.name: {**r.scores(settings.window_s), "straggler_cells": r.cells(settings.window_s), "messages": r.messages,
                      "gpu_samples": r.gpu_samples, "seconds": r.seconds, "worker": r.worker_stats}
             for r in runs
         },

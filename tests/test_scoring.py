@@ -160,3 +160,35 @@ def test_unseen_scenario_stragglers_found_within_two_windows_of_the_onset_window
     # Onsets fall inside windows: a fault covering only the end of its first window is seen from
     # the next one, so the bound is 2 windows after the start of the window holding the onset.
     assert lag["detect_latency_windows_p50"] <= 2.0 and lag["detect_latency_windows_p95"] < 3.0, lag
+
+
+SIGNATURE_OF = {"thermal": {"throttled"}, "power": {"throttled"}, "hw_slowdown": {"throttled"},
+                "slow_compute": {"slow_compute", "busier"}, "host": {"host"}}
+
+
+def test_every_straggler_cause_is_named_whether_peers_spin_in_the_collective_or_idle_on_the_host() -> None:
+    """The shipped matrix: each cause x wait mode cell found within two windows by the signature that
+    fits its cause, the control jobs quiet; the one cell no telemetry can see stays unseen."""
+    pytest.importorskip("laggard.collectors.simulate")
+    from laggard.agents.scoring import straggler_cells
+
+    out, found = evaluate("straggler_matrix")
+    truths_sim = load_matrix_truths()
+    cells = straggler_cells(found, [], truths_sim, W)
+    for cell, both in cells.items():
+        recall = both["laggard"]["recall"]
+        if cell == "host/host":  # its peers idle on the host too: nothing tells them apart
+            assert recall == 0.0, both
+        else:
+            assert recall == 1.0 and both["laggard"]["detect_latency_windows_p50"] <= 2.0, (cell, both)
+    assert out["laggard"]["straggler"]["precision"] == 1.0, out["laggard"]["straggler"]
+    firing = [f for f in found if f.kind == "straggler" and f.state == "firing"]
+    assert not [f for f in firing if f.job.startswith("control")]
+    for f in firing:
+        assert f.evidence["signature"] in SIGNATURE_OF[f.job.split("-")[0]], f.summary
+
+
+def load_matrix_truths() -> list[FaultTruth]:
+    from laggard.collectors.simulate import FleetSimulator, load_scenario
+
+    return FleetSimulator(load_scenario(SCENARIOS / "straggler_matrix.yaml"), start_ts=T0).truth()

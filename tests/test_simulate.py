@@ -128,10 +128,17 @@ def test_shipped_scenarios_load_and_the_straggler_fleet_is_large() -> None:
 # --- physics ------------------------------------------------------------------------------------
 
 
-def test_a_throttled_rank_paces_its_job_while_its_peers_wait() -> None:
-    s = scenario(
-        faults=[{"kind": "straggler", "job": "train", "rank": 5, "cause": "thermal", "clock_mhz": 1100, "start_s": 20, "end_s": 50}]
-    )
+def train_job(wait: str) -> list[dict[str, Any]]:
+    return [{"name": "train", "nodes": [{"group": "h100-", "count": 4}], "step_s": 1.0, "collective_wait": wait}]
+
+
+THERMAL_RANK_5 = {"kind": "straggler", "job": "train", "rank": 5, "cause": "thermal", "clock_mhz": 1100, "start_s": 20,
+                  "end_s": 50}
+
+
+@pytest.mark.parametrize("wait", ["kernel", "host"])
+def test_a_throttled_rank_paces_its_job_while_its_peers_wait(wait: str) -> None:
+    s = scenario(jobs=train_job(wait), faults=[THERMAL_RANK_5])
     fs = frames(s)
     sim = FleetSimulator(s, start_ts=START)
     job_gpus = sim.layout.job_gpus[0]
@@ -147,8 +154,42 @@ def test_a_throttled_rank_paces_its_job_while_its_peers_wait() -> None:
     assert all(f.reasons[slow] & ClockReason.SW_THERMAL for f in during)
     assert not any((f.reasons[peers] & ClockReason.SW_THERMAL).any() for f in during)
     assert mean(during, "temp_c", slow) > mean(during, "temp_c", peers) + 15
-    assert mean(during, "util_gpu", peers) < mean(before, "util_gpu", peers) - 20
-    assert mean(during, "util_gpu", peers) < mean(during, "util_gpu", slow) - 20
+    # The peers compute 0.9 s of each ~1.33 s step and wait the rest.
+    assert mean(during, "busy", peers) == pytest.approx(1.0 / expected, abs=0.03)
+    if wait == "host":  # the wait reads idle
+        assert mean(during, "util_gpu", peers) < mean(before, "util_gpu", peers) - 20
+        assert mean(during, "util_gpu", peers) < mean(during, "util_gpu", slow) - 20
+    else:  # spinning in the collective: busy-looking, at a lower power and a boosted clock
+        assert mean(during, "util_gpu", peers) >= 97
+        assert mean(during, "power_w", peers) < mean(before, "power_w", peers) - 60
+        assert mean(during, "sm_clock_mhz", peers) > mean(before, "sm_clock_mhz", peers) + 50
+
+
+def test_a_slow_compute_rank_works_longer_at_full_clock_while_its_peers_spin() -> None:
+    s = scenario(faults=[{"kind": "straggler", "job": "train", "rank": 5, "cause": "slow_compute", "slowdown": 1.3,
+                          "start_s": 20}])
+    fs = frames(s)[30:]
+    job_gpus = FleetSimulator(s, start_ts=START).layout.job_gpus[0]
+    slow, peers = job_gpus[5], np.delete(job_gpus, 5)
+    assert mean(fs, "job_step_s", 0) == pytest.approx(0.9 * 1.3 + 0.1, rel=0.01)
+    assert not any(f.reasons[slow] & ~ClockReason.SW_POWER_CAP for f in fs)  # no throttle flag of its own
+    assert mean(fs, "util_gpu", slow) >= 97 and mean(fs, "util_gpu", peers) >= 97
+    assert mean(fs, "power_w", slow) > mean(fs, "power_w", peers) + 40  # it works; they spin
+    assert mean(fs, "sm_clock_mhz", slow) < mean(fs, "sm_clock_mhz", peers) - 30  # they boost while spinning
+
+
+def test_a_host_straggler_idles_on_its_gpu_while_its_peers_spin() -> None:
+    s = scenario(faults=[{"kind": "straggler", "job": "train", "rank": 5, "cause": "host", "slowdown": 1.3,
+                          "start_s": 20}])
+    fs = frames(s)[30:]
+    sim = FleetSimulator(s, start_ts=START)
+    job_gpus = sim.layout.job_gpus[0]
+    slow, peers = job_gpus[5], np.delete(job_gpus, 5)
+    step = 0.9 * 1.3 + 0.1
+    assert mean(fs, "job_step_s", 0) == pytest.approx(step, rel=0.01)
+    assert mean(fs, "util_gpu", slow) == pytest.approx(100 * 1.0 / step, abs=4)  # idle while its host prepares
+    assert mean(fs, "util_gpu", peers) >= 97
+    assert [t.detail for t in sim.truth()] == [{"cause": "host", "wait": "kernel", "slowdown": 1.3}]
 
 
 def test_a_slow_node_slows_all_its_gpus_and_its_job() -> None:
@@ -172,7 +213,8 @@ def test_the_quiet_scenario_carries_no_fault_signature() -> None:
 def test_mixed_generation_the_faster_model_waits() -> None:
     s = scenario(
         jobs=[
-            {"name": "mixed", "nodes": [{"group": "h100-", "count": 2}, {"group": "h200-", "count": 2}], "step_s": 1.0}
+            {"name": "mixed", "nodes": [{"group": "h100-", "count": 2}, {"group": "h200-", "count": 2}], "step_s": 1.0,
+             "collective_wait": "host"}
         ]
     )
     fs = frames(s)[5:60]

@@ -28,6 +28,8 @@ DEFAULT_SLOWDOWN = 1.35
 DEFAULT_POWER_LIMIT_SHARE = 0.7
 # A thermally throttled GPU runs this much hotter than its power explains (~85 C on an H200).
 THERMAL_EXTRA_C = 28.0
+# Straggler causes that leave the clock alone: the rank's own work or its host is slow.
+NOT_THROTTLES = ("slow_compute", "host")
 
 _REASON = {
     "thermal": ClockReason.SW_THERMAL,
@@ -48,6 +50,8 @@ class TickEffects:
     xid: np.ndarray
     idle: np.ndarray
     stalled_jobs: np.ndarray
+    compute_factor: np.ndarray  # each step's compute takes this much longer at the same clock
+    host_factor: np.ndarray  # the GPU idles this share of its compute time each step, waiting on its host
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,8 @@ class FaultSchedule:
         window = self._window(fault.start_s, fault.end_s)
         if isinstance(fault, StragglerFault):
             gpus = np.array([self._target_gpu(fault)])
+            if fault.cause in NOT_THROTTLES:
+                return CompiledFault(fault, window, gpus)
             return CompiledFault(fault, window, gpus, self._throttle_clock(fault, gpus))
         if isinstance(fault, SlowNodeFault):
             n = self.layout.nodes.index(fault.node)
@@ -144,12 +150,20 @@ class FaultSchedule:
             xid=np.zeros(g, dtype=np.int64),
             idle=np.zeros(g, dtype=bool),
             stalled_jobs=np.zeros(len(self.layout.job_gpus), dtype=bool),
+            compute_factor=np.ones(g),
+            host_factor=np.zeros(g),
         )
         for c in self.compiled:
             if not c.window.covers(k):
                 continue
             f = c.fault
-            if isinstance(f, (StragglerFault, SlowNodeFault)):
+            if isinstance(f, StragglerFault) and f.cause in NOT_THROTTLES:
+                slowdown = f.slowdown or DEFAULT_SLOWDOWN
+                if f.cause == "slow_compute":
+                    fx.compute_factor[c.gpus] *= slowdown
+                else:
+                    fx.host_factor[c.gpus] += slowdown - 1.0
+            elif isinstance(f, (StragglerFault, SlowNodeFault)):
                 assert c.clock_mhz is not None
                 fx.clock_cap_mhz[c.gpus] = np.minimum(fx.clock_cap_mhz[c.gpus], c.clock_mhz)
                 cause = f.cause if isinstance(f, StragglerFault) else "hw_slowdown"
@@ -201,8 +215,14 @@ class FaultSchedule:
         for c in self.compiled:
             f = c.fault
             if isinstance(f, StragglerFault):
-                assert c.clock_mhz is not None
-                detail = {"cause": f.cause, "clock_mhz": round(float(c.clock_mhz[0]), 1)}
+                owner = self.scenario.jobs[self.job_index[f.job]] if f.job is not None else None
+                detail: dict[str, float | str] = {"cause": f.cause}
+                if owner is not None:
+                    detail["wait"] = owner.collective_wait
+                if c.clock_mhz is None:
+                    detail["slowdown"] = f.slowdown or DEFAULT_SLOWDOWN
+                else:
+                    detail["clock_mhz"] = round(float(c.clock_mhz[0]), 1)
                 add("straggler", f.start_s, f.end_s, int(c.gpus[0]), detail=detail)
             elif isinstance(f, SlowNodeFault):
                 assert c.clock_mhz is not None

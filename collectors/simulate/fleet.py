@@ -1,11 +1,14 @@
 """The fleet simulator: every GPU of every node, one numpy pass per tick.
 
 Jobs run synchronous data-parallel steps. Each rank computes for
-`step_s * (1 - comm_share) / throughput(model) * (normal clock / its clock)`, waits for the
-slowest rank and then runs the collective (`step_s * comm_share`). The wait counts as idle, the
-signature the agents look for (where NCCL kernels spin while waiting, util_gpu stays high and
-power is the better witness), so a slow rank reads busy for the whole step while its peers'
-utilization drops: NVML utilization per sample is the share of the sample interval a kernel ran.
+`step_s * (1 - comm_share) / throughput(model) * (normal clock / its clock)` (longer for a
+slow_compute straggler), idles while its host is late (a host straggler), waits for the slowest
+rank and then runs the collective (`step_s * comm_share`). NVML utilization per sample is the
+share of the sample interval a kernel ran, so where the wait happens decides what it shows
+(`collective_wait` of the job):
+- `kernel` (NCCL, the usual case): the waiting rank spins inside the collective kernel on a few
+  SMs: util reads ~100%, power sits SPIN_W above idle, the clock boosts as when idle.
+- `host`: the wait is idle: util drops by the wait share.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from laggard.collectors.simulate.scenario import Scenario
 from laggard.events import FaultTruth, GpuSample, NodeSample
 
 IDLE_MEM_MIB = 615.0  # driver context on an idle H200 (fixture)
+# A rank spinning in a collective kernel draws this much above idle: an H100 blocked in allgather
+# read 152 W against 129-137 W idle (NVIDIA/nccl#1550).
+SPIN_W = 20.0
 
 
 class FleetSimulator(Source):
@@ -120,6 +126,7 @@ class _FramePhysics:
         self.intensity = np.array([j.intensity for j in jobs] + [0.0])
         self.mem_util = np.array([j.mem_util_pct for j in jobs] + [0.0])
         self.mem_share = np.array([j.mem_share for j in jobs] + [0.0])
+        self.spins = np.array([j.collective_wait == "kernel" for j in jobs] + [False])
         self.phase = self.rng.random(len(jobs))  # jobs do not step in lockstep with each other
         self.temp: np.ndarray | None = None  # set to the first tick's steady state
         self.energy = self.rng.uniform(1e6, 1e8, lay.gpu_count)  # counters since the driver loaded
@@ -143,8 +150,10 @@ class _FramePhysics:
         tick_s = self.sim.scenario.tick_s
         noise = self.rng.standard_normal((4, len(job)))
         clock_ratio = np.minimum(1.0, fx.clock_cap_mhz / self.loaded_clock)
-        compute = self.compute_s[job] / self.throughput / clock_ratio
-        step, taking_part = self.step_times(job, fx, compute)
+        healthy = self.compute_s[job] / self.throughput
+        compute = healthy / clock_ratio * fx.compute_factor
+        host = healthy * fx.host_factor
+        step, taking_part = self.step_times(job, fx, compute + host)
 
         # Job phase counts steps; each rank's busy share is its busy time over this tick's phase span.
         p0, p1 = self.phase, self.phase + tick_s / step
@@ -153,6 +162,11 @@ class _FramePhysics:
         a, b = compute / rank_step, self.comm_s[job] / rank_step
         busy_steps = busy_integral(gp1, a, b) - busy_integral(gp0, a, b)
         busy = np.where(taking_part, np.clip(busy_steps / np.maximum(gp1 - gp0, 1e-12), 0.0, 1.0), 0.0)
+        # The rest of the step is waiting for the slowest rank (spinning where the job's waits do)
+        # or, for a rank whose host is late, idle.
+        between = np.maximum(1.0 - a - b, 1e-12)
+        waiting = np.clip(1.0 - a - b - host / rank_step, 0.0, None) / between
+        spin = np.where(taking_part & self.spins[job], (1.0 - busy) * np.minimum(waiting, 1.0), 0.0)
         steps_done = np.floor(p1) - np.floor(p0)
         self.phase = p1 - np.floor(p1)
         running = np.zeros(len(step), dtype=bool)
@@ -162,12 +176,12 @@ class _FramePhysics:
         capped = intensity >= CAP_INTENSITY
         normal_clock = sm_clock_mhz(self.max_clock, self.loaded_clock, busy, capped)
         clock = np.minimum(normal_clock, fx.clock_cap_mhz)
-        power = self.curve.power_w(busy, intensity * clock / normal_clock)
+        power = self.curve.power_w(busy, intensity * clock / normal_clock) + SPIN_W * spin
         power = np.clip(power + noise[0] * (3.0 + 0.015 * power), 0.0, fx.power_limit_w)
         target = self.idle_temp + self.temp_per_w * (power - self.curve.idle_w) + fx.extra_temp_c
         self.temp = target if self.temp is None else temperature_step(self.temp, target, tick_s)
         self.energy = self.energy + power * tick_s
-        working = busy > 0
+        working = busy + spin > 0
         holds_memory = (job >= 0) & ~fx.idle
 
         return Frame(
@@ -175,7 +189,7 @@ class _FramePhysics:
             job=job,
             rank=rank,
             present=~fx.silent,
-            util_gpu=np.rint(np.clip(100 * busy + working * noise[1], 0, 100)).astype(np.int64),
+            util_gpu=np.rint(np.clip(100 * (busy + spin) + working * noise[1], 0, 100)).astype(np.int64),
             util_mem=np.rint(np.clip(self.mem_util[job] * busy + working * noise[2] * 0.5, 0, 100)).astype(np.int64),
             power_w=np.rint(power).astype(np.int64),
             power_limit_w=np.rint(fx.power_limit_w).astype(np.int64),

@@ -64,6 +64,9 @@ class JobSpec(_Spec):
     intensity: float = Field(default=1.0, gt=0, le=1, description="power drawn at full busy, share of loaded (0.6: memory-bound)")
     mem_util_pct: float = Field(default=40.0, ge=0, le=100, description="util_mem while busy")
     mem_share: float = Field(default=0.8, ge=0, le=1, description="share of GPU memory the job holds")
+    collective_wait: Literal["kernel", "host"] = Field(
+        default="kernel", description="where a rank waits for the slowest: spinning inside the collective kernel "
+        "(NCCL: util ~100% at near-idle power, boosted clock) or on the host (the GPU reads idle)")
     start_s: float = Field(default=0.0, ge=0)
     end_s: float | None = Field(default=None, gt=0)
 
@@ -108,11 +111,21 @@ class Throttle(_Spec):
 
 
 class StragglerFault(GpuTarget, Throttle):
-    """One GPU throttled: thermal (SW_THERMAL, hot), power (SW_POWER_CAP, lowered limit) or hw_slowdown."""
+    """One rank slower than its peers. GPU throttles: thermal (SW_THERMAL, hot), power (SW_POWER_CAP,
+    a lowered limit) or hw_slowdown, at a lower clock. slow_compute: each step's compute takes
+    `slowdown` times longer at the same clock, no flag (memory thrashing, a weak part). host: its
+    host is late, its GPU idles for (slowdown - 1) x its compute time each step (input pipeline,
+    CPU contention)."""
 
     kind: Literal["straggler"]
-    cause: Literal["thermal", "power", "hw_slowdown"] = "thermal"
+    cause: Literal["thermal", "power", "hw_slowdown", "slow_compute", "host"] = "thermal"
     power_limit_w: float | None = Field(default=None, gt=0, le=5000, description="cause power: the lowered limit")
+
+    @model_validator(mode="after")
+    def _clock_only_for_throttles(self) -> StragglerFault:
+        if self.cause in ("slow_compute", "host") and (self.clock_mhz is not None or self.power_limit_w is not None):
+            raise ValueError(f"cause {self.cause} keeps the clock and the limit: give slowdown instead")
+        return self
 
 
 class SlowNodeFault(Timed, Throttle):
