@@ -21,6 +21,7 @@ def _add_room_commands() -> None:
     """Each room's commands live in that room; imported here so `--help` lists them all."""
     from laggard.collectors.cli import collect_app
     from laggard.collectors.simulate_cli import simulate
+    from laggard.commands.detect import detect_command
     from laggard.commands.detection_eval import eval_command
     from laggard.commands.report import report
     from laggard.rules.cli import alerts_app, rules_app, silence_app
@@ -28,6 +29,7 @@ def _add_room_commands() -> None:
     app.add_typer(collect_app, name="collect")
     app.command("simulate")(simulate)
     app.command("eval")(eval_command)
+    app.command("detect")(detect_command)
     app.command("report")(report)
     app.add_typer(rules_app, name="rules")
     app.add_typer(alerts_app, name="alerts")

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
+from laggard.agents.offline import detect_offline
 from laggard.agents.sink import InfluxSink
 from laggard.collectors.publisher import Publisher
+from laggard.collectors.simulate import FleetSimulator, load_scenario
 from laggard.commands.pipeline_run import PipelineRun
+from laggard.results import Finding
 from tests.helpers.samples import node_sample
 
 SCENARIO = "collectors/scenarios/demo.yaml"
@@ -56,3 +60,13 @@ def test_worker_finds_injected_faults_and_dead_letters_bad_input(stack, tmp_path
                       f"AND \"rank\" = '17' AND time >= {since}s AND time <= {int(time.time())}s")
     sink.close()
     assert rows and max(r["util_mean"] for r in rows) > 90
+
+    # `laggard detect` runs the same stages offline: on the same samples, the same findings.
+    spec = load_scenario(Path(SCENARIO))
+    recorded = (value for _ts, batch in FleetSimulator(spec, start_ts=run.start_ts).encoded_ticks() for _key, value in batch)
+    offline = list(detect_offline(recorded, stack.window_s, stack.late_grace_s))
+
+    def identity(f: Finding) -> tuple[object, ...]:
+        return f.kind, f.state, f.job, f.rank, f.node, f.gpu, f.window_start
+
+    assert sorted(map(identity, offline)) == sorted(map(identity, findings))
