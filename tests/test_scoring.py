@@ -192,3 +192,18 @@ def load_matrix_truths() -> list[FaultTruth]:
     from laggard.collectors.simulate import FleetSimulator, load_scenario
 
     return FleetSimulator(load_scenario(SCENARIOS / "straggler_matrix.yaml"), start_ts=T0).truth()
+
+
+def test_jobs_starting_and_ending_raise_nothing() -> None:
+    """A job's GPUs leave its stage-2 key as a whole when it ends (and join one when it starts):
+    none of them is a silent GPU, and nothing else fires on a healthy fleet."""
+    from laggard.collectors.simulate import Scenario
+
+    spec = Scenario.model_validate({
+        "name": "churn", "seed": 3, "duration_s": 200, "cluster": "c", "nodes": [{"prefix": "n", "count": 8, "model": "H100"}],
+        "jobs": [{"name": "a", "nodes": [{"group": "n", "count": 4}], "step_s": 1.0, "end_s": 70},
+                 {"name": "b", "nodes": [{"group": "n", "first": 0, "count": 2}], "step_s": 1.0, "start_s": 95},
+                 {"name": "c", "nodes": [{"group": "n", "first": 4, "count": 4}], "step_s": 1.0, "start_s": 30,
+                  "end_s": 150}]})
+    _, found = evaluate_scenario(spec)
+    assert found == (), [f.summary for f in found]
