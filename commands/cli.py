@@ -13,6 +13,20 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+def _print_version(value: bool) -> None:
+    if value:
+        from laggard import __version__
+
+        typer.echo(f"laggard {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print laggard's version and exit.")) -> None:
+    """laggard: GPU cluster telemetry that names the rank, node and GPU pacing each job."""
+
+
 stack_app = typer.Typer(help="Run the local stack (Apache Kafka + InfluxDB) on this machine.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 

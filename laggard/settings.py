@@ -3,7 +3,7 @@ env file, with the local stack's values as defaults so the same code points at p
 
 Secrets (InfluxDB token and password, Kafka SASL password) are SecretStr: they print as '**********'.
 A secret can also come from a file: set LAGGARD_SECRETS_DIR to a folder holding one file per
-setting name (e.g. `influx_token`), the Docker/Kubernetes secrets convention.
+setting name (e.g. `influx_token`, or `laggard_influx_token`), the Docker/Kubernetes secrets convention.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SecretsSettingsSource, SettingsConfigDict
 
 
 def _default_state_dir() -> Path:
@@ -98,6 +98,17 @@ class Settings(BaseSettings):
     worker_app_id: str = "laggard-worker"  # Faust app id: consumer group and table topics
     worker_web_host: str = "127.0.0.1"
     worker_web_port: int = 6066
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Secret files named after the setting (`influx_token`, as compose and Kubernetes mount them)
+        as well as with the prefix (`laggard_influx_token`, pydantic-settings' own naming), which wins."""
+        secrets_dir = getattr(file_secret_settings, "secrets_dir", None)  # the config's, or `_secrets_dir=`
+        plain = (SecretsSettingsSource(settings_cls, secrets_dir=secrets_dir, env_prefix=""),) if secrets_dir else ()
+        return init_settings, env_settings, dotenv_settings, file_secret_settings, *plain
 
     @model_validator(mode="after")
     def _point_at_local_influx2(self) -> Settings:

@@ -42,3 +42,15 @@ def test_compose_points_laggard_at_its_own_services():
                            if k not in ("LAGGARD_SECRETS_DIR",)})
     assert settings.kafka_bootstrap_servers == "kafka:9092"
     assert settings.influx_url == "http://influxdb:8086" and settings.influx_version == 2
+
+
+def test_secret_files_are_read_under_the_names_compose_mounts(tmp_path: Path) -> None:
+    """deploy/secrets/influx_token mounted at /run/secrets/influx_token is the worker's influx_token
+    (pydantic-settings alone reads only laggard_influx_token, and an empty token fails silently)."""
+    (tmp_path / "influx_token").write_text("from-compose")
+    (tmp_path / "kafka_sasl_password").write_text("sasl-secret")
+    settings = Settings(_secrets_dir=tmp_path)
+    assert settings.influx_token is not None and settings.influx_token.get_secret_value() == "from-compose"
+    assert settings.kafka_sasl_password is not None and settings.kafka_sasl_password.get_secret_value() == "sasl-secret"
+    (tmp_path / "laggard_influx_token").write_text("prefixed")
+    assert Settings(_secrets_dir=tmp_path).influx_token.get_secret_value() == "prefixed"  # type: ignore[union-attr]
