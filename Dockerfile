@@ -6,5 +6,5 @@ COPY collectors collectors
 COPY agents agents
 COPY rules rules
 COPY commands commands
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir . && mkdir -p /var/lib/laggard && chown nobody /var/lib/laggard
 USER nobody

@@ -54,3 +54,15 @@ def test_secret_files_are_read_under_the_names_compose_mounts(tmp_path: Path) ->
     assert settings.kafka_sasl_password is not None and settings.kafka_sasl_password.get_secret_value() == "sasl-secret"
     (tmp_path / "laggard_influx_token").write_text("prefixed")
     assert Settings(_secrets_dir=tmp_path).influx_token.get_secret_value() == "prefixed"  # type: ignore[union-attr]
+
+
+def test_the_deployment_can_write_its_state_and_keep_its_data():
+    """The worker runs as `nobody` in an image whose /app is root's: its state folder must be one
+    the image gives to `nobody`. Kafka's data lives on its volume; the collector restarts."""
+    services = _compose()["services"]
+    state_dir = services["laggard-worker"]["environment"]["LAGGARD_STATE_DIR"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"chown nobody {state_dir}" in dockerfile and "USER nobody" in dockerfile
+    kafka = services["kafka"]
+    assert f"kafka-data:{kafka['environment']['KAFKA_LOG_DIRS']}" in kafka["volumes"]
+    assert services["laggard-collector"]["restart"] == "unless-stopped"
