@@ -201,6 +201,11 @@ def run_source(
     if failed:
         err_console.print(f"laggard collect: {failed} samples failed to publish", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+    if status.ticks and not status.samples and source.rejects.total:
+        reasons = ", ".join(f"{n} {category}" for category, n in source.rejects.by_category.most_common())
+        err_console.print(f"laggard collect: no sample in {status.ticks} tick(s): every read was refused ({reasons})",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def _attribution(mapping_file: Path | None, slurm_dir: Path | None = None) -> Attribution:

@@ -300,3 +300,11 @@ def test_the_dcgm_command_refuses_an_unusable_url_in_one_line() -> None:
                            "--stdout", "--count", "1"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == "laggard collect: dcgm-exporter URL 'http://127.0.0.1:99999/metrics': port 99999 is not in 1-65535"
+
+
+def test_the_dcgm_command_exits_1_when_every_scrape_failed(exporter_server: ExporterServer) -> None:
+    done = subprocess.run([sys.executable, "-m", "laggard.collectors.cli", "dcgm", "--url", exporter_server.url("/gone"),
+                           "--interval", "0.05", "--stdout", "--count", "2"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "laggard collect: no sample in 2 tick(s): every read was refused (2 scrape_failed)" in done.stderr
+    assert done.stdout == ""
