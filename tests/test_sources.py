@@ -593,8 +593,9 @@ def test_dcgm_cli_keeps_going_when_server_is_down() -> None:
         probe.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{probe.getsockname()[1]}/metrics"
     result = runner.invoke(collect_app, ["dcgm", "--url", dead, "--interval", "0.05", "--count", "2", "--stdout"])
-    assert result.exit_code == 0
+    # Every tick was tried (no crash at the first failure); a run that collected nothing exits 1.
     assert "2 ticks" in result.stderr and "2 rejected" in result.stderr
+    assert result.exit_code == 1 and "no sample in 2 tick(s)" in result.stderr
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
