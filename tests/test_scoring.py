@@ -166,13 +166,17 @@ SIGNATURE_OF = {"thermal": {"throttled"}, "power": {"throttled"}, "hw_slowdown":
                 "slow_compute": {"slow_compute", "busier"}, "host": {"host"}}
 
 
-def test_every_straggler_cause_is_named_whether_peers_spin_in_the_collective_or_idle_on_the_host() -> None:
-    """The shipped matrix: each cause x wait mode cell found within two windows by the signature that
-    fits its cause, the control jobs quiet; the one cell no telemetry can see stays unseen."""
+@pytest.mark.parametrize("dcgm", [False, True], ids=["nvml", "dcgm"])
+def test_every_straggler_cause_is_named_whether_peers_spin_in_the_collective_or_idle_on_the_host(dcgm: bool) -> None:
+    """The shipped matrix, from NVML's counters alone and with DCGM's SM_ACTIVE: each cause x wait
+    mode cell found within two windows by the signature that fits its cause, the control jobs
+    quiet; the one cell no telemetry can see stays unseen."""
     pytest.importorskip("laggard.collectors.simulate")
     from laggard.agents.scoring import straggler_cells
+    from laggard.collectors.simulate import load_scenario
 
-    out, found = evaluate("straggler_matrix")
+    spec = load_scenario(SCENARIOS / "straggler_matrix.yaml").model_copy(update={"dcgm_profiling": dcgm})
+    out, found = evaluate_scenario(spec)
     truths_sim = load_matrix_truths()
     cells = straggler_cells(found, [], truths_sim, W)
     for cell, both in cells.items():

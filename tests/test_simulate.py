@@ -63,7 +63,8 @@ def test_same_scenario_and_seed_give_identical_bytes() -> None:
     assert other_seed != first
 
 
-def test_encoded_ticks_decode_to_the_same_samples_as_ticks() -> None:
+@pytest.mark.parametrize("dcgm", [False, True])
+def test_encoded_ticks_decode_to_the_same_samples_as_ticks(dcgm: bool) -> None:
     s = scenario(
         faults=[
             {"kind": "straggler", "job": "train", "rank": 3, "start_s": 2, "cause": "power"},
@@ -71,6 +72,7 @@ def test_encoded_ticks_decode_to_the_same_samples_as_ticks() -> None:
             {"kind": "silent_gpu", "job": "train", "rank": 9, "start_s": 1, "end_s": 4},
         ],
         duration_s=6,
+        dcgm_profiling=dcgm,
     )
     sim = FleetSimulator(s, start_ts=START)
     encoded, samples = list(sim.encoded_ticks()), list(sim.ticks())
@@ -80,6 +82,7 @@ def test_encoded_ticks_decode_to_the_same_samples_as_ticks() -> None:
         assert [decode_node_sample(v) for _, v in messages] == tick
         assert all(n.ts == ts for n in tick)
     assert any(g.xid == 79 for tick in samples for n in tick for g in n.gpus)
+    assert all((g.sm_active is not None) == dcgm for tick in samples for n in tick for g in n.gpus)
 
 
 # --- ground truth -------------------------------------------------------------------------------
@@ -163,6 +166,17 @@ def test_a_throttled_rank_paces_its_job_while_its_peers_wait(wait: str) -> None:
         assert mean(during, "util_gpu", peers) >= 97
         assert mean(during, "power_w", peers) < mean(before, "power_w", peers) - 60
         assert mean(during, "sm_clock_mhz", peers) > mean(before, "sm_clock_mhz", peers) + 50
+
+
+def test_dcgm_sees_spinning_peers_use_a_few_sms_while_the_straggler_computes() -> None:
+    s = scenario(dcgm_profiling=True, faults=[THERMAL_RANK_5])
+    during = frames(s)[30:50]
+    job_gpus = FleetSimulator(s, start_ts=START).layout.job_gpus[0]
+    slow, peers = job_gpus[5], np.delete(job_gpus, 5)
+    # It computes 1.35 s of each 1.45 s step; its peers compute 0.9 s of it, the rest on a few SMs.
+    assert mean(during, "sm_active", slow) == pytest.approx(0.9 * 1.35 / 1.45 + 0.12 * 0.1 / 1.45, abs=0.01)
+    assert mean(during, "sm_active", peers) == pytest.approx(0.9 * 0.9 / 1.45 + 0.12 * 0.55 / 1.45, abs=0.01)
+    assert mean(during, "util_gpu", peers) >= 97  # what NVML alone shows
 
 
 def test_a_slow_compute_rank_works_longer_at_full_clock_while_its_peers_spin() -> None:

@@ -20,10 +20,8 @@ from laggard.collectors.simulate.layout import FleetLayout
 from laggard.collectors.simulate.scenario import Scenario
 
 SOURCE = "simulate"
-_MEASURED = (
-    ',"util_gpu":%d,"util_mem":%d,"power_w":%d,"sm_clock_mhz":%d,"temp_c":%d,"clocks_event_reasons":%d,"energy_j":%d}'
-)
-_PER_GPU = _MEASURED.count("%d")
+_NVML = ',"util_gpu":%d,"util_mem":%d,"power_w":%d,"sm_clock_mhz":%d,"temp_c":%d,"clocks_event_reasons":%d,"energy_j":%d'
+_DCGM = ',"sm_active":%.3f,"tensor_active":%.3f,"dram_active":%.3f'
 
 
 def _escape(text: str) -> str:
@@ -46,6 +44,8 @@ class NodeEncoder:
         self._baked: tuple[np.ndarray, ...] = ()
         self._gpu_templates: list[str] = []
         self._node_templates: list[str] = []
+        self._measured = _NVML + (_DCGM if scenario.dcgm_profiling else "") + "}"
+        self._per_gpu = self._measured.count("%")
 
     def _bake(self, f: Frame) -> None:
         lay, names = self.layout, [json.dumps(j.name) for j in self.scenario.jobs]
@@ -58,7 +58,7 @@ class NodeEncoder:
                 f',"power_limit_w":{f.power_limit_w[g]},"mem_used_mib":{f.mem_used_mib[g]}'
                 f',"mem_clock_mhz":{self.mem_clock_mhz[g]!r},"mem_total_mib":{self.mem_total_mib[g]!r}'
             )
-            self._gpu_templates.append(_escape(head) + _MEASURED)
+            self._gpu_templates.append(_escape(head) + self._measured)
         self._node_templates = [self._node_template(n, range(lo, hi), {}) for n, (lo, hi) in enumerate(self._bounds)]
 
     def _node_template(self, n: int, gpus: range | list[int], xid: dict[int, int]) -> str:
@@ -72,7 +72,10 @@ class NodeEncoder:
             self._baked = baked
             self._bake(f)
         columns = (f.util_gpu, f.util_mem, f.power_w, f.sm_clock_mhz, f.temp_c, f.reasons, f.energy_j)
-        values = np.stack(columns, axis=1).ravel().tolist()  # GPU-major: GPU g's values at g*7 .. g*7+6
+        if self.scenario.dcgm_profiling:
+            columns += (f.sm_active, f.tensor_active, f.dram_active)
+        values = np.stack(columns, axis=1).ravel().tolist()  # GPU-major: GPU g's values at g*n .. g*n+n-1
+        per_gpu = self._per_gpu
         ts = repr(f.ts)
         silent = np.flatnonzero(~f.present).tolist()
         xid = dict(zip(np.flatnonzero(f.xid).tolist(), f.xid[f.xid != 0].tolist()))
@@ -80,12 +83,12 @@ class NodeEncoder:
         out = []
         for n, (lo, hi) in enumerate(self._bounds):
             if n not in irregular:
-                text = self._node_templates[n] % (ts, *values[lo * _PER_GPU : hi * _PER_GPU])
+                text = self._node_templates[n] % (ts, *values[lo * per_gpu : hi * per_gpu])
             else:
                 present = [g for g in range(lo, hi) if f.present[g]]
                 if not present:
                     continue
-                mine = [v for g in present for v in values[g * _PER_GPU : (g + 1) * _PER_GPU]]
+                mine = [v for g in present for v in values[g * per_gpu : (g + 1) * per_gpu]]
                 text = self._node_template(n, present, xid) % (ts, *mine)
             out.append((self._keys[n], text.encode()))
         return out

@@ -26,6 +26,9 @@ from laggard.collectors.simulate.layout import FleetLayout, build_layout
 from laggard.collectors.simulate.physics import (
     CAP_INTENSITY,
     POWER_EXPONENT,
+    SM_ACTIVE_COLLECTIVE,
+    SM_ACTIVE_COMPUTE,
+    TENSOR_ACTIVE_COMPUTE,
     PowerCurve,
     busy_integral,
     power_cap_reason,
@@ -99,6 +102,8 @@ class FleetSimulator(Source):
                 clocks_event_reasons=int(f.reasons[g]),
                 energy_j=float(f.energy_j[g]),
                 xid=int(f.xid[g]) or None,
+                **({"sm_active": round(float(f.sm_active[g]), 3), "tensor_active": round(float(f.tensor_active[g]), 3),
+                    "dram_active": round(float(f.dram_active[g]), 3)} if self.scenario.dcgm_profiling else {}),
             )
             for g in range(lay.node_first_gpu[n], lay.node_first_gpu[n + 1])
             if f.present[g]
@@ -162,6 +167,9 @@ class _FramePhysics:
         a, b = compute / rank_step, self.comm_s[job] / rank_step
         busy_steps = busy_integral(gp1, a, b) - busy_integral(gp0, a, b)
         busy = np.where(taking_part, np.clip(busy_steps / np.maximum(gp1 - gp0, 1e-12), 0.0, 1.0), 0.0)
+        computing = np.where(taking_part, np.clip(
+            (busy_integral(gp1, a, np.zeros_like(b)) - busy_integral(gp0, a, np.zeros_like(b)))
+            / np.maximum(gp1 - gp0, 1e-12), 0.0, busy), 0.0)
         # The rest of the step is waiting for the slowest rank (spinning where the job's waits do)
         # or, for a rank whose host is late, idle.
         between = np.maximum(1.0 - a - b, 1e-12)
@@ -202,6 +210,9 @@ class _FramePhysics:
             energy_j=np.rint(self.energy).astype(np.int64),
             xid=fx.xid,
             busy=busy,
+            sm_active=SM_ACTIVE_COMPUTE * computing + SM_ACTIVE_COLLECTIVE * (busy - computing + spin),
+            tensor_active=TENSOR_ACTIVE_COMPUTE * computing * intensity,
+            dram_active=computing * self.mem_util[job] / 100.0,
             job_step_s=np.where(running, step, np.nan),
             job_steps=steps_done,
         )

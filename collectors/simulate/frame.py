@@ -26,5 +26,8 @@ class Frame:
     energy_j: np.ndarray
     xid: np.ndarray  # 0 where none
     busy: np.ndarray  # exact busy share, before noise
+    sm_active: np.ndarray  # DCGM profiling ratios 0-1 (sent only where the scenario's fleet has them)
+    tensor_active: np.ndarray
+    dram_active: np.ndarray
     job_step_s: np.ndarray  # per job: step time this tick (inf: stalled or all idle; nan: not running)
     job_steps: np.ndarray  # per job: steps completed during this tick

@@ -32,6 +32,12 @@ CAP_INTENSITY = 0.9
 CAP_REASON_MIN_BUSY = 0.2
 # Temperature follows power with a first-order lag of this time constant.
 THERMAL_TAU_S = 20.0
+# DCGM profiling ratios, a model (not measured here): dense compute keeps nearly every SM busy with
+# warps and the tensor pipes at a share scaled by the job's intensity; a collective kernel, moving
+# data or spinning while it waits, occupies a few SMs (one CTA per NCCL channel).
+SM_ACTIVE_COMPUTE = 0.9
+SM_ACTIVE_COLLECTIVE = 0.12
+TENSOR_ACTIVE_COMPUTE = 0.6
 
 
 @dataclass(frozen=True)

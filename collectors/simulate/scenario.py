@@ -191,6 +191,8 @@ class Scenario(_Spec):
     tick_s: float = Field(default=1.0, gt=0, le=3600)
     start: float | None = Field(default=None, description="unix seconds; default: when the run starts")
     cluster: str = Field(default="sim", min_length=1, max_length=128)
+    dcgm_profiling: bool = Field(default=False, description="samples carry DCGM's SM_ACTIVE, TENSOR_ACTIVE and "
+                                 "DRAM_ACTIVE (dcgm-exporter with profiling metrics), not NVML's counters alone")
     nodes: list[NodeGroup] = Field(min_length=1)
     jobs: list[JobSpec] = Field(default_factory=list)
     faults: list[Fault] = Field(default_factory=list)
