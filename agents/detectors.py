@@ -109,6 +109,7 @@ class Detector:
     samples: tuple[Shape, ...]
     fire_after: int = 2  # consecutive windows before a finding fires (so latency <= 2 windows)
     clear_after: int = 2  # consecutive clean windows before it resolves
+    fire_after_s: float = 0.0  # ... and seconds of the condition in them (findings' evidence fault_share)
     family: str = ""  # what `laggard eval` scores it as (default: its kind)
     truths: tuple[str, ...] = ()  # the simulator's truth kinds it should find (default: its kind)
 
@@ -190,6 +191,7 @@ def straggler_finding(s: Straggler) -> Finding:
             "peer_temp_median_c": round(s.peer_temp_median, 1),
             "throttled_share": round(c.throttled_share, 3),
             "throttle_reasons": ",".join(sorted(s.extra_reasons)) or None,
+            "fault_share": round(s.fault_share, 3),
             "peers": len(s.peers),
         },
         cost={
@@ -327,7 +329,8 @@ _JOB: dict[str, Any] = {"cluster": "cluster-0", "job": "job-0"}
 _STRAGGLER_EVIDENCE: dict[str, Any] = {
     "signature": "throttled", "rank_util_pct": 99.5, "peer_util_median_pct": 99.4, "peer_util_sigma_pct": 1.5,
     "rank_work_share": 0.62, "peer_work_share_median": 0.71, "sm_clock_mhz": 1410.0, "peer_sm_clock_median_mhz": 1980.0,
-    "temp_c": 82.0, "peer_temp_median_c": 55.0, "throttled_share": 1.0, "throttle_reasons": "sw_thermal", "peers": 31,
+    "temp_c": 82.0, "peer_temp_median_c": 55.0, "throttled_share": 1.0, "throttle_reasons": "sw_thermal",
+    "fault_share": 1.0, "peers": 31,
 }
 _STRAGGLER_COST = {"peer_wait_share": 0.286, "peer_gpu_s_wasted": 85.3, "energy_wh_wasted": 2.844}
 _IDLE_JOB_COST = {"gpu_s_idle": 40.0, "energy_wh_idle": 1.389}
@@ -335,7 +338,9 @@ _XID = {"xid": 79, "xid_samples": 3}
 _SILENT = {"last_window_start": _T0 - 20.0, "windows_missing": 2}
 
 DETECTORS: dict[str, Detector] = {d.kind: d for d in (
-    Detector("straggler", stragglers, "job", truths=("straggler", "slow_node"), samples=(
+    # 12 s of fault: a blip of a few seconds never fires, even across a window boundary, and a fault
+    # that begins mid-window still fires at the end of the next one.
+    Detector("straggler", stragglers, "job", fire_after_s=12.0, truths=("straggler", "slow_node"), samples=(
         (_GPU_OF_JOB, _STRAGGLER_EVIDENCE, _STRAGGLER_COST),
         (_GPU_OF_JOB, {**_STRAGGLER_EVIDENCE, "throttled_share": 0.0, "throttle_reasons": None}, _STRAGGLER_COST),
     )),
@@ -384,7 +389,8 @@ class FleetDetector:
         self.state = state or DetectorState()
         self.detectors = dict(DETECTORS)
         self._lifecycles = {
-            kind: Lifecycle(d.fire_after, d.clear_after, state=self.state.lifecycles.setdefault(kind, LifecycleState()))
+            kind: Lifecycle(d.fire_after, d.clear_after, state=self.state.lifecycles.setdefault(kind, LifecycleState()),
+                            fire_after_s=d.fire_after_s)
             for kind, d in self.detectors.items()
         }
 

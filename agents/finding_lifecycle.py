@@ -2,7 +2,10 @@
 
 Detectors report, per window, the conditions that hold now (`Observation`s keyed by fingerprint).
 `Lifecycle` turns that into transitions: a condition fires after `fire_after` consecutive windows
-and resolves after `clear_after` consecutive windows without it, each transition emitted once.
+(and, with `fire_after_s`, once those windows hold that many seconds of it: a finding's
+`evidence["fault_share"]` says how much of its window the condition covered, so a fault of a few
+seconds that straddles a window boundary does not pass for two windows of it) and resolves after
+`clear_after` consecutive windows without it, each transition emitted once.
 Its state is a pydantic model so it can be dumped to a dict (e.g. a Faust table) and restored.
 """
 
@@ -17,6 +20,7 @@ class Episode(BaseModel):
     """One fingerprint's progress: consecutive windows with and without the condition."""
 
     hits: int = 0
+    seconds: float = 0.0  # of the condition over the consecutive hits
     clean: int = 0
     firing: bool = False
     last: Finding  # the latest observation (or the firing finding), to describe a resolution
@@ -40,10 +44,12 @@ def resolved_from(last: Finding, window_start: float, window_s: float, clean_win
 class Lifecycle:
     """Applies persistence and clearing to one detector's observations."""
 
-    def __init__(self, fire_after: int, clear_after: int, state: LifecycleState | None = None) -> None:
+    def __init__(self, fire_after: int, clear_after: int, state: LifecycleState | None = None,
+                 fire_after_s: float = 0.0) -> None:
         if fire_after < 1 or clear_after < 1:
             raise ValueError(f"fire_after and clear_after must be >= 1, got {fire_after}, {clear_after}")
         self.fire_after = fire_after
+        self.fire_after_s = fire_after_s
         self.clear_after = clear_after
         self.state = state or LifecycleState()
 
@@ -56,9 +62,11 @@ class Lifecycle:
             if ep is None:
                 ep = episodes[fp] = Episode(last=finding)
             ep.hits += 1
+            share = finding.evidence.get("fault_share", 1.0)
+            ep.seconds += window_s * (share if isinstance(share, (int, float)) else 1.0)
             ep.clean = 0
             ep.last = finding
-            if not ep.firing and ep.hits >= self.fire_after:
+            if not ep.firing and ep.hits >= self.fire_after and ep.seconds >= self.fire_after_s - 1e-9:
                 ep.firing = True
                 out.append(finding)
         for fp in [fp for fp in episodes if fp not in observed]:

@@ -83,10 +83,19 @@ class Straggler:
     peer_clock_median: float
     peer_temp_median: float
     extra_reasons: frozenset[str]  # throttle reasons the culprit carries and most peers do not
+    peer_common_reasons: frozenset[str]  # carried by at least half of the peers
 
     @property
     def culprit_work(self) -> float:
         return work(self.culprit)
+
+    @property
+    def fault_share(self) -> float:
+        """How much of the window the fault covered: the share of samples with the throttle reason
+        the peers lack, where there is one; else the whole window (nothing finer to go by)."""
+        shares = [share for name, share in self.culprit.throttle_share.items()
+                  if share > 0 and name not in self.peer_common_reasons]
+        return max(shares) if shares else 1.0
 
     def peer_wait_s(self) -> list[float]:
         """Seconds each peer spent waiting this window."""
@@ -204,7 +213,7 @@ def find_stragglers(ranks: Sequence[WindowResult], cfg: StragglerConfig) -> list
                 window_wait=max(0.0, min(1.0, window_wait)),
                 peer_util_median=stats.util, peer_util_sigma=stats.util_sigma, peer_work_median=stats.work,
                 peer_clock_median=stats.clock, peer_temp_median=median(p.temp_c_mean for p in peers),
-                extra_reasons=reasons(cand) - stats.common_reasons,
+                extra_reasons=reasons(cand) - stats.common_reasons, peer_common_reasons=stats.common_reasons,
             ))
         # A rank whose GPU paces the job explains why the others work less: next to it, they are
         # its victims, not host-side stragglers. In a group of 2 or 3 a victim's peers are mostly

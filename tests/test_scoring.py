@@ -211,3 +211,22 @@ def test_jobs_starting_and_ending_raise_nothing() -> None:
                   "end_s": 150}]})
     _, found = evaluate_scenario(spec)
     assert found == (), [f.summary for f in found]
+
+
+@pytest.mark.parametrize("wait", ["kernel", "host"])
+def test_throttles_shorter_than_the_persistence_never_fire_even_across_a_window_boundary(wait: str) -> None:
+    """2x slowdowns of 7 s and 9 s, each straddling a window boundary: two windows see them, but
+    they hold 12 s of fault between them only if they are longer (the throttle reason's share of
+    each window's samples says how much of it the fault covered)."""
+    from laggard.collectors.simulate import Scenario
+
+    spec = Scenario.model_validate({
+        "name": "blips", "seed": 4, "duration_s": 140, "cluster": "c", "nodes": [{"prefix": "n", "count": 16, "model": "H100"}],
+        "jobs": [{"name": "a", "nodes": [{"group": "n", "count": 16}], "step_s": 1.0, "collective_wait": wait}],
+        "faults": [
+            {"kind": "straggler", "job": "a", "rank": 7, "cause": "thermal", "slowdown": 2.0, "start_s": 36, "end_s": 43},
+            {"kind": "straggler", "job": "a", "rank": 50, "cause": "hw_slowdown", "slowdown": 2.0, "start_s": 75, "end_s": 84},
+            {"kind": "straggler", "job": "a", "rank": 90, "cause": "thermal", "slowdown": 2.0, "start_s": 95, "end_s": 110},
+        ]})
+    _, found = evaluate_scenario(spec)
+    assert [(f.rank, f.state) for f in found] == [(90, "firing"), (90, "resolved")]  # only the 15 s one
