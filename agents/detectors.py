@@ -23,7 +23,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from laggard.agents.finding_lifecycle import Lifecycle, LifecycleState
-from laggard.agents.straggler import MixedGeneration, Straggler, StragglerConfig, find_mixed_generation, find_stragglers
+from laggard.agents.straggler import (
+    LARGE_GROUP,
+    MixedGeneration,
+    Straggler,
+    StragglerConfig,
+    by_model,
+    find_mixed_generation,
+    find_stragglers,
+    work,
+)
 from laggard.agents.windows import IDLE_UTIL_PCT
 from laggard.results import Finding, WindowResult, detect_key, finding_fingerprint, group_key
 
@@ -59,10 +68,22 @@ class SeenGpu(BaseModel):
         return group_key(self.cluster, self.job, self.node)
 
 
+class RankShape(BaseModel):
+    """How a rank usually differs from its peers (pipeline stage, the rank holding the loss): its
+    work share and util minus its group's medians, smoothed over windows it was not flagged in."""
+
+    work: float = 0.0
+    util: float = 0.0
+    last_window: float = 0.0
+
+
 class DetectorState(BaseModel):
     lifecycles: dict[str, LifecycleState] = Field(default_factory=dict)  # per detector kind
     seen_gpus: dict[str, SeenGpu] = Field(default_factory=dict)  # cluster|node|gpu -> last sighting
     job_busy: dict[str, float] = Field(default_factory=dict)  # cluster|job -> last window it was busy
+    job_windows: dict[str, int] = Field(default_factory=dict)  # cluster|job -> windows seen
+    # cluster|job|rank -> its usual difference from its peers; only ranks that differ are kept
+    rank_shapes: dict[str, RankShape] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -99,6 +120,14 @@ class JobView:
     def busy_before(self) -> float | None:
         """The start of the last window the job was busy in (this one included), if any."""
         return self.window.memory.job_busy.get(f"{self.cluster}|{self.job}")
+
+    @property
+    def windows_seen(self) -> int:
+        """Windows of this job seen so far, this one included."""
+        return self.window.memory.job_windows.get(f"{self.cluster}|{self.job}", 0)
+
+    def shape(self, rank: int | None) -> RankShape:
+        return self.window.memory.rank_shapes.get(f"{self.cluster}|{self.job}|{rank}") or RankShape()
 
 
 @dataclass(frozen=True)
@@ -237,9 +266,24 @@ def mixed_generation_finding(m: MixedGeneration, window_start: float, window_s: 
 
 # --- the detectors ----------------------------------------------------------------------------
 
+# A job's first windows teach each rank's usual shape; until then only a throttled clock (hardware
+# evidence) names a straggler.
+SHAPE_WINDOWS = 3
+SHAPE_RATE = 0.2  # weight of a new window in a rank's shape (about the last 5 windows)
+
+
 def stragglers(job: JobView) -> list[Finding]:
-    """The rank that paces its job (agents/straggler.py)."""
-    return [straggler_finding(s) for s in find_stragglers(job.ranks, job.window.config.straggler)]
+    """The rank that paces its job (agents/straggler.py), each rank's usual shape taken off: by a
+    throttled clock at once; by working more or idling only once the job's first windows have
+    shown that shape (a first pipeline stage always does more, and is not a straggler for it)."""
+    young = job.windows_seen < SHAPE_WINDOWS
+
+    def usual(r: WindowResult) -> tuple[float, float]:
+        shape = job.shape(r.labels.rank)
+        return shape.work, shape.util
+
+    return [straggler_finding(s) for s in find_stragglers(job.ranks, job.window.config.straggler, usual)
+            if s.signature == "throttled" or not young]
 
 
 def mixed_generation(job: JobView) -> list[Finding]:
@@ -417,19 +461,54 @@ class FleetDetector:
         window = WindowView(window_start, window_s, gpu_results, self.config, self.state, self.is_firing)
         job_views = [JobView(cluster, job, ranks, window) for (cluster, job), ranks in jobs.items()]
         out = []
+        flagged: dict[str, str] = {}  # cluster|job|rank -> the straggler signature it showed this window
         for kind, detector in self.detectors.items():
             found = detector.find(window) if detector.per == "window" else (
                 f for job in job_views for f in detector.find(job))
             observed = {f.fingerprint: f for f in found}
+            if kind == "straggler":
+                flagged = {f"{f.cluster}|{f.job}|{f.rank}": str(f.evidence.get("signature")) for f in observed.values()}
             out += self._lifecycles[kind].step(window_start, window_s, observed)
+        self._learn_shapes(window_start, job_views, flagged)
         self._forget(window_start, window_s)
         return out
+
+    def _learn_shapes(self, window_start: float, jobs: Sequence[JobView], flagged: Mapping[str, str]) -> None:
+        """Each large group's ranks' usual difference from their model peers, smoothed; not while a
+        straggler fires in the job (it must not become the norm, and it bends its peers too),
+        except in the job's first windows, which teach the shape (a throttled rank's numbers even
+        then are not its shape)."""
+        cfg, shapes = self.config.straggler, self.state.rank_shapes
+        for job in jobs:
+            young = job.windows_seen <= SHAPE_WINDOWS
+            if not young and any(key.startswith(f"{job.cluster}|{job.job}|") for key in flagged):
+                continue  # a straggler bends its peers too: the job's shape waits until it is gone
+            for group in by_model([r for r in job.ranks if r.util_mean >= cfg.busy_pct]).values():
+                if len(group) < LARGE_GROUP:
+                    continue
+                work_median, util_median = median(work(r) for r in group), median(r.util_mean for r in group)
+                for r in group:
+                    key = f"{job.cluster}|{job.job}|{r.labels.rank}"
+                    if flagged.get(key) == "throttled":
+                        continue
+                    dev_work, dev_util = work(r) - work_median, r.util_mean - util_median
+                    shape = shapes.get(key)
+                    if shape is None:
+                        if abs(dev_work) < cfg.min_work_gap / 2 and abs(dev_util) < cfg.min_gap_pct / 2:
+                            continue  # like its peers: nothing to keep
+                        shape = shapes[key] = RankShape(work=dev_work, util=dev_util) if young else RankShape()
+                    shape.work += SHAPE_RATE * (dev_work - shape.work)
+                    shape.util += SHAPE_RATE * (dev_util - shape.util)
+                    shape.last_window = window_start
+                    if abs(shape.work) < cfg.min_work_gap / 4 and abs(shape.util) < cfg.min_gap_pct / 4:
+                        del shapes[key]
 
     def _remember(self, window_start: float, window_s: float, gpu_results: Sequence[WindowResult],
                   jobs: Mapping[tuple[str, str], list[WindowResult]]) -> None:
         """The detectors' memory, updated with this window: when each job was last busy, when
         each GPU was last seen and how often it reports."""
         for (cluster, job), ranks in jobs.items():
+            self.state.job_windows[f"{cluster}|{job}"] = self.state.job_windows.get(f"{cluster}|{job}", 0) + 1
             utils = sorted(r.util_mean for r in ranks)
             if utils[len(utils) // 2] >= self.config.busy_job_util_pct:
                 self.state.job_busy[f"{cluster}|{job}"] = window_start
@@ -465,6 +544,12 @@ class FleetDetector:
         for key, g in list(self.state.seen_gpus.items()):
             if g.last_window < horizon and self._silent_fingerprint(g) not in silent:
                 del self.state.seen_gpus[key]
+        for key, shape in list(self.state.rank_shapes.items()):
+            if shape.last_window < horizon:
+                del self.state.rank_shapes[key]
+        seen_jobs = {f"{g.cluster}|{g.job}" for g in self.state.seen_gpus.values() if g.job is not None}
+        for key in [k for k in self.state.job_windows if k not in seen_jobs]:
+            del self.state.job_windows[key]
         stalled = self.state.lifecycles["job_stalled"].episodes
         for key, last in list(self.state.job_busy.items()):
             cluster, _, job = key.partition("|")

@@ -25,7 +25,7 @@ the host looks like them in every window mean: nothing here can name it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import median
 from typing import Literal
@@ -34,6 +34,8 @@ from laggard.agents.effective import work_share
 from laggard.results import WindowResult
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution -> its standard deviation
+# A rank's usual (work share, util) above its peers' medians: its job's shape (agents/detectors.py).
+Usual = Callable[[WindowResult], tuple[float, float]]
 Signature = Literal["throttled", "busier", "slow_compute", "host"]
 # A throttle reason carried for at least this share of a window's samples counts as carried.
 REASON_SHARE = 0.5
@@ -131,6 +133,22 @@ def by_model(ranks: Sequence[WindowResult]) -> dict[str, list[WindowResult]]:
 
 
 @dataclass(frozen=True)
+class _Rank:
+    """A rank's numbers for the comparison: util and work share less what its rank usually adds
+    (its job's shape: a pipeline stage that always does more), so a job's design is not a straggler
+    and does not widen the spread a straggler is measured against."""
+
+    result: WindowResult
+    util: float
+    work: float
+
+    @classmethod
+    def of(cls, r: WindowResult, usual: Usual | None) -> _Rank:
+        usual_work, usual_util = usual(r) if usual is not None else (0.0, 0.0)
+        return cls(r, r.util_mean - usual_util, work(r) - usual_work)
+
+
+@dataclass(frozen=True)
 class _Peers:
     """Robust statistics of one candidate's peers."""
 
@@ -143,15 +161,16 @@ class _Peers:
     common_reasons: frozenset[str]  # carried by at least half of them
 
     @classmethod
-    def of(cls, peers: Sequence[WindowResult], cfg: StragglerConfig) -> _Peers:
-        utils, works, clocks = [p.util_mean for p in peers], [work(p) for p in peers], [p.sm_clock_mhz_mean for p in peers]
+    def of(cls, peers: Sequence[_Rank], cfg: StragglerConfig) -> _Peers:
+        utils, works = [p.util for p in peers], [p.work for p in peers]
+        clocks = [p.result.sm_clock_mhz_mean for p in peers]
         u, w, c = median(utils), median(works), median(clocks)
         # The floors stand in for a spread a small group cannot measure; a large one's MAD is
         # good, so its floors can sit lower (still above the rounding of whole-number samples).
         floor = 1.0 if len(peers) < LARGE_GROUP else 0.5
         counts: dict[str, int] = {}
         for p in peers:
-            for name in reasons(p):
+            for name in reasons(p.result):
                 counts[name] = counts.get(name, 0) + 1
         return cls(u, max(MAD_TO_SIGMA * mad(utils, u), floor * cfg.noise_floor_pct),
                    w, max(MAD_TO_SIGMA * mad(works, w), floor * cfg.work_noise_floor),
@@ -159,10 +178,10 @@ class _Peers:
                    frozenset(name for name, n in counts.items() if 2 * n >= len(peers)))
 
 
-def _signature(cand: WindowResult, p: _Peers, cfg: StragglerConfig) -> tuple[Signature, float, float] | None:
-    """Which signature (if any) says `cand` paces its peers, the share of each step they wait, and
+def _signature(rank: _Rank, p: _Peers, cfg: StragglerConfig) -> tuple[Signature, float, float] | None:
+    """Which signature (if any) says `rank` paces its peers, the share of each step they wait, and
     the share of the window the typical peer spent waiting."""
-    w = work(cand)
+    cand, w, u = rank.result, rank.work, rank.util
     clock_gap = p.clock - cand.sm_clock_mhz_mean
     clock_deficit = clock_gap / p.clock if p.clock > 0 else 0.0
     extra = reasons(cand) - p.common_reasons
@@ -170,14 +189,14 @@ def _signature(cand: WindowResult, p: _Peers, cfg: StragglerConfig) -> tuple[Sig
     if clock_deficit >= cfg.min_clock_deficit and clock_gap >= cfg.z * p.clock_sigma and (
             extra or clock_deficit >= cfg.clock_deficit_alone):
         step_wait = max(work_wait, clock_deficit)
-        return "throttled", step_wait, step_wait * max(cand.util_mean / 100.0, w)
-    util_gap = cand.util_mean - p.util
+        return "throttled", step_wait, step_wait * max(u / 100.0, w)
+    util_gap = u - p.util
     works_more = (w - p.work >= cfg.min_work_gap and w - p.work >= cfg.z * p.work_sigma and w >= cfg.min_ratio * p.work)
-    if util_gap >= cfg.min_gap_pct and util_gap >= cfg.z * p.util_sigma and cand.util_mean >= cfg.min_ratio * p.util:
-        return "busier", max(work_wait, 1.0 - p.util / cand.util_mean), util_gap / 100.0
+    if util_gap >= cfg.min_gap_pct and util_gap >= cfg.z * p.util_sigma and u >= cfg.min_ratio * p.util:
+        return "busier", max(work_wait, 1.0 - p.util / u), util_gap / 100.0
     # Peers that spin read busier than they work, by more than the candidate does (the power model's
     # error for a GPU model shifts both alike).
-    spin_excess = (p.util / 100.0 - p.work) - (cand.util_mean / 100.0 - w)
+    spin_excess = (p.util / 100.0 - p.work) - (u / 100.0 - w)
     spinning = p.util >= cfg.spinning_util_pct and spin_excess >= cfg.min_work_gap / 2
     if works_more:
         return ("slow_compute" if spinning else "busier"), work_wait, w - p.work
@@ -186,43 +205,50 @@ def _signature(cand: WindowResult, p: _Peers, cfg: StragglerConfig) -> tuple[Sig
     return None
 
 
-def find_stragglers(ranks: Sequence[WindowResult], cfg: StragglerConfig) -> list[Straggler]:
-    """Ranks of one job (GPU results of one window) that pace their model peers, by any signature."""
+def find_stragglers(ranks: Sequence[WindowResult], cfg: StragglerConfig, usual: Usual | None = None) -> list[Straggler]:
+    """Ranks of one job (GPU results of one window) that pace their model peers, by any signature;
+    `usual` gives each rank's usual (work share, util) above its peers' medians, taken off first."""
     busy = [r for r in ranks if r.util_mean >= cfg.busy_pct]
     found: list[Straggler] = []
-    for group in by_model(busy).values():
-        if len(group) < 2:
+    for models in by_model(busy).values():
+        if len(models) < 2:
             continue
+        # Shapes only where a group is large enough to have one (pipeline stages, experts): in a
+        # small one, learning it would learn the noise of a few windows.
+        group = [_Rank.of(r, usual if len(models) >= LARGE_GROUP else None) for r in models]
         in_group: list[Straggler] = []
         # Leaving one rank out moves a median by at most half of that rank's gap from it, so a rank
         # within half of every threshold of the whole group's medians cannot pass: skip the O(n) test.
         whole = _Peers.of(group, cfg)
-        for i, cand in enumerate(group):
-            if (abs(cand.util_mean - whole.util) < cfg.min_gap_pct / 2
-                    and work(cand) - whole.work < cfg.min_work_gap / 2
+        for i, rank in enumerate(group):
+            cand = rank.result
+            if (abs(rank.util - whole.util) < cfg.min_gap_pct / 2
+                    and rank.work - whole.work < cfg.min_work_gap / 2
                     and whole.clock - cand.sm_clock_mhz_mean < cfg.min_clock_deficit / 2 * whole.clock):
                 continue
             peers = group[:i] + group[i + 1:]
             stats = _Peers.of(peers, cfg)
-            verdict = _signature(cand, stats, cfg)
+            verdict = _signature(rank, stats, cfg)
             if verdict is None:
                 continue
             signature, wait_share, window_wait = verdict
             in_group.append(Straggler(
-                culprit=cand, peers=tuple(peers), signature=signature, wait_share=max(0.0, min(1.0, wait_share)),
+                culprit=cand, peers=tuple(p.result for p in peers), signature=signature,
+                wait_share=max(0.0, min(1.0, wait_share)),
                 window_wait=max(0.0, min(1.0, window_wait)),
                 peer_util_median=stats.util, peer_util_sigma=stats.util_sigma, peer_work_median=stats.work,
-                peer_clock_median=stats.clock, peer_temp_median=median(p.temp_c_mean for p in peers),
+                peer_clock_median=stats.clock, peer_temp_median=median(p.result.temp_c_mean for p in peers),
                 extra_reasons=reasons(cand) - stats.common_reasons, peer_common_reasons=stats.common_reasons,
             ))
-        # A rank whose GPU paces the job explains why the others work less: next to it, they are
-        # its victims, not host-side stragglers. In a group of 2 or 3 a victim's peers are mostly
-        # the culprit, whose lowered clock also lowers the power its work is read from: keep only
-        # the strongest explanation there (a lower clock, then working more).
-        if any(s.signature != "host" for s in in_group):
-            in_group = [s for s in in_group if s.signature != "host"]
-        if len(group) <= SMALL_GROUP and any(s.signature == "throttled" for s in in_group):
-            in_group = [s for s in in_group if s.signature == "throttled"]
+        # In a group of 2 or 3 a victim's peers are mostly the culprit: next to a rank whose GPU
+        # paces the job, the others look host-starved, and the culprit's lowered clock also lowers
+        # the power its work is read from. Keep only the strongest explanation there (a lower
+        # clock, then working more, then idling); a larger group's medians stand on real peers.
+        if len(models) <= SMALL_GROUP:
+            for strongest in (("throttled",), ("throttled", "busier", "slow_compute")):
+                if any(s.signature in strongest for s in in_group):
+                    in_group = [s for s in in_group if s.signature in strongest]
+                    break
         found += in_group
     return found
 

@@ -230,3 +230,27 @@ def test_throttles_shorter_than_the_persistence_never_fire_even_across_a_window_
         ]})
     _, found = evaluate_scenario(spec)
     assert [(f.rank, f.state) for f in found] == [(90, "firing"), (90, "resolved")]  # only the 15 s one
+
+
+def test_ranks_that_differ_by_design_or_by_chance_are_not_stragglers() -> None:
+    """Pipeline stages, MoE-like spread and step jitter, both wait modes: nothing fires."""
+    pytest.importorskip("laggard.collectors.simulate")
+    _, found = evaluate("not_stragglers")
+    assert found == (), [f.summary for f in found][:5]
+
+
+def test_a_straggler_inside_a_shaped_job_is_still_named() -> None:
+    """Each shaped job gets stragglers on a pipeline-edge rank and on middle ones, one minute in: the
+    ranks' usual shape is subtracted, their new slowness is not."""
+    from laggard.collectors.simulate import Scenario, load_scenario
+
+    spec = load_scenario(SCENARIOS / "not_stragglers.yaml")
+    faults = [{"kind": "straggler", "job": job.name, "rank": rank, "cause": cause, "slowdown": 1.3,
+               "start_s": 60 + rank % 5, "end_s": 130 + rank % 5}
+              for job in spec.jobs for rank, cause in ((3, "slow_compute"), (60, "slow_compute"), (70, "thermal"),
+                                                       (100, "host"))
+              if not (cause == "host" and job.collective_wait == "host")]  # invisible there (see the matrix)
+    out, found = evaluate_scenario(Scenario.model_validate({**spec.model_dump(), "faults": faults}))
+    lag = out["laggard"]["straggler"]
+    assert lag["precision"] == 1.0 and lag["recall"] == 1.0 and lag["detect_latency_windows_p50"] <= 2.0, lag
+

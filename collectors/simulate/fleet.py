@@ -132,6 +132,11 @@ class _FramePhysics:
         self.mem_util = np.array([j.mem_util_pct for j in jobs] + [0.0])
         self.mem_share = np.array([j.mem_share for j in jobs] + [0.0])
         self.spins = np.array([j.collective_wait == "kernel" for j in jobs] + [False])
+        self.job_size = np.array([len(g) for g in sim.layout.job_gpus] + [1])
+        self.stages = np.array([j.pipeline_stages for j in jobs] + [1])
+        self.stage_extra = np.array([j.pipeline_imbalance for j in jobs] + [0.0])
+        self.rank_jitter = np.array([j.rank_jitter for j in jobs] + [0.0])
+        self.step_jitter = np.array([j.step_jitter for j in jobs] + [0.0])
         self.phase = self.rng.random(len(jobs))  # jobs do not step in lockstep with each other
         self.temp: np.ndarray | None = None  # set to the first tick's steady state
         self.energy = self.rng.uniform(1e6, 1e8, lay.gpu_count)  # counters since the driver loaded
@@ -142,6 +147,19 @@ class _FramePhysics:
             t_s = k * s.tick_s
             job, rank = self.sim.layout.allocation(t_s)
             yield self.tick(self.sim.start_ts + round(t_s, 6), job, rank, self.sim.schedule.effects(k))
+
+    def by_design(self, job: np.ndarray, rank: np.ndarray) -> np.ndarray:
+        """Each rank's compute relative to its job's healthy step, by the job's shape: its first and last
+        pipeline stages do more, MoE-like ranks spread and the whole job jitters from tick to tick."""
+        stages = self.stages[job]
+        stage = rank * stages // self.job_size[job]
+        edge = (stages > 1) & ((stage == 0) | (stage == stages - 1))
+        factor = 1.0 + np.where(edge, self.stage_extra[job], 0.0)
+        if self.rank_jitter.any() or self.step_jitter.any():
+            per_rank = self.rng.standard_normal(len(job)) * self.rank_jitter[job]
+            per_job = np.append(self.rng.standard_normal(len(self.step_jitter) - 1), 0.0) * self.step_jitter
+            factor = factor * np.clip(1.0 + per_rank + per_job[job], 0.5, 2.0)
+        return factor
 
     def step_times(self, job: np.ndarray, fx: TickEffects, compute: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(per-job step time, inf where no step progresses; which GPUs take part): the slowest rank paces."""
@@ -155,7 +173,7 @@ class _FramePhysics:
         tick_s = self.sim.scenario.tick_s
         noise = self.rng.standard_normal((4, len(job)))
         clock_ratio = np.minimum(1.0, fx.clock_cap_mhz / self.loaded_clock)
-        healthy = self.compute_s[job] / self.throughput
+        healthy = self.compute_s[job] / self.throughput * self.by_design(job, rank)
         compute = healthy / clock_ratio * fx.compute_factor
         host = healthy * fx.host_factor
         step, taking_part = self.step_times(job, fx, compute + host)

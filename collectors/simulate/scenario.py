@@ -64,6 +64,12 @@ class JobSpec(_Spec):
     intensity: float = Field(default=1.0, gt=0, le=1, description="power drawn at full busy, share of loaded (0.6: memory-bound)")
     mem_util_pct: float = Field(default=40.0, ge=0, le=100, description="util_mem while busy")
     mem_share: float = Field(default=0.8, ge=0, le=1, description="share of GPU memory the job holds")
+    # Load that differs by design, not stragglers (laggard must not name these ranks):
+    pipeline_stages: int = Field(default=1, ge=1, le=1024, description="pipeline-parallel stages, contiguous rank blocks")
+    pipeline_imbalance: float = Field(default=0.15, ge=0, le=2, description="extra compute of the first and last stages")
+    rank_jitter: float = Field(default=0.0, ge=0, le=0.5, description="per-rank compute spread, redrawn every tick "
+                               "(MoE experts whose load moves from step to step)")
+    step_jitter: float = Field(default=0.0, ge=0, le=0.5, description="the whole job's compute spread, every tick")
     collective_wait: Literal["kernel", "host"] = Field(
         default="kernel", description="where a rank waits for the slowest: spinning inside the collective kernel "
         "(NCCL: util ~100% at near-idle power, boosted clock) or on the host (the GPU reads idle)")
