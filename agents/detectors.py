@@ -266,10 +266,10 @@ def mixed_generation_finding(m: MixedGeneration, window_start: float, window_s: 
 
 # --- the detectors ----------------------------------------------------------------------------
 
-# A job's first windows teach each rank's usual shape; until then only a throttled clock (hardware
-# evidence) names a straggler.
-SHAPE_WINDOWS = 3
-SHAPE_RATE = 0.2  # weight of a new window in a rank's shape (about the last 5 windows)
+# A job's first minute teaches each rank's usual shape; until then only a throttled clock (hardware
+# evidence) names a straggler: one that works more or idles from the start looks like the job's design.
+SHAPE_WINDOWS = 6
+SHAPE_RATE = 0.4  # weight of a new window in a rank's shape: 5 full windows learn 92% of a steady one
 
 
 def stragglers(job: JobView) -> list[Finding]:
@@ -278,11 +278,16 @@ def stragglers(job: JobView) -> list[Finding]:
     shown that shape (a first pipeline stage always does more, and is not a straggler for it)."""
     young = job.windows_seen < SHAPE_WINDOWS
 
+    cfg = job.window.config.straggler
+
     def usual(r: WindowResult) -> tuple[float, float]:
         shape = job.shape(r.labels.rank)
+        # A shape within the noise of a few windows is no design: taking it off would add noise.
+        if abs(shape.work) < cfg.min_work_gap and abs(shape.util) < cfg.min_gap_pct:
+            return 0.0, 0.0
         return shape.work, shape.util
 
-    return [straggler_finding(s) for s in find_stragglers(job.ranks, job.window.config.straggler, usual)
+    return [straggler_finding(s) for s in find_stragglers(job.ranks, cfg, usual)
             if s.signature == "throttled" or not young]
 
 
@@ -487,7 +492,10 @@ class FleetDetector:
                 if len(group) < LARGE_GROUP:
                     continue
                 work_median, util_median = median(work(r) for r in group), median(r.util_mean for r in group)
+                full = median(r.samples for r in group) / 2  # a rank's first, partial window is noise, not shape
                 for r in group:
+                    if r.samples < full:
+                        continue
                     key = f"{job.cluster}|{job.job}|{r.labels.rank}"
                     if flagged.get(key) == "throttled":
                         continue
@@ -496,7 +504,7 @@ class FleetDetector:
                     if shape is None:
                         if abs(dev_work) < cfg.min_work_gap / 2 and abs(dev_util) < cfg.min_gap_pct / 2:
                             continue  # like its peers: nothing to keep
-                        shape = shapes[key] = RankShape(work=dev_work, util=dev_util) if young else RankShape()
+                        shape = shapes[key] = RankShape()
                     shape.work += SHAPE_RATE * (dev_work - shape.work)
                     shape.util += SHAPE_RATE * (dev_util - shape.util)
                     shape.last_window = window_start
