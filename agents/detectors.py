@@ -195,7 +195,7 @@ def _why(s: Straggler) -> list[str]:
     return why
 
 
-def straggler_finding(s: Straggler) -> Finding:
+def straggler_finding(s: Straggler, weak_share: float = StragglerConfig.weak_share) -> Finding:
     c = s.culprit
     waits = s.peer_wait_s()
     idle_w = [p.idle_power_w for p in s.peers]
@@ -220,7 +220,8 @@ def straggler_finding(s: Straggler) -> Finding:
             "peer_temp_median_c": round(s.peer_temp_median, 1),
             "throttled_share": round(c.throttled_share, 3),
             "throttle_reasons": ",".join(sorted(s.extra_reasons)) or None,
-            "fault_share": round(s.fault_share, 3),
+            "fault_share": round(s.fault_share * (1.0 if s.strong else weak_share), 3),
+            "strength": "strong" if s.strong else "weak",
             "peers": len(s.peers),
         },
         cost={
@@ -287,7 +288,7 @@ def stragglers(job: JobView) -> list[Finding]:
             return 0.0, 0.0
         return shape.work, shape.util
 
-    return [straggler_finding(s) for s in find_stragglers(job.ranks, cfg, usual)
+    return [straggler_finding(s, cfg.weak_share) for s in find_stragglers(job.ranks, cfg, usual)
             if s.signature == "throttled" or not young]
 
 
@@ -379,7 +380,7 @@ _STRAGGLER_EVIDENCE: dict[str, Any] = {
     "signature": "throttled", "rank_util_pct": 99.5, "peer_util_median_pct": 99.4, "peer_util_sigma_pct": 1.5,
     "rank_work_share": 0.62, "peer_work_share_median": 0.71, "sm_clock_mhz": 1410.0, "peer_sm_clock_median_mhz": 1980.0,
     "temp_c": 82.0, "peer_temp_median_c": 55.0, "throttled_share": 1.0, "throttle_reasons": "sw_thermal",
-    "fault_share": 1.0, "peers": 31,
+    "fault_share": 1.0, "strength": "strong", "peers": 31,
 }
 _STRAGGLER_COST = {"peer_wait_share": 0.286, "peer_gpu_s_wasted": 85.3, "energy_wh_wasted": 2.844}
 _IDLE_JOB_COST = {"gpu_s_idle": 40.0, "energy_wh_idle": 1.389}

@@ -26,7 +26,7 @@ the host looks like them in every window mean: nothing here can name it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import median
 from typing import Literal
 
@@ -59,6 +59,17 @@ class StragglerConfig:
     spinning_util_pct: float = 90.0  # peers at or above this util while working less wait inside a kernel
     busy_pct: float = 5.0  # a GPU below this mean util takes no part in comparisons (idle, stalled)
     mixed_min_waste: float = 0.08  # 1 - fast group work / slow group work
+    # Weak evidence: every gap and z at this share of the above. A window of it counts as `weak_share`
+    # of a window towards the persistence (agents/detectors.py): a 1.05x slowdown under one window's
+    # noise floor is named after about three windows of it.
+    weak: float = 0.7
+    weak_share: float = 0.4
+
+    def weakened(self) -> StragglerConfig:
+        w = self.weak
+        return replace(self, min_ratio=1.0 + (self.min_ratio - 1.0) * w, min_gap_pct=self.min_gap_pct * w,
+                       min_work_gap=self.min_work_gap * w, min_clock_deficit=self.min_clock_deficit * w,
+                       clock_deficit_alone=self.clock_deficit_alone * w, z=self.z * w)
 
 
 def reasons(r: WindowResult) -> frozenset[str]:
@@ -84,6 +95,7 @@ class Straggler:
     peer_work_median: float
     peer_clock_median: float
     peer_temp_median: float
+    strong: bool  # passed the full thresholds, not only the weak ones
     extra_reasons: frozenset[str]  # throttle reasons the culprit carries and most peers do not
     peer_common_reasons: frozenset[str]  # carried by at least half of the peers
 
@@ -210,6 +222,7 @@ def find_stragglers(ranks: Sequence[WindowResult], cfg: StragglerConfig, usual: 
     `usual` gives each rank's usual (work share, util) above its peers' medians, taken off first."""
     busy = [r for r in ranks if r.util_mean >= cfg.busy_pct]
     found: list[Straggler] = []
+    weak = cfg.weakened()
     for models in by_model(busy).values():
         if len(models) < 2:
             continue
@@ -222,20 +235,24 @@ def find_stragglers(ranks: Sequence[WindowResult], cfg: StragglerConfig, usual: 
         whole = _Peers.of(group, cfg)
         for i, rank in enumerate(group):
             cand = rank.result
-            if (abs(rank.util - whole.util) < cfg.min_gap_pct / 2
-                    and rank.work - whole.work < cfg.min_work_gap / 2
-                    and whole.clock - cand.sm_clock_mhz_mean < cfg.min_clock_deficit / 2 * whole.clock):
+            least = weak if len(models) >= LARGE_GROUP else cfg
+            if (abs(rank.util - whole.util) < least.min_gap_pct / 2
+                    and rank.work - whole.work < least.min_work_gap / 2
+                    and whole.clock - cand.sm_clock_mhz_mean < least.min_clock_deficit / 2 * whole.clock):
                 continue
             peers = group[:i] + group[i + 1:]
             stats = _Peers.of(peers, cfg)
-            verdict = _signature(rank, stats, cfg)
+            strong = _signature(rank, stats, cfg)
+            # Weak evidence only where the group measures its own spread: in a small one the floors
+            # stand in for it, and three windows of noise could pass.
+            verdict = strong or (_signature(rank, stats, weak) if len(models) >= LARGE_GROUP else None)
             if verdict is None:
                 continue
             signature, wait_share, window_wait = verdict
             in_group.append(Straggler(
                 culprit=cand, peers=tuple(p.result for p in peers), signature=signature,
                 wait_share=max(0.0, min(1.0, wait_share)),
-                window_wait=max(0.0, min(1.0, window_wait)),
+                window_wait=max(0.0, min(1.0, window_wait)), strong=strong is not None,
                 peer_util_median=stats.util, peer_util_sigma=stats.util_sigma, peer_work_median=stats.work,
                 peer_clock_median=stats.clock, peer_temp_median=median(p.result.temp_c_mean for p in peers),
                 extra_reasons=reasons(cand) - stats.common_reasons, peer_common_reasons=stats.common_reasons,
