@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from laggard.agents.detectors import FleetDetector, LowUtilizationBaseline
-from laggard.agents.windows import ClosedWindow, Windower
-from laggard.events import EventRejected, NodeSample, decode_node_sample
+from laggard.agents.windows import MAX_AHEAD_S, ClosedWindow, Windower
+from laggard.events import EventRejected, NodeSample, decode_node_sample, shown
 from laggard.results import FLEET_METRICS, Finding, WindowResult
 
 
@@ -71,6 +71,7 @@ class InputOffsets:
 
 class SampleStage:
     def __init__(self, window_s: float, grace_s: float, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
         self.windower = Windower(window_s, grace_s, clock=clock)
         self.offsets = InputOffsets(keep_last_closed=True)
         self.taken_before = -1  # offsets below this were taken before the restart
@@ -96,7 +97,7 @@ class SampleStage:
         self.offsets.saw(offset)
         retaken = offset < self.taken_before
         try:
-            sample = decode_node_sample(raw)
+            sample = self.on_clock(decode_node_sample(raw))
         except EventRejected as err:
             if retaken:
                 return SampleOutcome(seen=True)
@@ -105,6 +106,19 @@ class SampleStage:
             return SampleOutcome(sample=sample, seen=retaken, late=not retaken)
         self.offsets.feeds(self.windower.window_start(sample.ts), offset)
         return SampleOutcome(sample=sample)
+
+    def hold(self) -> None:
+        """Restart the quiet clock of `close_idle`: nothing arrived because nothing could."""
+        self.last_arrival = time.monotonic()
+
+    def on_clock(self, sample: NodeSample) -> NodeSample:
+        """Refuse a sample stamped more than MAX_AHEAD_S ahead of this worker's clock: its window
+        would stay open until wall time got there, and with it the offset a restart re-reads from."""
+        ahead = sample.ts - self.clock()
+        if ahead > MAX_AHEAD_S:
+            raise EventRejected(f"ts = {sample.ts!r}: stamped {ahead:.0f} s ahead of the worker's clock (at most "
+                                f"{MAX_AHEAD_S:.0f} s accepted): the clock of node {shown(sample.node)} is wrong")
+        return sample
 
     def _done(self, windows: list[ClosedWindow]) -> list[ClosedWindow]:
         if windows:
@@ -267,6 +281,9 @@ class DetectStage:
     def mark(self, part: int, closed_before: float, offset: int, heartbeat: bool = False) -> list[Finding]:
         return self._judge(self.windows.mark(part, closed_before, offset, heartbeat))
 
+    def hold(self) -> None:
+        self.windows.last_arrival = time.monotonic()
+
     def tick(self, now: float | None = None) -> list[Finding]:
         return self._judge(self.windows.tick(now))
 
@@ -293,6 +310,10 @@ class FleetStage:
             pending = self.clusters[cluster] = PendingWindows(self.window_s, self.hold_s, self.parts,
                                                               closed_before=self.closed_before)
         return pending
+
+    def hold(self) -> None:
+        for pending in self.clusters.values():
+            pending.last_arrival = time.monotonic()
 
     def mark(self, part: int, closed_before: float, heartbeat: bool = False) -> list[list[WindowResult]]:
         self.closed_before[part] = max(closed_before, self.closed_before.get(part, float("-inf")))

@@ -38,6 +38,8 @@ IDLE_UTIL_PCT = 2.0
 # A worker's clock and its collectors' may differ by this much before a sample stamped ahead of
 # the worker stops moving event time (see Windower.clock).
 FUTURE_TOLERANCE_S = 60.0
+# A sample stamped further ahead of the worker's clock than this is rejected (agents/stages.py).
+MAX_AHEAD_S = 900.0
 # An interval longer than this between two samples of a GPU is a gap, not something to integrate.
 MAX_INTERVAL_S = 120.0
 

@@ -54,6 +54,12 @@ THROTTLE_REASONS = (
 )
 
 
+# Labels become tags, chat text and file names downstream: no control characters (a newline would
+# split a line-protocol point, a NUL ends a C string). Checked by pydantic-core, off the hot path.
+LABEL_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+_LABEL_WORDS = "no control characters (newline, tab, NUL, ...)"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
@@ -62,9 +68,9 @@ class GpuSample(_Strict):
     """One GPU at one tick. Percentages are 0-100; DCGM activity ratios are 0-1."""
 
     index: int = Field(ge=0, le=1023)
-    uuid: str = Field(min_length=1, max_length=128)
-    model: str = Field(min_length=1, max_length=64, description="GPU model, e.g. H100, H200, GB200")
-    job: str | None = Field(default=None, max_length=256)
+    uuid: str = Field(min_length=1, max_length=128, pattern=LABEL_PATTERN)
+    model: str = Field(min_length=1, max_length=64, pattern=LABEL_PATTERN, description="GPU model, e.g. H100, H200, GB200")
+    job: str | None = Field(default=None, max_length=256, pattern=LABEL_PATTERN)
     rank: int | None = Field(default=None, ge=0, le=10_000_000)
     util_gpu: float = Field(ge=0, le=100, description="NVML utilization.gpu, % of time a kernel ran")
     util_mem: float = Field(ge=0, le=100)
@@ -81,7 +87,7 @@ class GpuSample(_Strict):
     tensor_active: float | None = Field(default=None, ge=0, le=1)
     dram_active: float | None = Field(default=None, ge=0, le=1)
     xid: int | None = Field(default=None, ge=0, le=2**31 - 1, description="last XID error seen since the previous tick")
-    mig_profile: str | None = Field(default=None, max_length=64)
+    mig_profile: str | None = Field(default=None, max_length=64, pattern=LABEL_PATTERN)
     mig_instance: int | None = Field(default=None, ge=0)
 
 
@@ -90,9 +96,9 @@ class NodeSample(_Strict):
 
     v: Literal[1] = SCHEMA_VERSION
     ts: float = Field(description="sample time, unix seconds (event time)")
-    cluster: str = Field(min_length=1, max_length=128)
-    node: str = Field(min_length=1, max_length=256)
-    source: str = Field(default="", max_length=64)
+    cluster: str = Field(min_length=1, max_length=128, pattern=LABEL_PATTERN)
+    node: str = Field(min_length=1, max_length=256, pattern=LABEL_PATTERN)
+    source: str = Field(default="", max_length=64, pattern=LABEL_PATTERN)
     gpus: list[GpuSample] = Field(min_length=1, max_length=256)
 
     @field_validator("v", mode="before")
@@ -163,8 +169,9 @@ def describe_validation_error(err: ValidationError, limit: int = 3) -> str:
             continue
         where = ".".join(str(p) for p in item["loc"])
         value = item.get("input")
+        label = item["type"] == "string_pattern_mismatch" and item.get("ctx", {}).get("pattern") == LABEL_PATTERN
         parts.append(f"{where} = {shown(value) if not isinstance(value, (dict, list)) else type(value).__name__}: "
-                     f"{item['msg']}")
+                     f"{_LABEL_WORDS if label else item['msg']}")
     more = err.error_count() - limit
     if more > 0:
         parts.append(f"(+{more} more)")

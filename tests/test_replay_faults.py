@@ -158,11 +158,11 @@ def test_a_bad_uuid_template_is_refused_at_startup(template: str) -> None:
 
 
 def test_a_uuid_that_cannot_be_formatted_for_one_gpu_is_counted(tmp_path: Path) -> None:
-    # {gpu:c} works for index 0 but not for an index beyond Unicode: only that reading is lost
+    # {gpu:c} works for index 65 ('A') but not for an index beyond Unicode: only that reading is lost
     beyond_unicode = reading(gpu=0x110000, ts=T0 + 0.001)
-    trace = write_trace(tmp_path / "t.jsonl", reading(gpu=0), beyond_unicode, reading(ts=T0 + 0.1))
+    trace = write_trace(tmp_path / "t.jsonl", reading(gpu=65), beyond_unicode, reading(gpu=65, ts=T0 + 0.1))
     source, ticks = replay(trace, uuid_template="GPU-{gpu:c}")
-    assert ticks == [[(0, T0)], [(0, T0 + 0.1)]]
+    assert ticks == [[(65, T0)], [(65, T0 + 0.1)]]
     assert source.rejects.by_category == {"uuid:template_failed": 1}
 
 

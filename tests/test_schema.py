@@ -130,8 +130,13 @@ def test_extra_field_is_rejected(where: str, expected: str) -> None:
     (node({"util_gpu": "50"}), "gpus.0.util_gpu = '50': Input should be a valid number"),
     (node(ts="1795688570.1"), "ts = '1795688570.1': Input should be a valid number"),
     (node({"xid": 10**30}), "gpus.0.xid = 1000000000000000000000000000000: Input should be less than or equal to"),
+    (node({"xid": 10**400}), "gpus.0.xid = 1000"),
     (node(gpus=[gpu(), gpu()]), "GPU 0 appears twice in one node sample"),
-], ids=["bool-version", "bool-index", "string-number", "string-ts", "huge-xid", "duplicate-gpu"])
+    (node({"util_gpu": True}), "gpus.0.util_gpu = True: Input should be a valid number"),
+    (node({"job": "inj\nfleet"}), "gpus.0.job = 'inj\\nfleet': no control characters"),
+    (node(node="n\u00001"), "node = 'n\\x001': no control characters"),
+], ids=["bool-version", "bool-index", "string-number", "string-ts", "huge-xid", "400-digit-xid", "duplicate-gpu",
+        "bool-float", "newline-label", "nul-label"])
 def test_loose_types_and_duplicate_gpus_are_rejected(raw: dict[str, Any], expected: str) -> None:
     assert expected in rejected(raw)
 
@@ -194,13 +199,27 @@ def test_fuzz_mutated_samples_never_crash(gpu_field: str, gpu_value: Any, top_fi
     assert_decodes_or_rejects(json.dumps(node(**{top_field: top_value})))
 
 
+@settings(max_examples=300)
+@given(st.text(max_size=40))
+def test_any_label_decodes_to_itself_or_is_refused_for_its_control_characters(label: str) -> None:
+    raw = json.dumps(node({"job": label}, node="n-" + label))
+    control = any(ord(c) < 0x20 or ord(c) == 0x7F for c in label)
+    try:
+        sample = decode_node_sample(raw)
+    except EventRejected as err:
+        assert control and "no control characters" in err.reason, err.reason
+    else:
+        assert not control and sample.gpus[0].job == label and sample.node == "n-" + label
+
+
 finite = {"allow_nan": False, "allow_infinity": False}
+labels = st.characters(exclude_categories=("Cc", "Cs"))
 valid_gpus = st.builds(
     GpuSample,
     index=st.integers(0, 1023),
-    uuid=st.text(min_size=1, max_size=40),
+    uuid=st.text(labels, min_size=1, max_size=40),
     model=st.sampled_from(["H100", "H200", "GB200"]),
-    job=st.none() | st.text(max_size=30),
+    job=st.none() | st.text(labels, max_size=30),
     rank=st.none() | st.integers(0, 100_000),
     util_gpu=st.floats(0, 100, **finite),
     util_mem=st.floats(0, 100, **finite),
@@ -223,7 +242,7 @@ valid_gpus = st.builds(
 @given(
     st.lists(valid_gpus, min_size=1, max_size=8, unique_by=lambda g: (g.index, g.mig_instance)),
     st.floats(1_600_000_000, time.time(), **finite),
-    st.text(min_size=1, max_size=30),
+    st.text(labels, min_size=1, max_size=30),
 )
 def test_valid_samples_round_trip(gpus: list[GpuSample], ts: float, node_name: str) -> None:
     sample = NodeSample(ts=ts, cluster="c1", node=node_name, source="test", gpus=gpus)

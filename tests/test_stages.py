@@ -174,3 +174,20 @@ def test_a_gpu_that_changes_rank_within_a_window_is_two_series_to_stage_two():
         windower.add(node_sample(node="a", gpus=1, ts=1_790_000_000.0 + t, job="llm", rank=3 if t < 5 else 5))
     results = windower.flush()[0].gpu_results()
     assert sorted(r.labels.rank for r in results) == [3, 5] and len({r.id for r in results}) == 2
+
+
+def test_a_sample_stamped_a_day_ahead_is_rejected_and_does_not_pin_the_replay_offset():
+    """now + 23 h passes the schema (a day of tolerance for any reader) but not the worker's clock:
+    windowed, it would hold its window open for 23 h, and with it where a restart re-reads from."""
+    now = {"t": 1_790_000_000.0}
+    stage = SampleStage(window_s=10.0, grace_s=2.0, clock=lambda: now["t"])
+    outcome = stage.add(node_sample(node="broken", gpus=1, ts=now["t"] + 23 * 3600).model_dump_json().encode(), 0)
+    assert outcome.rejected is not None and outcome.sample is None
+    assert "stamped 82800 s ahead of the worker's clock" in outcome.rejected.reason
+    assert "'broken'" in outcome.rejected.reason
+    for offset in range(1, 40):
+        now["t"] += 1.0
+        assert not stage.add(node_sample(node="ok", gpus=1, ts=now["t"]).model_dump_json().encode(), offset).rejected
+        stage.closed()
+    assert stage.checkpoint()["replay_from"] >= 20  # the last closed window's first offset, not 0
+    assert stage.add(node_sample(node="late-ok", gpus=1, ts=now["t"] + 600).model_dump_json().encode(), 40).sample
