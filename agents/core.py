@@ -25,6 +25,10 @@ from laggard.topics import alert_ticks_name, read_range
 
 log = logging.getLogger("laggard.worker")
 
+# The broker answers a caught-up consumer's fetch at least every fetch_max_wait (1.5 s in Faust):
+# a partition not heard of for longer than this is cut off from it (the broker away), not quiet.
+FETCH_FRESH_S = 5.0
+
 
 @dataclass(frozen=True)
 class Input:
@@ -116,3 +120,11 @@ class WorkerCore:
             return self.app.consumer.highwater(TP(topic, partition))
         except (AssertionError, ConsumerNotStarted):  # revoked meanwhile, or not started
             return None
+
+    def fetched_lately(self, topic: str, partition: int) -> bool:
+        """Whether the broker answered a fetch for the partition within FETCH_FRESH_S."""
+        try:
+            fetched_at = self.app.consumer.last_fetched(TP(topic, partition))
+        except (AssertionError, ConsumerNotStarted):
+            return False
+        return fetched_at is not None and time.time() - fetched_at <= FETCH_FRESH_S

@@ -43,8 +43,17 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return await self.call_thread(rewind_to_committed, self._ensure_consumer(),
                                       lambda tp: tp.topic not in changelogs)
 
+    def last_fetched(self, tp: TP) -> float | None:
+        """When the broker last answered a fetch for `tp` (unix seconds); None before the first.
+        A read of the fetcher's per-partition state, like Faust's own `highwater`."""
+        millis = self._ensure_consumer().last_poll_timestamp(tp)
+        return millis / 1000.0 if millis else None
+
 
 class Consumer(faust_aiokafka.Consumer):
+    def last_fetched(self, tp: TP) -> float | None:
+        return self._thread.last_fetched(tp)
+
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 

@@ -335,6 +335,12 @@ class Worker(WorkerCore):
         self.drop_unassigned()
         await self.rebuild_taken_over()
         await self.unstick()
+        for topic, route in self.routes.items():
+            for partition, waiting in list(route.stages.items()):
+                if not self.fetched_lately(topic, partition):
+                    # Quiet counts only while the broker answers: what a collector buffered while it
+                    # was away is still to come.
+                    waiting.hold()
         for partition, stage in list(self.sample_stages.items()) if not self.writes_waiting else []:
             if self.caught_up(settings.topic_samples, partition, stage.offsets.next):
                 for closed in stage.close_idle(settings.window_hold_s):
