@@ -28,6 +28,22 @@ log = logging.getLogger("laggard.worker")
 # The broker answers a caught-up consumer's fetch at least every fetch_max_wait (1.5 s in Faust):
 # a partition not heard of for longer than this is cut off from it (the broker away), not quiet.
 FETCH_FRESH_S = 5.0
+# Refused points go to the dead-letter topic whole, this many characters of lines per record at most.
+DEAD_LETTER_PAYLOAD_CHARS = 64 * 1024
+
+
+def _chunks(lines: list[str], limit: int) -> list[list[str]]:
+    """`lines` in order, grouped so that each group's lines add up to at most `limit` characters
+    (a longer line is a group of its own)."""
+    groups: list[list[str]] = []
+    size = limit + 1
+    for line in lines:
+        if size + len(line) > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(line)
+        size += len(line) + 1
+    return groups
 
 
 @dataclass(frozen=True)
@@ -56,7 +72,7 @@ class WorkerCore:
         self.deadletter_topic = topic(settings.topic_deadletter)
         # Stage 4's single-partition channel: its ticks and the clusters' fleet KPI windows (threshold rules).
         self.alert_channel = topic(alert_ticks_name(settings))
-        self.sink = InfluxSink(settings)
+        self.sink = InfluxSink(settings, stopping=self.app.stopping)
         self.counters = Counters()
         # Writes in flight: while one waits (InfluxDB down), the agents stand still and no
         # partition may be taken for quiet by the idle timer.
@@ -88,7 +104,7 @@ class WorkerCore:
         self.counters.replayed += len(records)
         return records
 
-    async def write(self, points: list) -> None:
+    async def write(self, points: list[str]) -> None:
         """Blocks this agent (not the event loop) until InfluxDB has the points. Points InfluxDB
         refuses (type conflicts, say) go to the dead-letter topic with its answer."""
         if not points:
@@ -98,14 +114,14 @@ class WorkerCore:
         try:
             await asyncio.to_thread(self.sink.write, points, "ms")
         except InfluxRejected as err:
-            # A partial write keeps the good points: count what InfluxDB says it dropped.
-            dropped = len(points) if err.dropped is None else err.dropped
-            self.counters.influx_rejected += dropped
-            self.counters.influx_dead_letters += 1
-            log.error("%s (%d of %d points dropped; the batch is dead-lettered)", err, dropped, len(points))
-            lines = "\n".join(p if isinstance(p, str) else p.to_line_protocol() for p in points)
-            record = {"reason": str(err), "topic": "influxdb", "at": time.time(), "payload": lines[:4096]}
-            await self.deadletter_topic.send(key=b"influxdb", value=json.dumps(record).encode())
+            # The sink wrote the rest: only the lines InfluxDB refused are dead-lettered.
+            refused = err.rejected or points
+            self.counters.influx_rejected += len(refused)
+            log.error("%s (%d of %d points refused; dead-lettered)", err, len(refused), len(points))
+            for chunk in _chunks(refused, DEAD_LETTER_PAYLOAD_CHARS):
+                self.counters.influx_dead_letters += 1
+                record = {"reason": str(err), "topic": "influxdb", "at": time.time(), "payload": "\n".join(chunk)}
+                await self.deadletter_topic.send(key=b"influxdb", value=json.dumps(record).encode())
         finally:
             self.writes_waiting -= 1
             if time.monotonic() - started > 1.0:

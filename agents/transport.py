@@ -14,7 +14,10 @@ it in most runs (issue 12).
 from __future__ import annotations
 
 import ssl
+import threading
 from collections.abc import Callable, Mapping
+from signal import Signals
+from typing import Any
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -63,10 +66,21 @@ class Transport(faust_aiokafka.Transport):
 
 
 class App(faust.App):
-    """A Faust app whose consumer is the one above."""
+    """A Faust app whose consumer is the one above. `stopping` is set as soon as the worker is told
+    to stop: what blocks a thread (InfluxDB retries) gives up on it instead of holding the stop."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stopping = threading.Event()
 
     def _new_transport(self) -> Transport:
         return Transport(self.conf.broker_consumer, self)
+
+
+class Worker(faust.Worker):
+    def _schedule_shutdown(self, signal: Signals) -> None:
+        self.app.stopping.set()  # before Faust waits for the agents' current events
+        super()._schedule_shutdown(signal)
 
 
 def broker_credentials(settings: Settings) -> faust.SASLCredentials | faust.SSLCredentials | None:
@@ -96,6 +110,7 @@ def worker_app(settings: Settings) -> App:
         web_host=settings.worker_web_host,
         web_bind=settings.worker_web_host,  # loopback by default: /stats and /metrics are not public
         web_port=settings.worker_web_port,
+        Worker=Worker,
         broker_session_timeout=15.0,
         broker_heartbeat_interval=3.0,
         producer_compression_type="lz4",

@@ -392,3 +392,37 @@ def test_broker_away_45s_while_collectors_sample_live_makes_nothing_late(stack, 
     assert windowed == collector.sent * gpus  # every sample in a window, once
     # Every GPU window but each GPU's first and last (the run starts and stops mid-window) is whole.
     assert whole >= windows - 2 * nodes * gpus, (whole, windows)
+
+
+# --- SIGTERM while InfluxDB is down ----------------------------------------------------------------
+
+@pytest.mark.timeout(360)
+def test_sigterm_stops_a_worker_waiting_on_influxdb_and_its_restart_writes_every_window(stack, private, tmp_path):
+    """A worker whose writes wait on an unreachable InfluxDB stops when told to (it retried
+    forever in a thread Faust's shutdown waited for); what it held is not lost: the next worker
+    re-reads it from its checkpoints and writes every GPU window once."""
+    influx = local_stack.services(private)[1]
+    influx.stop()
+    with PipelineRun(stack, prefix="test-fault-sigterm", overrides={"influx_url": private.influx_url}) as run:
+        run.start_worker(tmp_path / "worker.log")
+        run.publish_scenario(SMALL)
+        expected = expected_gpu_windows(stack, SMALL, run.start_ts)
+        assert wait_until(lambda: run.stats().get("influx_write_failures", 0) > 0, 120, 0.2), run.describe()
+        worker = run.worker
+        os.killpg(worker.pid, signal.SIGTERM)
+        told_at = time.monotonic()
+        stopped = wait_until(lambda: worker.poll() is not None, 60, 0.2)
+        stop_s = time.monotonic() - told_at
+        assert stopped, f"still running {stop_s:.0f} s after SIGTERM:\n{run.describe()}"
+        influx.start()
+        run.start_worker(tmp_path / "restarted.log")
+        back_at = time.monotonic()
+        run.wait_until_quiet(timeout_s=180, must_take=0)
+        recover_s = time.monotonic() - back_at
+
+    spec = load_scenario(SMALL)
+    in_influx = gpu_windows_in_influx(private, spec.cluster, run.start_ts, spec.duration_s)
+    print(summary_line("SIGTERM while InfluxDB is down", run.published, in_influx, max(expected - in_influx, 0),
+                       max(in_influx - expected, 0), recover_s))
+    print(f"  the worker stopped {stop_s:.1f} s after SIGTERM")
+    assert in_influx == expected  # every GPU window exactly once
