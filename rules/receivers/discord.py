@@ -1,11 +1,16 @@
-"""Discord webhook: `content` (at most 2000 characters) plus up to 10 embeds."""
+"""Discord webhook: `content` (at most 2000 characters) plus up to 10 embeds.
+
+`allowed_mentions` keeps any mention from pinging; label text still goes in through
+`markdown_text`, so it cannot make a masked link (`[label](url)`, rendered in content and embeds)
+or something that looks like a mention, channel or timestamp (`<@id>`, `<#id>`, `<t:...>`).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from laggard.rules.alert_lifecycle import Notification
-from laggard.rules.receivers.text import alert_fields, summary, title, truncate
+from laggard.rules.receivers.text import alert_fields, break_after, summary, title, truncate
 
 MAX_CONTENT = 2000
 MAX_EMBEDS = 10
@@ -14,14 +19,20 @@ MAX_EMBEDS_CHARS = 6000  # Discord's limit over all embeds of one message
 _COLOR = {"critical": 0xD32F2F, "warning": 0xF9A825, "info": 0x1976D2, "resolved": 0x2E7D32}
 
 
+def markdown_text(text: str) -> str:
+    """Text as Discord shows it literally: a zero-width space after `]` (no masked link) and `<`
+    (no `<@id>`-style mention, channel, role, emoji or timestamp)."""
+    return break_after(text, "]<")
+
+
 def _embed(alert: Any, now: float, budget: int) -> dict[str, Any]:
     fields = [
         {"name": truncate(name, 256), "value": truncate(value, 1024), "inline": name in ("Status", "Since")}
-        for name, value in alert_fields(alert, now)
+        for name, value in alert_fields(alert, now, markdown_text)
         if name != "Dashboard"
     ][:MAX_FIELDS]
     colour = "resolved" if alert.status == "resolved" else alert.labels.get("severity", "info")
-    embed: dict[str, Any] = {"title": truncate(summary(alert), 256), "color": _COLOR.get(colour, _COLOR["info"]), "fields": fields}
+    embed: dict[str, Any] = {"title": truncate(summary(alert, markdown_text), 256), "color": _COLOR.get(colour, _COLOR["info"]), "fields": fields}
     if alert.generator_url:
         embed["url"] = alert.generator_url
     # Keep the whole message under Discord's total: shorten field values until it fits.
@@ -38,7 +49,7 @@ def _chars(embed: dict[str, Any]) -> int:
 def payload(n: Notification) -> dict[str, Any]:
     shown = n.alerts[:MAX_EMBEDS]
     budget = MAX_EMBEDS_CHARS // max(1, len(shown))
-    content = title(n)
+    content = title(n, markdown_text)
     if len(n.alerts) > MAX_EMBEDS:
         content += f"\n…and {len(n.alerts) - MAX_EMBEDS} more: {n.external_url}"
     return {
