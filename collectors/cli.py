@@ -235,10 +235,11 @@ def nvml_command(
     from laggard.collectors.nvml import NvmlSource, NvmlUnavailable
 
     clock = SystemClock()
+    cluster = cluster or get_settings().cluster  # outside the try: an invalid setting is main()'s to say
     lookup = _attribution(attribution, slurm_dir)
     try:
         source = NvmlSource(
-            cluster=cluster or get_settings().cluster,
+            cluster=cluster,
             node=node,
             interval_s=interval,
             slow_interval_s=slow_interval,
@@ -271,12 +272,13 @@ def dcgm_command(
     from laggard.collectors.dcgm import DcgmSource
 
     clock = SystemClock()
+    cluster = cluster or get_settings().cluster  # outside the try: an invalid setting is main()'s to say
     try:
         source = DcgmSource(
             url,
             interval_s=interval,
             timeout_s=timeout,
-            cluster=cluster or get_settings().cluster,
+            cluster=cluster,
             node=node,
             attribution=_attribution(attribution),
             clock=clock,
@@ -329,10 +331,11 @@ def replay_command(
     from laggard.collectors.replay import ReplaySource
 
     clock = SystemClock()
+    cluster = cluster or get_settings().cluster  # outside the try: an invalid setting is main()'s to say
     try:
         source = ReplaySource(
             path,
-            cluster=cluster or get_settings().cluster,
+            cluster=cluster,
             node=node,
             fmt=fmt.value,  # type: ignore[arg-type]
             speed=speed,

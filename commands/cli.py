@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from laggard.settings import get_settings
+from laggard.settings import Settings, get_settings
 
 app = typer.Typer(
     help="laggard: GPU cluster telemetry that names the rank, node and GPU pacing each job.",
@@ -70,7 +70,6 @@ def stack_up(
 def bring_stack_up(reset: bool = False, influx: int | None = None) -> None:
     """`stack up` for any command that needs the local stack; exits 1 with the reason on failure."""
     from laggard.commands import stack
-    from laggard.settings import Settings
 
     settings = get_settings() if influx is None else Settings(local_influx_version=influx)
     try:
@@ -121,6 +120,7 @@ def worker(
     from laggard.topics import ensure_topics
 
     settings = get_settings()
+    _register_webhook_secrets(settings)
     ensure_topics(settings)  # Faust ignores a missing input topic instead of waiting for it
     # kafka-python (the worker's own offset reads and re-reads) logs every connection at info.
     quietest = {"crit": logging.CRITICAL, "critical": logging.CRITICAL, "error": logging.ERROR}
@@ -139,16 +139,44 @@ def demo() -> None:
     run_demo(get_settings(), console)
 
 
+def _register_webhook_secrets(settings: Settings) -> None:
+    """The webhook URLs of the worker's receivers are secrets: redacted from every log line."""
+    from laggard import redaction
+    from laggard.rules.loader import DEFAULT_RULES, RulesFileInvalid, load_rules
+
+    try:
+        receivers = load_rules(settings.rules_file or DEFAULT_RULES).receivers
+    except RulesFileInvalid:
+        return  # the worker says what is wrong with the file and goes on without it
+    for receiver in receivers:
+        try:
+            redaction.add_secret_url(receiver.resolve_url().get_secret_value())
+        except LookupError:
+            pass  # the worker warns that this receiver cannot send
+
+
 def main() -> None:
+    """The `laggard` command: a known failure (no broker, an invalid setting) is one line on stderr
+    and exit 2, never a traceback; no log line of any command shows a secret."""
     from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+    from pydantic import ValidationError
 
+    from laggard import redaction
     from laggard.kafka_config import unreachable
+    from laggard.settings import describe_invalid
 
+    redaction.install()
+    errors = Console(stderr=True, soft_wrap=True)
     try:
         app()
     except (KafkaTimeoutError, KafkaConnectionError) as err:
         # Any command's first Kafka client (topics, publisher, worker): one line, not a traceback.
-        Console(stderr=True).print(f"laggard: {unreachable(get_settings(), err)}", highlight=False, soft_wrap=True)
+        errors.print(f"laggard: {redaction.redact(unreachable(get_settings(), err))}", highlight=False, markup=False)
+        raise SystemExit(2) from None
+    except ValidationError as err:
+        if err.title != Settings.__name__:
+            raise
+        errors.print(f"laggard: {describe_invalid(err)}", highlight=False, markup=False)
         raise SystemExit(2) from None
 
 

@@ -12,6 +12,7 @@ def client_config(settings: Settings) -> dict[str, Any]:
         "bootstrap_servers": settings.kafka_bootstrap_servers.split(","),
         "security_protocol": settings.kafka_security_protocol,
         "request_timeout_ms": 30_000,
+        "bootstrap_timeout_ms": int(settings.kafka_bootstrap_timeout_s * 1000),
     }
     if settings.kafka_ssl_cafile:
         config["ssl_cafile"] = str(settings.kafka_ssl_cafile)
@@ -25,7 +26,8 @@ def client_config(settings: Settings) -> dict[str, Any]:
 
 def unreachable(settings: Settings, err: Exception) -> str:
     """One line for a client that could not connect: where, how, and what to check."""
-    line = (f"cannot reach Kafka at {settings.kafka_bootstrap_servers} over {settings.kafka_security_protocol}: "
+    within = f" within {settings.kafka_bootstrap_timeout_s:g} s" if "bootstrap" in str(err) else ""
+    line = (f"cannot reach Kafka at {settings.kafka_bootstrap_servers} over {settings.kafka_security_protocol}{within}: "
             f"{err}. Check LAGGARD_KAFKA_BOOTSTRAP_SERVERS and that the broker runs "
             "(`laggard stack status` for the local one)")
     if settings.kafka_security_protocol.startswith("SASL"):

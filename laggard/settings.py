@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SecretsSettingsSource, SettingsConfigDict
+
+from laggard import redaction
 
 
 def _default_state_dir() -> Path:
@@ -50,6 +53,9 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: Path | None = None
+    # How long a client may take to reach its first broker before it gives up (a wrong address
+    # fails in this time, with one line, instead of kafka-python's 30 s).
+    kafka_bootstrap_timeout_s: float = Field(default=10.0, gt=0)
     topic_samples: str = "gpu.samples"
     topic_deadletter: str = "laggard.deadletter"
     topic_windows: str = "laggard.windows"
@@ -123,6 +129,53 @@ class Settings(BaseSettings):
         return self
 
 
+    def secret_values(self) -> list[str]:
+        """The secrets these settings hold (passwords, tokens, the password in influx_url), for log redaction."""
+        secrets = [s.get_secret_value() for s in (self.influx_token, self.influx_password, self.kafka_sasl_password) if s]
+        password = urlsplit(self.influx_url).password
+        return [*secrets, *([password] if password else [])]
+
+
+_COMPARISONS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
+                "less_than_equal": ("le", "<=")}
+
+
+def _problem(item: Any) -> str:
+    """What is wrong with one value, in a few words ('must be > 0')."""
+    ctx = item.get("ctx") or {}
+    if item["type"] in _COMPARISONS:
+        key, op = _COMPARISONS[item["type"]]
+        bound = ctx.get(key)
+        return f"must be {op} {bound:g}" if isinstance(bound, float) else f"must be {op} {bound}"
+    message = str(item["msg"]).removeprefix("Value error, ")
+    return message.replace("Input should be", "must be", 1)
+
+
+def describe_invalid(err: ValidationError) -> str:
+    """One line naming each invalid setting as its environment variable, with its value (never a
+    secret's) and what is wrong: 'invalid setting LAGGARD_WINDOW_S=-1: must be > 0'."""
+    parts = []
+    for item in err.errors(include_url=False):
+        name = ".".join(str(part) for part in item["loc"])
+        field = Settings.model_fields.get(str(item["loc"][0])) if item["loc"] else None
+        if not name:
+            parts.append(_problem(item))
+            continue
+        variable = f"LAGGARD_{name.upper()}"
+        if field is not None and "SecretStr" in str(field.annotation):
+            shown = variable
+        elif "input" in item and isinstance(item["input"], (str, int, float)):
+            shown = f"{variable}={redaction.redact(str(item['input']))}"
+        else:
+            shown = variable
+        parts.append(f"{shown}: {_problem(item)}")
+    return f"invalid setting{'s' if len(parts) > 1 else ''} " + "; ".join(parts)
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    """The settings, read once; their secrets are redacted from every log line from then on."""
+    settings = Settings()
+    for secret in settings.secret_values():
+        redaction.add_secret(secret)
+    return settings

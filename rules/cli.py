@@ -11,9 +11,10 @@ import getpass
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Column, Table
 
@@ -23,7 +24,7 @@ from laggard.rules.loader import DEFAULT_RULES, RulesFileInvalid, check_file, lo
 from laggard.rules.model import Matcher, RulesConfig, parse_duration
 from laggard.rules.receivers.delivery import DeadLetter, DeliveryOutcome, Dispatcher
 from laggard.rules.receivers.text import human_duration, iso_utc, pairs
-from laggard.rules.silences import SilenceStore
+from laggard.rules.silences import SilenceStore, StateFileInvalid, state_file_problem
 from laggard.settings import ALERTS_STATE_FILE, SILENCES_FILE, get_settings
 
 console = Console(soft_wrap=True)
@@ -42,25 +43,60 @@ def silence_store() -> SilenceStore:
     return SilenceStore(get_settings().state_dir / SILENCES_FILE)
 
 
+def state_file_failed(err: StateFileInvalid | OSError) -> NoReturn:
+    """A state file that cannot be read or written: one line on stderr, exit 1."""
+    message = str(err) if isinstance(err, StateFileInvalid) else f"{err.filename}: {err.strerror}"
+    errors.print(f"laggard: {message}", markup=False, highlight=False)
+    raise typer.Exit(1)
+
+
 @rules_app.callback()
 def rules_group() -> None:
     """Check alert rule files."""  # a callback keeps `rules` a group even with one command
 
 
 @rules_app.command("check")
-def check(files: Annotated[list[Path], typer.Argument(help="rule files to check")]) -> None:
-    """Validate rule files; print each error as FILE:LINE: FIELD: MESSAGE; exit 1 on any error."""
+def check(
+    files: Annotated[list[Path], typer.Argument(help="rule files to check")],
+    no_secrets: Annotated[bool, typer.Option(
+        "--no-secrets", help="skip the check that each receiver's webhook URL (its url_env or url_file) can be "
+                             "read here, e.g. in CI, where the secrets are not")] = False,
+) -> None:
+    """Validate rule files; print each error as FILE:LINE: FIELD: MESSAGE; exit 1 on any error. A
+    receiver whose webhook URL cannot be read (url_env not set, url_file missing) is an error too,
+    unless --no-secrets."""
     failed = 0
     for path in files:
         config, problems = check_file(path)
         for problem in problems:
             errors.print(str(problem), markup=False, highlight=False)
-        if config is not None:
-            console.print(f"{path}: OK ({len(config.rules)} rules, {len(config.receivers)} receivers)", markup=False)
         failed += len(problems)
+        if config is None:
+            continue
+        unresolved = [] if no_secrets else receivers_without_url(config)
+        for why in unresolved:
+            errors.print(f"{path}: {why}", markup=False, highlight=False)
+        failed += len(unresolved)
+        counts = f"{len(config.rules)} rules, {len(config.receivers)} receivers"
+        if unresolved:
+            console.print(f"{path}: NOT OK ({counts}; {len(unresolved)} receiver(s) without a webhook URL)", markup=False)
+        else:
+            console.print(f"{path}: OK ({counts})", markup=False)
     if failed:
         errors.print(f"{failed} error(s)", markup=False)
         raise typer.Exit(1)
+
+
+def receivers_without_url(config: RulesConfig) -> list[str]:
+    """Why each receiver whose webhook URL cannot be read here cannot send (names the receiver and
+    its variable or file, never a URL)."""
+    problems = []
+    for receiver in config.receivers:
+        try:
+            receiver.resolve_url()
+        except LookupError as err:
+            problems.append(f"{err} (--no-secrets skips this check)")
+    return problems
 
 
 def test_notification(config: RulesConfig, receiver: str, now: float) -> Notification:
@@ -131,7 +167,13 @@ def list_alerts(
     if not path.exists():
         errors.print(f"no alert state at {path} (is the worker running?)", markup=False)
         raise typer.Exit(1)
-    state = EngineState.model_validate_json(path.read_bytes())
+    try:
+        state = EngineState.model_validate_json(path.read_bytes())
+    except ValidationError as err:
+        state_file_failed(StateFileInvalid(path, f"not a valid alert state file: {state_file_problem(err)}",
+                                           "the worker rewrites it on its next alerting tick"))
+    except OSError as err:
+        state_file_failed(err)
     live = sorted((a for a in state.alerts.values() if a.status != "resolved"), key=lambda a: a.active_since)
     if as_json:
         console.print_json(json.dumps([a.model_dump(mode="json") for a in live]))
@@ -161,9 +203,13 @@ def silence_add(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     now = time.time()
-    silence = silence_store().add(
-        matchers, starts_at=now, ends_at=now + seconds, comment=comment, created_by=author or getpass.getuser(), now=now
-    )
+    try:
+        silence = silence_store().add(
+            matchers, starts_at=now, ends_at=now + seconds, comment=comment, created_by=author or getpass.getuser(),
+            now=now,
+        )
+    except (StateFileInvalid, OSError) as err:
+        state_file_failed(err)
     console.print(f"silence {silence.id} until {iso_utc(silence.ends_at)}", markup=False)
 
 
@@ -172,7 +218,11 @@ def silence_list(include_expired: Annotated[bool, typer.Option("--all", help="in
     """Pending and active silences (all with --all)."""
     now = time.time()
     table = Table(Column("id", no_wrap=True), "state", "matchers", "starts", "ends", "created by", "comment")
-    for s in silence_store().list(now, include_expired=include_expired):
+    try:
+        silences = silence_store().list(now, include_expired=include_expired)
+    except (StateFileInvalid, OSError) as err:
+        state_file_failed(err)
+    for s in silences:
         table.add_row(s.id, s.state(now), " ".join(str(m) for m in s.matchers), iso_utc(s.starts_at),
                       iso_utc(s.ends_at), s.created_by, s.comment)
     console.print(table)
@@ -186,4 +236,6 @@ def silence_expire(silence_id: Annotated[str, typer.Argument(help="silence id fr
     except KeyError:
         errors.print(f"no silence with id {silence_id!r}", markup=False)
         raise typer.Exit(1) from None
+    except (StateFileInvalid, OSError) as err:
+        state_file_failed(err)
     console.print(f"silence {silence.id} expired at {iso_utc(silence.ends_at)}", markup=False)

@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from laggard.rules.model import Matcher, matches_all
 
@@ -47,6 +47,26 @@ class Silence(BaseModel):
 _SILENCES = TypeAdapter(list[Silence])
 
 
+class StateFileInvalid(ValueError):
+    """A state file (silences, alert state) that cannot be read: one line naming the file and
+    what is wrong (the first problem, with its place), never its content."""
+
+    def __init__(self, path: Path, problem: str, hint: str = "") -> None:
+        super().__init__(f"{path}: {problem}" + (f"; {hint}" if hint else ""))
+        self.path = path
+
+
+def state_file_problem(err: ValidationError) -> str:
+    """The first thing wrong with a state file's content, in one line, without quoting it."""
+    first = err.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = str(first["msg"]).replace("\n", " ")
+    if first["type"] == "json_invalid":
+        return f"not valid JSON ({message.removeprefix('Invalid JSON: ')})"
+    more = len(err.errors()) - 1
+    return f"{where + ': ' if where else ''}{message}" + (f" (and {more} more)" if more else "")
+
+
 class SilenceStore:
     """Silences in one JSON file, rewritten atomically on every change."""
 
@@ -54,9 +74,15 @@ class SilenceStore:
         self.path = path
 
     def load(self) -> list[Silence]:
+        """The silences; StateFileInvalid (a ValueError) when the file is not a list of silences."""
         if not self.path.exists():
             return []
-        return _SILENCES.validate_json(self.path.read_bytes())
+        data = self.path.read_bytes()
+        try:
+            return _SILENCES.validate_json(data)
+        except ValidationError as err:
+            raise StateFileInvalid(self.path, f"not a valid silences file: {state_file_problem(err)}",
+                                   "fix it or move it away") from None
 
     def _save(self, silences: list[Silence]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
