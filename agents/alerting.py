@@ -5,9 +5,11 @@ engine on a clock, dispatches notifications and checkpoints the alert state in a
 `add_alerting` registers it on a worker (agents/worker.py builds one).
 
 Nothing here stops alerting for good: a rules file that is bad at startup (with no checkpointed
-rules to fall back on) leaves an engine without rules that still keeps the firing findings, so
-they are alerted on once the file is fixed; a bad reload or silences file keeps the last good
-one; a notification a webhook does not take is deferred and checkpointed (rules/receivers/delivery.py).
+rules to fall back on) leaves an engine without rules that keeps every finding taken meanwhile
+(firing and resolved, checkpointed), so they are all evaluated once the file is fixed; a bad
+reload or silences file keeps the last good one; a notification a webhook does not take is
+deferred and checkpointed (rules/receivers/delivery.py); a tick that fails is logged and the next
+one tries again.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from laggard.topics import alert_ticks_name, worker_tables
 TRANSITION_MEMORY_S = 3600.0
 # The timer's message on the alert channel (beside the clusters' fleet KPI windows).
 TICK = b"tick"
+# Findings kept while no rules are in force (bad rules file at startup), newest kept past this.
+MAX_UNEVALUATED = 10_000
 
 
 @dataclass
@@ -52,6 +56,9 @@ class Alerting:
     latest: dict[str, float] = field(default_factory=dict)  # finding fingerprint -> window_start taken
     silences: list[Silence] = field(default_factory=list)  # the last good silences file
     silences_problem: str = ""  # why the silences file was last refused, logged once per change
+    # Findings taken while there are no rules (a bad rules file at startup), in order, for the
+    # rules that replace it; None while rules are in force.
+    unevaluated: list[Finding] | None = None
 
     def take(self, finding: Finding, now: float) -> None:
         """Show a transition to the engine at once: a resolved one ends its alert (the firing set
@@ -61,6 +68,8 @@ class Alerting:
             return
         self.latest[key] = finding.window_start
         self.engine.observe_finding(finding, now)
+        if self.unevaluated is not None:
+            self.unevaluated = [*self.unevaluated[-(MAX_UNEVALUATED - 1):], finding]
         if finding.state == "firing":
             self.firing[key] = finding
             return
@@ -72,7 +81,9 @@ class Alerting:
         return {"engine": self.engine.snapshot(), "sent": self.dispatcher.sent_log.to_dict(),
                 "deferred": self.dispatcher.deferred_state(),
                 "firing": [f.model_dump(mode="json") for f in self.firing.values()], "latest": self.latest,
-                "rules": self.engine.config.model_dump(mode="json", by_alias=True)}
+                "unevaluated": [f.model_dump(mode="json") for f in self.unevaluated or ()],
+                # Stand-in rules (none, while the file is bad) are not rules a restart may fall back on.
+                "rules": self.engine.config.model_dump(mode="json", by_alias=True) if self.unevaluated is None else None}
 
     def current_silences(self, path: Path) -> list[Silence]:
         """The silences file, or the last good one while it cannot be read (logged and counted once)."""
@@ -111,33 +122,41 @@ class AlertingStage:
     def rules_path(self) -> Path:
         return self.settings.rules_file or DEFAULT_RULES
 
-    def startup_rules(self, saved: dict[str, Any]) -> RulesConfig:
-        """The rules file; if it is bad, the last good rules from the checkpoint (a restart must not
-        stop alerting), or, when there are none, the default receivers and routes with no rules: the
-        firing findings are kept and alerted on once the file is fixed (and reloaded)."""
+    def startup_rules(self, saved: dict[str, Any]) -> tuple[RulesConfig, bool]:
+        """(rules, whether they are real): the rules file; if it is bad, the last good rules from the
+        checkpoint (a restart must not stop alerting), or, when there are none, the default receivers
+        and routes with no rules: the findings are kept and evaluated once the file is fixed."""
         path = self.rules_path()
         try:
-            return load_rules(path)
+            return load_rules(path), True
         except RulesFileInvalid as err:
             self.counters.rules_reload_failures += 1
             if saved.get("rules"):
                 log.error("rules file %s is invalid, keeping the last good rules (from the checkpoint): %s", path, err)
-                return RulesConfig.model_validate(saved["rules"])
+                return RulesConfig.model_validate(saved["rules"]), True
             log.error("rules file %s is invalid and no earlier rules are checkpointed: no alerts until it is fixed "
-                      "(firing findings are kept): %s", path, err)
-            return load_rules(DEFAULT_RULES).model_copy(update={"rules": []})
+                      "(the findings taken meanwhile are kept for it): %s", path, err)
+            return load_rules(DEFAULT_RULES).model_copy(update={"rules": []}), False
 
     def make_alerting(self, saved: dict[str, Any], config: RulesConfig | None = None) -> Alerting:
+        """The stage's state from a checkpoint, with `config` (else the rules file's): findings taken
+        while there were no rules are evaluated by the rules that replace them now."""
         path = self.rules_path()
-        config = config or self.startup_rules(saved)
+        config, real = (config, True) if config is not None else self.startup_rules(saved)
         dispatcher = Dispatcher(config.receivers, dead_letter=self.notification_dead_letter,
                                 sent_log=SentLog(saved.get("sent")), deferred=saved.get("deferred", ()))
         for name, why in dispatcher.problems.items():
             log.warning("receiver %s cannot send: %s", name, why)
         firing = (Finding.model_validate(data) for data in saved.get("firing", []))
         engine = AlertEngine(config, saved.get("engine"), render_failures=self.counters.template_render_failures)
+        unevaluated = [Finding.model_validate(data) for data in saved.get("unevaluated", [])]
+        if real:
+            now = time.time()
+            for finding in unevaluated:  # in order: one that fired and resolved meanwhile is announced
+                engine.observe_finding(finding, now)
         return Alerting(engine, dispatcher, rules_mtime(path), self.counters,
-                        firing={f.fingerprint: f for f in firing}, latest=saved.get("latest", {}))
+                        firing={f.fingerprint: f for f in firing}, latest=saved.get("latest", {}),
+                        unevaluated=None if real else unevaluated)
 
     async def notification_dead_letter(self, letter: DeadLetter) -> None:
         await self.core.deadletter_topic.send(key=b"notification", value=letter.model_dump_json().encode())
@@ -163,6 +182,7 @@ class AlertingStage:
             log.error("rules file %s not reloaded, keeping the last good rules: %s: %s", path, type(err).__name__, err)
             return current
         log.warning("rules file %s reloaded", path)
+        reloaded.silences, reloaded.silences_problem = current.silences, current.silences_problem
         await current.dispatcher.aclose()
         return reloaded
 
@@ -197,8 +217,12 @@ class AlertingStage:
             if self.alerting is None:
                 self.alerting = self.make_alerting(self.state_table.get("state") or {})
             if event.message.topic != self.settings.topic_findings and event.value == TICK:
-                self.alerting = await self.reload_rules(self.alerting)
-                await self.send_due_notifications(self.alerting, time.time())
+                try:
+                    self.alerting = await self.reload_rules(self.alerting)
+                    await self.send_due_notifications(self.alerting, time.time())
+                except Exception:  # the agent must outlive it: the findings are kept, the next tick tries again
+                    self.counters.alert_tick_failures += 1
+                    log.exception("alert tick failed; trying again on the next one")
             else:
                 try:
                     self.take(self.alerting, event)

@@ -182,6 +182,11 @@ class AlertEngine:
         alert.finding_fingerprint = obs.finding_fingerprint
 
     def _deactivate(self, alert: AlertState, now: float) -> None:
+        rule = self._rules.get(alert.rule)
+        if alert.status == "pending" and alert.active and rule is not None and now - alert.active_since >= rule.for_:
+            # It held for `for` (at once without one) but ended before advance() saw it: it fired,
+            # and it is announced firing, then resolved (a finding is persistence-checked already).
+            alert.status, alert.starts_at = "firing", alert.active_since + rule.for_
         if alert.status == "pending":
             self._drop_pending(alert, now)
         elif alert.active:
@@ -233,8 +238,27 @@ class AlertEngine:
                     alert.status, alert.starts_at = "firing", now
             elif alert.status == "firing" and not alert.active:
                 assert alert.inactive_since is not None
-                if now - alert.inactive_since >= keep_for:
-                    alert.status, alert.ends_at = "resolved", now
+                if now - alert.inactive_since >= keep_for and not self._unannounced(alert):
+                    # When it ended, not when this advance noticed (an unannounced one is held longer).
+                    ends_at = max(alert.inactive_since + keep_for, alert.starts_at or alert.active_since)
+                    alert.status, alert.ends_at = "resolved", ends_at
+
+    def _unannounced(self, alert: AlertState) -> bool:
+        """Fired, not muted, and not yet in a firing notification of each of its groups: it stays
+        firing until it is, so an alert that ends before its group flushes is not lost (its
+        resolved notification follows). A muted one is never announced, so it is not held."""
+        if alert.muted or alert.rule not in self._rules:
+            return False
+        for target in self._targets(alert):
+            group = self.state.groups.get(self._group_key(target, alert.labels))
+            if group is None or alert.fingerprint not in group.notified_firing:
+                return True
+        return False
+
+    @staticmethod
+    def _group_key(target: RouteTarget, labels: dict[str, str]) -> str:
+        group_labels = {k: labels.get(k, "") for k in target.group_by}
+        return f"{target.route_id}/{target.receiver}:" + json.dumps(sorted(group_labels.items()))
 
     def _mute(self, now: float, silences: Sequence[Silence]) -> None:
         firing = [a for a in self.state.alerts.values() if a.status == "firing"]
@@ -258,7 +282,7 @@ class AlertEngine:
                 continue
             for target in self._targets(alert):
                 group_labels = {k: alert.labels.get(k, "") for k in target.group_by}
-                key = f"{target.route_id}/{target.receiver}:" + json.dumps(sorted(group_labels.items()))
+                key = self._group_key(target, alert.labels)
                 group = self.state.groups.get(key)
                 if group is None:
                     group = GroupState(

@@ -1,12 +1,13 @@
 """The alerting agent's own functions (agents/alerting.py) without Kafka: a bad rules file at
-startup keeps the firing findings until it is fixed, and a bad silences file keeps the last good
-silences (logged and counted once)."""
+startup keeps the findings until it is fixed (then they are alerted on, into a real local HTTP
+server), and a bad silences file keeps the last good silences (logged and counted once)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ import pytest
 from laggard.agents.alerting import AlertingStage
 from laggard.agents.core import WorkerCore
 from laggard.results import Finding
-from laggard.settings import Settings
+from laggard.settings import SILENCES_FILE, Settings
+from tests.helpers.webhook_server import WebhookServer
 
 RULES = """\
 receivers:
@@ -70,3 +72,37 @@ def test_a_bad_silences_file_keeps_the_last_good_silences(rules_file: Path, tmp_
     silences.write_text("")  # emptied by a hand edit
     assert current.current_silences(silences) == good and current.current_silences(silences) == good
     assert alerting.counters.silences_load_failures == 1  # logged and counted once, not every tick
+
+
+def test_findings_taken_while_the_rules_and_silences_files_are_bad_are_alerted_on_once_fixed(
+        rules_file: Path, tmp_path: Path, alerting: AlertingStage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A straggler that fired and resolved while the rules file was bad (no checkpoint to fall back
+    on) and silences.json corrupt: once the rules are fixed it is announced firing, then resolved."""
+    with WebhookServer() as server:
+        monkeypatch.setenv("ALERTING_AGENT_TEST_URL", server.url("/hook"))
+        rules_file.write_text(RULES.replace("group_wait", "group_wiat"))
+        (tmp_path / SILENCES_FILE).write_text("[{")  # corrupt, and no good one seen before
+        current = alerting.make_alerting({})
+        current.take(straggler(), time.time())
+        current.take(straggler().model_copy(update={"state": "resolved", "window_start": 11.0}), time.time())
+        asyncio.run(alerting.send_due_notifications(current, time.time()))  # a tick: nothing to alert with
+        saved = json.loads(json.dumps(current.state()))  # a restart on the same bad file keeps them too
+        current = alerting.make_alerting(saved)
+
+        rules_file.write_text(RULES)
+        os.utime(rules_file, (current.rules_mtime + 1, current.rules_mtime + 1))
+
+        async def ticks() -> None:
+            fixed = await alerting.reload_rules(current)
+            deadline = time.monotonic() + 10
+            while len(server.requests("/hook")) < 2 and time.monotonic() < deadline:
+                await alerting.send_due_notifications(fixed, time.time())
+                await asyncio.sleep(0.1)  # the next tick (group_interval 1s)
+            await fixed.dispatcher.aclose()
+
+        asyncio.run(ticks())
+        sent = [(r.json["status"], r.json["alerts"][0]["labels"]["rank"]) for r in server.requests("/hook")]
+    assert sent == [("firing", "3"), ("resolved", "3")]
+    assert alerting.counters.rules_reload_failures == 2  # at start, and at the restart
+    assert alerting.counters.silences_load_failures == 2  # once per start: not again on the reload
+    assert alerting.counters.notifications == 2

@@ -193,12 +193,14 @@ def test_429_waits_for_discord_retry_after_json(webhook_server: WebhookServer) -
     assert 0.34 <= gap < 1.0  # the precise JSON value wins over the rounded header
 
 
-def test_429_asking_for_too_long_goes_to_dead_letter(webhook_server: WebhookServer) -> None:
+def test_429_asking_for_too_long_is_deferred_until_then_not_dead_lettered(webhook_server: WebhookServer) -> None:
     recv = receiver("slack", "slack", max_retry_after="5s")
     webhook_server.script(hook_path("slack"), Reply(status=429, retry_after_header="3600"))
-    (outcome,), letters, _ = deliver(webhook_server, recv, [notification(rules_config([recv]))])
-    assert outcome.status == "dead_lettered" and outcome.attempts == 1
-    assert "asked to wait 3600s" in letters[0].reason
+    (outcome,), letters, dispatcher = deliver(webhook_server, recv, [notification(rules_config([recv]))])
+    assert outcome.status == "deferred" and outcome.attempts == 1 and letters == []
+    assert "asked to wait 3600s" in (outcome.reason or "")
+    (_, retry_at), = dispatcher.deferred.values()
+    assert retry_at - time.monotonic() > 3500  # not before the receiver said
 
 
 def test_hanging_server_times_out_and_is_retried(webhook_server: WebhookServer) -> None:
@@ -207,6 +209,58 @@ def test_hanging_server_times_out_and_is_retried(webhook_server: WebhookServer) 
     (outcome,), _, _ = deliver(webhook_server, recv, [notification(rules_config([recv]))])
     assert outcome.status == "sent" and outcome.attempts == 2
     assert len(webhook_server.requests()) == 2
+
+
+def test_a_retry_after_a_timeout_carries_the_same_idempotency_key_and_is_counted(webhook_server: WebhookServer) -> None:
+    recv = receiver("am", "webhook")
+    note = notification(rules_config([recv]))
+    webhook_server.script(hook_path("am"), HANG)  # takes the request, never answers in time
+    (outcome,), _, dispatcher = deliver(webhook_server, recv, [note])
+    first, retry = webhook_server.requests()
+    assert outcome.status == "sent" and outcome.attempts == 2
+    for request in (first, retry):  # a receiver can drop the repeat by either
+        assert request.headers["idempotency-key"] == note.idempotency_key
+        assert request.json["idempotencyKey"] == note.idempotency_key
+    assert first.raw == retry.raw
+    assert dispatcher.stats.get("am", "timeout") == 1 and dispatcher.stats.get("am", "retry") == 1
+
+
+def test_a_receiver_refusing_for_a_phase_gets_every_notification_in_order_once_it_recovers(
+        webhook_server: WebhookServer) -> None:
+    recv = receiver("am", "webhook", max_retry_after="5s")
+    engine = AlertEngine(rules_config([recv]))
+    t0 = 1_700_000_000.0
+    engine.observe_finding(finding(1), t0)
+    engine.observe_finding({**finding(2), "job": "train-2"}, t0)
+    first_a, first_b = engine.advance(t0)  # one group per job
+    engine.observe_finding(finding(1, state="resolved"), t0 + 30)
+    engine.advance(t0 + 30)
+    (resolved_a,) = engine.advance(t0 + 60)
+    assert (first_a.group_key, first_a.status) == (resolved_a.group_key, "firing") and resolved_a.status == "resolved"
+    path = hook_path("am")
+    webhook_server.script(path, Reply(status=500, body="down"), times=3)  # first_a: all its attempts
+    webhook_server.script(path, Reply(status=429, retry_after_header="600"))  # first_b: longer than max_retry_after
+    letters: list[DeadLetter] = []
+    now = [0.0]
+
+    async def go() -> list[list[str]]:
+        async with Dispatcher([recv], dead_letter=letters.append, environ=environ(webhook_server, "am"),
+                              clock=lambda: now[0]) as d:
+            during = [(await d.dispatch(n)).status for n in (first_a, first_b, resolved_a)]
+            now[0] += RETRY_DEFERRED_S
+            early = [o.status for o in await d.retry_deferred()]  # the receiver is back; b asked for 600 s
+            now[0] += 600
+            late = [o.status for o in await d.retry_deferred()]
+            return [during, early, late, [str(len(d.deferred))]]
+
+    during, early, late, left = asyncio.run(go())
+    assert during == ["deferred"] * 3 and early == ["sent", "sent"] and late == ["sent"] and left == ["0"]
+    assert letters == []
+    requests = webhook_server.requests(path)
+    for request in requests:  # a repeat carries the key of what it repeats
+        assert request.json["idempotencyKey"] == request.headers["idempotency-key"]
+    delivered = [r.headers["idempotency-key"] for r in requests[4:]]  # after the 3 x 500 and the 429
+    assert delivered == [first_a.idempotency_key, resolved_a.idempotency_key, first_b.idempotency_key]
 
 
 def test_a_webhook_down_past_the_retries_gets_the_notification_later_once(webhook_server: WebhookServer) -> None:
@@ -233,7 +287,7 @@ def test_a_webhook_down_past_the_retries_gets_the_notification_later_once(webhoo
     assert letters == [] and len(webhook_server.requests()) == 4  # 3 tries, then once more, delivered
 
 
-def test_a_deferred_notification_survives_a_restart_and_a_newer_one_supersedes_it(
+def test_a_deferred_notification_survives_a_restart_and_a_newer_one_of_its_group_follows_it(
         webhook_server: WebhookServer) -> None:
     recv = receiver("slack", "slack", max_attempts=1)
     config = rules_config([recv])
@@ -258,9 +312,9 @@ def test_a_deferred_notification_survives_a_restart_and_a_newer_one_supersedes_i
 
     resent, statuses = asyncio.run(go())
     assert resent == ["sent"]
-    assert statuses == ["sent"]  # the newer notification of the group replaced the deferred one
-    sequences = [r.json["text"] for r in webhook_server.requests()]
-    assert len(sequences) == 3
+    assert statuses == ["deferred", "sent", "sent"]  # the newer one waits for the older, then both go
+    keys = [r.headers["idempotency-key"] for r in webhook_server.requests()]
+    assert keys == [older.idempotency_key] * 2 + [older.idempotency_key, newer.idempotency_key]
 
 
 def test_a_trickling_webhook_is_cut_at_the_receiver_timeout(webhook_server: WebhookServer) -> None:
@@ -288,6 +342,22 @@ def test_nan_evidence_is_sent_as_text_and_an_unusable_url_is_dead_lettered_witho
 
     bad = asyncio.run(go())
     assert bad.status == "dead_lettered" and letters[0].reason == "cannot send: InvalidURL"
+
+
+def test_a_notification_the_dead_letter_sink_cannot_take_is_deferred_not_lost(webhook_server: WebhookServer) -> None:
+    recv = receiver("slack", "slack")
+    note = notification(rules_config([recv]))
+    webhook_server.script(hook_path("slack"), Reply(status=404, body="no_service"))
+
+    def broken_sink(letter: DeadLetter) -> None:
+        raise ConnectionError("broker away")
+
+    async def go() -> tuple[str, list[dict[str, Any]]]:
+        async with Dispatcher([recv], dead_letter=broken_sink, environ=environ(webhook_server, "slack")) as d:
+            return (await d.dispatch(note)).status, d.deferred_state()
+
+    status, deferred = asyncio.run(go())
+    assert status == "deferred" and [n["idempotency_key"] for n in deferred] == [note.idempotency_key]
 
 
 def test_client_error_is_not_retried(webhook_server: WebhookServer) -> None:

@@ -238,3 +238,42 @@ def test_fingerprint_and_idempotency_key_depend_on_what_they_should() -> None:
     assert base != idempotency_key("g", 0.0, [("f1", "resolved")], "resolved", 1)
     assert base != idempotency_key("h", 0.0, [("f1", "firing")], "firing", 1)
     assert base != idempotency_key("g", 9.0, [("f1", "firing")], "firing", 1)  # a re-created group
+
+
+XID = {"kind": "xid", "cluster": "c1", "job": "j", "node": "n1", "gpu": 4}
+
+
+def test_a_finding_that_fires_and_resolves_between_two_advances_is_announced_firing_then_resolved() -> None:
+    # After a catch-up backlog, both transitions arrive before the alert stage's next tick.
+    engine = AlertEngine(config())
+    engine.observe_finding(XID, 0)
+    engine.observe_finding({**XID, "state": "resolved"}, 1)
+    assert engine.advance(2) == []  # group_wait 30s from here
+    (firing,) = engine.advance(32)
+    assert firing.status == "firing" and firing.alerts[0].starts_at == 0
+    assert engine.advance(100) == []  # group_interval 5m
+    (resolved,) = engine.advance(332)
+    assert resolved.status == "resolved" and resolved.alerts[0].ends_at == 1  # when it ended
+    assert engine.state.alerts == {} and engine.state.groups == {}
+
+
+def test_an_alert_that_resolves_before_its_group_first_flushes_is_still_announced() -> None:
+    engine = AlertEngine(config())
+    engine.observe_finding(XID, 0)
+    assert engine.advance(0) == []  # firing, its group flushes at 30
+    engine.observe_finding({**XID, "state": "resolved"}, 10)
+    assert engine.advance(10) == []
+    assert [n.status for n in engine.advance(30)] == ["firing"]
+    assert [n.status for n in engine.advance(330)] == ["resolved"]
+
+
+def test_a_finding_shorter_than_the_rules_for_never_fires_and_one_that_held_it_does() -> None:
+    engine = AlertEngine(config())  # Straggler: for 2m, keep_firing_for 1m
+    engine.observe_finding(straggler(1), 0)
+    engine.observe_finding(straggler(1, state="resolved"), 119)  # 119 s < for: Prometheus never fires it
+    engine.observe_finding(straggler(2), 0)
+    engine.observe_finding(straggler(2, state="resolved"), 120)  # held `for` before advance() saw it
+    sent = [(t, n) for t in (121, 151, 451) for n in engine.advance(t)]
+    assert [(t, n.status, [a.labels["rank"] for a in n.alerts]) for t, n in sent] == [
+        (151, "firing", ["2"]), (451, "resolved", ["2"])]
+    assert sent[0][1].alerts[0].starts_at == 120

@@ -5,15 +5,18 @@
   (seconds, may be fractional); the receiver's rate limiter is paused for that long too.
 - Each receiver has a rate limiter (GCRA, equivalent to a token bucket of `burst` tokens
   refilled at `rate_per_s`).
-- A notification still undelivered after the retry budget (the webhook is down) is deferred:
-  tried again every RETRY_DEFERRED_S until delivered or superseded by a newer notification of the
-  same group, which carries the group's current state; the worker checkpoints what is deferred,
-  so an outage of any length loses nothing. One refused for good (4xx), or that cannot be sent
-  at all (a URL httpx will not build, say), goes to the dead-letter callable with the reason, and
-  is counted. Nothing a notification contains can raise out of `dispatch`.
+- A notification still undelivered after the retry budget (the webhook is down, or asks with a
+  429 to wait longer than max_retry_after) is deferred: tried again every RETRY_DEFERRED_S (or
+  after the wait asked for) until delivered. Later notifications of its group queue behind it, so
+  the receiver gets every one, in order (firing before resolved); the worker checkpoints what is
+  deferred, so an outage of any length loses nothing. One refused for good (4xx), or that cannot
+  be sent at all (a URL httpx will not build, say), goes to the dead-letter callable with the
+  reason, and is counted. Nothing a notification contains can raise out of `dispatch`.
 - The sent log remembers idempotency keys, so a replay after a restart does not send twice; each
-  request carries its key in an `Idempotency-Key` header, so a receiver can drop the repeat that
-  at-least-once delivery still allows (a crash between the send and the checkpoint).
+  request carries its key in an `Idempotency-Key` header (and the generic webhook's body), so a
+  receiver can drop the repeat that at-least-once delivery still allows: a retry after a timeout
+  (the receiver may have taken the first request; counted as `timeout`), or a crash between the
+  send and the checkpoint.
 - Webhook URLs are secrets (the path or a query value is the credential). httpx puts URLs in its
   exception messages and its INFO log line, so errors are rebuilt from scratch with URLs
   redacted, and a logging filter redacts URLs in httpx/httpcore log records. Error pages that
@@ -138,8 +141,16 @@ class RateLimited(TransientFailure):
         self.retry_after = retry_after
 
 
+class RetryLater(DeliveryFailed):
+    """A 429 asking to wait longer than the receiver's max_retry_after: deferred, not retried now."""
+
+    def __init__(self, reason: str, after: float) -> None:
+        super().__init__(reason)
+        self.after = after
+
+
 class PermanentFailure(DeliveryFailed):
-    """Retrying will not help: 4xx other than 429/408, or a wait longer than allowed."""
+    """Retrying will not help: 4xx other than 429/408."""
 
 
 class RateLimiter:
@@ -222,7 +233,7 @@ class SentLog:
 
 
 class DeliveryStats:
-    """Counts per (receiver, event): sent, duplicate, retry, rate_limited, deferred, superseded, dead_lettered."""
+    """Counts per (receiver, event): sent, duplicate, retry, timeout, rate_limited, deferred, dead_lettered."""
 
     def __init__(self) -> None:
         self.counts: Counter[tuple[str, str]] = Counter()
@@ -268,24 +279,29 @@ class Dispatcher:
         self._limiters = {r.name: RateLimiter(r.rate_per_s, r.burst) for r in receivers}
         self._in_flight: set[str] = set()
         self._client = httpx.AsyncClient(transport=transport, follow_redirects=False)
-        # group key -> (its newest undelivered notification, when to try again); restored ones at once.
-        self.deferred: dict[str, tuple[Notification, float]] = {}
+        # group key -> (its undelivered notifications, oldest first; when to try again); restored ones at once.
+        self.deferred: dict[str, tuple[list[Notification], float]] = {}
         for data in deferred:
             notification = Notification.model_validate(data)
-            self.deferred[notification.group_key] = (notification, clock())
+            self.deferred.setdefault(notification.group_key, ([], clock()))[0].append(notification)
 
     def deferred_state(self) -> list[dict[str, Any]]:
-        """What is deferred, for the worker's checkpoint (pass it back as `deferred`)."""
-        return [notification.model_dump(mode="json") for notification, _ in self.deferred.values()]
+        """What is deferred, in order, for the worker's checkpoint (pass it back as `deferred`)."""
+        return [n.model_dump(mode="json") for queue, _ in self.deferred.values() for n in queue]
 
     async def retry_deferred(self) -> list[DeliveryOutcome]:
-        """Try again the deferred notifications that are due."""
+        """Try again the groups whose deferred notifications are due, each group's in order: one
+        that fails again stays first in its queue (what follows it waits)."""
         now = self.clock()
-        due = [notification for notification, at in self.deferred.values() if at <= now]
         outcomes = []
-        for notification in due:
-            del self.deferred[notification.group_key]
-            outcomes.append(await self.dispatch(notification))
+        for group in [g for g, (_, at) in self.deferred.items() if at <= now]:
+            queue, _ = self.deferred.pop(group)
+            while queue:
+                outcome = await self.dispatch(queue.pop(0))
+                outcomes.append(outcome)
+                if outcome.status == "deferred":  # back in front of its queue: the rest follow it
+                    self.deferred[group][0].extend(queue)
+                    break
         return outcomes
 
     async def __aenter__(self) -> Dispatcher:
@@ -302,10 +318,13 @@ class Dispatcher:
         if key in self.sent_log or key in self._in_flight:
             self.stats.incr(name, "duplicate")
             return DeliveryOutcome(idempotency_key=key, receiver=name, status="duplicate")
-        older = self.deferred.get(group)
-        if older is not None and older[0].sequence < notification.sequence:
-            del self.deferred[group]  # this one carries the group's current state
-            self.stats.incr(name, "superseded")
+        queued = self.deferred.get(group)
+        if queued is not None:  # behind its group's undelivered ones: the receiver gets them in order
+            if all(n.idempotency_key != key for n in queued[0]):
+                queued[0].append(notification)
+                self.stats.incr(name, "deferred")
+            return DeliveryOutcome(idempotency_key=key, receiver=name, status="deferred",
+                                   reason="queued behind an undelivered notification of its group")
         self._in_flight.add(key)
         try:
             attempts, failure = await self._deliver(notification)
@@ -317,11 +336,12 @@ class Dispatcher:
             self.sent_log.record(key, "sent")
             self.stats.incr(name, "sent")
             return DeliveryOutcome(idempotency_key=key, receiver=name, status="sent", attempts=attempts)
-        if isinstance(failure, TransientFailure):
-            self.deferred[group] = (notification, self.clock() + RETRY_DEFERRED_S)
+        if isinstance(failure, (TransientFailure, RetryLater)):
+            delay = max(RETRY_DEFERRED_S, failure.after if isinstance(failure, RetryLater) else 0.0)
+            self.deferred[group] = ([notification], self.clock() + delay)
             self.stats.incr(name, "deferred")
             log.warning("notification %s for receiver %s not delivered after %d attempt(s): %s; trying again in "
-                        "%g s", key, name, attempts, failure.reason, RETRY_DEFERRED_S)
+                        "%g s", key, name, attempts, failure.reason, delay)
             return DeliveryOutcome(idempotency_key=key, receiver=name, status="deferred", attempts=attempts,
                                    reason=failure.reason)
         reason = failure.reason
@@ -334,9 +354,15 @@ class Dispatcher:
             failed_at=self.wall_clock(),
             notification=notification.model_dump(mode="json"),
         )
-        result = self.dead_letter(letter)
-        if inspect.isawaitable(result):
-            await result
+        try:
+            result = self.dead_letter(letter)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as err:  # the dead-letter topic is away: keep it here rather than lose it
+            log.error("notification %s cannot be dead-lettered (%s); deferred instead", key, type(err).__name__)
+            self.deferred[group] = ([notification], self.clock() + RETRY_DEFERRED_S)
+            self.stats.incr(name, "deferred")
+            return DeliveryOutcome(idempotency_key=key, receiver=name, status="deferred", attempts=attempts, reason=reason)
         self.sent_log.record(key, "dead_lettered")
         self.stats.incr(name, "dead_lettered")
         return DeliveryOutcome(idempotency_key=key, receiver=name, status="dead_lettered", attempts=attempts, reason=reason)
@@ -398,6 +424,8 @@ class Dispatcher:
                 self._client.post(url, json=body, headers={IDEMPOTENCY_HEADER: key}, timeout=receiver.timeout),
                 receiver.timeout)
         except (httpx.TimeoutException, asyncio.TimeoutError) as err:
+            # The receiver may have taken it: the retry carries the same key, for it to drop.
+            self.stats.incr(receiver.name, "timeout")
             failure = TransientFailure(f"timed out after {receiver.timeout:g}s ({type(err).__name__})")
         except httpx.TransportError as err:
             failure = TransientFailure(f"network error: {type(err).__name__}: {redact(str(err), [url])}")
@@ -414,7 +442,8 @@ class Dispatcher:
             self.stats.incr(receiver.name, "rate_limited")
             wait = retry_after_seconds(response.headers, response.content, self.wall_clock())
             if wait is not None and wait > receiver.max_retry_after:
-                raise PermanentFailure(f"HTTP 429: asked to wait {wait:g}s, more than max_retry_after {receiver.max_retry_after:g}s")
+                raise RetryLater(f"HTTP 429: asked to wait {wait:g}s, more than max_retry_after "
+                                 f"{receiver.max_retry_after:g}s", wait)
             if wait is not None:
                 self._limiters[receiver.name].block_until(self.clock() + wait)
             raise RateLimited(f"HTTP 429 (retry after {wait if wait is not None else 'unspecified'}s)", wait)

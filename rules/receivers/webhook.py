@@ -24,6 +24,9 @@ def payload(n: Notification) -> dict[str, Any]:
         "commonLabels": n.common_labels,
         "commonAnnotations": n.common_annotations,
         "externalURL": n.external_url,
+        # The same on every retry of this notification (also the Idempotency-Key header): a
+        # receiver drops the repeat a timed-out first try may leave. Alertmanager consumers ignore it.
+        "idempotencyKey": n.idempotency_key,
         "alerts": [
             {
                 "status": a.status,
