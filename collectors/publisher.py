@@ -75,6 +75,10 @@ DEFAULT_PRODUCER_CONFIG: dict[str, Any] = {
     "compression_type": "lz4",
     "max_block_ms": 60_000,
     "max_request_size": 8 * 1024 * 1024,
+    # kafka-python backs off up to 30 s between reconnects: after an outage, a collector would hold
+    # its buffer that long after the broker is back, and workers close idle windows after
+    # window_hold_s (15 s) of quiet. 2 s brings the buffer in well within that.
+    "reconnect_backoff_max_ms": 2_000,
 }
 
 # Keys remembered per topic before the memo starts over (node names: a few thousand at most).

@@ -310,7 +310,7 @@ def test_collector_clock_five_minutes_off_nothing_silently_dropped(stack, tmp_pa
 
 # --- the broker away while collectors sample live ------------------------------------------------
 
-BROKER_OUTAGE_S = 45.0  # the fault itself, a timed wait on purpose
+BROKER_OUTAGE_S = 45.0  # the fault itself (three times window_hold_s), a timed wait on purpose
 
 
 @dataclass
@@ -355,8 +355,8 @@ def test_broker_away_45s_while_collectors_sample_live_makes_nothing_late(stack, 
     kafka = local_stack.services(private)[0]
     kafka.start()
     nodes, gpus = 6, 2
-    with PipelineRun(stack, prefix="test-fault-broker-away",
-                     overrides={"kafka_bootstrap_servers": private.kafka_bootstrap_servers}) as run:
+    overrides = {"kafka_bootstrap_servers": private.kafka_bootstrap_servers}
+    with PipelineRun(stack, prefix="test-fault-broker-away", overrides=overrides) as run:
         run.start_worker(tmp_path / "worker.log")
         collector = LiveCollector(run.settings, run.run_id, nodes, gpus)
         thread = threading.Thread(target=collector.run, name="live-collector")
@@ -384,7 +384,7 @@ def test_broker_away_45s_while_collectors_sample_live_makes_nothing_late(stack, 
     windowed = influx_sum(stack, "gpu_window", "samples", cluster)
     windows = influx_count(stack, "gpu_window", cluster)
     whole = influx_count(stack, "gpu_window", f"{cluster} AND \"samples\" = {int(stack.window_s)}")
-    print(summary_line("broker away 45 s, live collectors", collector.sent, windowed // gpus,
+    print(summary_line(f"broker away {BROKER_OUTAGE_S:.0f} s, live collectors", collector.sent, windowed // gpus,
                        collector.sent - windowed // gpus - len(late), 0, recover_s))
     print(f"  GPU windows {windows}, of them whole {whole}; late {stats['late']} messages")
     assert collector.publisher.stats.failed == 0
