@@ -106,6 +106,8 @@ def worker_app(settings: Settings) -> App:
         datadir=str(datadir),
         store="memory://",
         topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication_factor,
+        topic_allow_declare=settings.topic_create,
         consumer_auto_offset_reset="earliest",
         web_host=settings.worker_web_host,
         web_bind=settings.worker_web_host,  # loopback by default: /stats and /metrics are not public

@@ -164,6 +164,7 @@ def main() -> None:
     from laggard import redaction
     from laggard.kafka_config import unreachable
     from laggard.settings import describe_invalid
+    from laggard.topics import TopicsUnavailable
 
     redaction.install()
     errors = Console(stderr=True, soft_wrap=True)
@@ -172,6 +173,9 @@ def main() -> None:
     except (KafkaTimeoutError, KafkaConnectionError) as err:
         # Any command's first Kafka client (topics, publisher, worker): one line, not a traceback.
         errors.print(f"laggard: {redaction.redact(unreachable(get_settings(), err))}", highlight=False, markup=False)
+        raise SystemExit(2) from None
+    except TopicsUnavailable as err:
+        errors.print(f"laggard: {err}", highlight=False, markup=False)
         raise SystemExit(2) from None
     except ValidationError as err:
         if err.title != Settings.__name__:

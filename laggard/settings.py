@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     topic_truth: str = "laggard.truth"
     topic_fleet: str = "laggard.fleet"
     topic_partitions: int = Field(default=8, ge=1)
+    # Replicas of every topic laggard creates, changelogs included (3 on a production cluster).
+    topic_replication_factor: int = Field(default=1, ge=1)
+    # False where an admin creates the topics (no CREATE permission): laggard then only checks
+    # that they exist and names those missing (`laggard topics` lists names and partitions).
+    topic_create: bool = True
 
     # InfluxDB: version 1 speaks /write + InfluxQL (database), 2 and 3 speak /api/v2 (org, bucket,
     # token). None means: detect from the server's /ping headers.

@@ -7,7 +7,12 @@ import time
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic, OffsetSpec
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import (
+    ClusterAuthorizationFailedError,
+    InvalidReplicationFactorError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+)
 
 from laggard.kafka_config import client_config
 from laggard.settings import Settings
@@ -40,21 +45,40 @@ def topic_partitions(settings: Settings) -> dict[str, int]:
     return topics | {changelog_name(settings, table): n for table, n in worker_tables(settings).items()}
 
 
+class TopicsUnavailable(RuntimeError):
+    """laggard's topics are missing and cannot be created here; the message says which and why."""
+
+
+def _wanted(missing: list[str], wanted: dict[str, int]) -> str:
+    return ", ".join(f"{name} ({wanted[name]} partitions)" for name in missing)
+
+
 def ensure_topics(settings: Settings, timeout_s: float = 60) -> list[str]:
-    """Create laggard's topics that do not exist yet and wait until every partition of each has a
-    leader; returns the names created."""
+    """Create laggard's topics that do not exist yet (with `topic_replication_factor` replicas;
+    changelogs compacted) and wait until every partition of each has a leader; returns the names
+    created. With `topic_create` off, only check that they exist (an admin creates them)."""
     wanted = topic_partitions(settings)
     changelogs = {changelog_name(settings, table) for table in worker_tables(settings)}
     admin = KafkaAdminClient(**client_config(settings), client_id="laggard-topics")
     try:
         existing = set(admin.list_topics())
         missing = [name for name in wanted if name not in existing]
+        if missing and not settings.topic_create:
+            raise TopicsUnavailable(f"topics missing (LAGGARD_TOPIC_CREATE is off, so an admin creates them): "
+                                    f"{_wanted(missing, wanted)}; changelogs with cleanup.policy=compact")
         if missing:
+            replicas = settings.topic_replication_factor
             try:
-                admin.create_topics([NewTopic(name, wanted[name], 1, topic_configs=(
+                admin.create_topics([NewTopic(name, wanted[name], replicas, topic_configs=(
                     {"cleanup.policy": "compact"} if name in changelogs else {})) for name in missing])
             except TopicAlreadyExistsError:  # another process won the race
                 pass
+            except (TopicAuthorizationFailedError, ClusterAuthorizationFailedError) as err:
+                raise TopicsUnavailable(f"not allowed to create topics ({type(err).__name__}): have an admin create "
+                                        f"{_wanted(missing, wanted)} and set LAGGARD_TOPIC_CREATE=false") from None
+            except InvalidReplicationFactorError as err:
+                raise TopicsUnavailable(f"cannot create topics with {replicas} replicas "
+                                        f"(LAGGARD_TOPIC_REPLICATION_FACTOR): {err}") from None
         deadline = time.monotonic() + timeout_s
         while not_ready := _topics_without_leaders(admin, wanted):
             if time.monotonic() > deadline:

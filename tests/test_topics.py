@@ -8,6 +8,7 @@ from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 
 from laggard.kafka_config import client_config
 from laggard.topics import (
+    TopicsUnavailable,
     changelog_name,
     committed_offsets,
     ensure_topics,
@@ -17,10 +18,15 @@ from laggard.topics import (
 )
 
 
-def test_ensure_topics_creates_changelogs_ready_and_is_idempotent(stack, unique):
-    settings = stack.model_copy(update={
+def own_topics(stack, unique, **overrides):
+    return stack.model_copy(update={
         "worker_app_id": f"test-topics-{unique}", **{name: f"test-topics-{unique}.{name}" for name in (
-            "topic_samples", "topic_deadletter", "topic_windows", "topic_findings", "topic_truth", "topic_fleet")}})
+            "topic_samples", "topic_deadletter", "topic_windows", "topic_findings", "topic_truth", "topic_fleet")},
+        **overrides})
+
+
+def test_ensure_topics_creates_changelogs_ready_and_is_idempotent(stack, unique):
+    settings = own_topics(stack, unique)
     wanted = topic_partitions(settings)
     assert sorted(ensure_topics(settings)) == sorted(wanted)
     assert ensure_topics(settings) == []
@@ -39,6 +45,36 @@ def test_ensure_topics_creates_changelogs_ready_and_is_idempotent(stack, unique)
     # The alert state table's source is the single-partition findings + ticks channel.
     assert wanted[changelog_name(settings, "alert-state")] == wanted[settings.topic_findings] == 1
     assert wanted[changelog_name(settings, "window-checkpoints")] == wanted[settings.topic_samples]
+
+
+def test_topics_an_admin_creates_are_checked_and_the_missing_ones_named(stack, unique):
+    """With topic_create off (no CREATE permission), ensure_topics creates nothing, names every
+    missing topic with its partitions, and accepts the set once an admin has created it."""
+    settings = own_topics(stack, unique, topic_create=False)
+    wanted = topic_partitions(settings)
+    try:
+        ensure_topics(settings)
+    except TopicsUnavailable as err:
+        assert all(f"{name} ({n} partitions)" in str(err) for name, n in wanted.items()), err
+    else:
+        raise AssertionError("missing topics were not reported")
+    admin = KafkaAdminClient(**client_config(settings))
+    try:
+        assert not set(wanted) & set(admin.list_topics())  # nothing created
+        admin.create_topics([NewTopic(name, n, 1) for name, n in wanted.items()])
+    finally:
+        admin.close()
+    assert ensure_topics(settings) == []
+
+
+def test_a_replication_factor_the_cluster_cannot_give_is_one_clear_error(stack, unique):
+    settings = own_topics(stack, unique, topic_replication_factor=3)  # the local stack has one broker
+    try:
+        ensure_topics(settings)
+    except TopicsUnavailable as err:
+        assert "3 replicas" in str(err) and "LAGGARD_TOPIC_REPLICATION_FACTOR" in str(err), err
+    else:
+        raise AssertionError("3 replicas on one broker were not refused")
 
 
 def test_re_reads_and_resume_points_skip_what_retention_deleted(stack, unique):
