@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from typing import Any, Iterable
 
 import httpx
@@ -95,6 +96,7 @@ class InfluxSink:
         self._http = httpx.Client(timeout=30)
         self.points_written = 0
         self.write_failures = 0
+        self.unavailable_since: float | None = None  # unix time of the first failure of the current outage
 
     @property
     def version(self) -> int:
@@ -110,11 +112,15 @@ class InfluxSink:
             sleep=self.stopping.wait, reraise=True, before_sleep=self._log_retry,
         ):
             with attempt:
-                return fn()
+                result = fn()
+                self.unavailable_since = None
+                return result
         return None
 
     def _log_retry(self, state: Any) -> None:
         self.write_failures += 1
+        if self.unavailable_since is None:
+            self.unavailable_since = time.time()
         err = state.outcome.exception()
         log.warning("InfluxDB at %s unavailable (%s: %s); retry %d", self.url, type(err).__name__, err,
                     state.attempt_number)

@@ -459,6 +459,18 @@ class Worker(WorkerCore):
         return {**self.counters.__dict__, "influx_points_written": self.sink.points_written,
                 "influx_write_failures": self.sink.write_failures, "backlog": self.backlog()}
 
+    def health(self) -> list[str]:
+        """What keeps this worker from doing its job now; empty when it is healthy (/healthz)."""
+        problems = []
+        if self.app.stopping.is_set():
+            problems.append("stopping")
+        if (since := self.sink.unavailable_since) is not None:
+            problems.append(f"InfluxDB unavailable for {time.time() - since:.0f} s: results wait in Kafka")
+        assigned = list(self.app.assignor.assigned_actives())
+        if assigned and not any(self.fetched_lately(tp.topic, tp.partition) for tp in assigned):
+            problems.append("the Kafka broker has answered no fetch lately")
+        return problems
+
     def gpus_tracked(self) -> int:
         return sum(stage.windower.gpus_tracked for stage in self.sample_stages.values())
 
@@ -495,5 +507,11 @@ def build_worker(settings: Settings) -> Worker:
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:
         return metrics_page(web, registry)
+
+    @app.page("/healthz")
+    async def healthz(web: Any, request: Any) -> Any:
+        problems = worker.health()
+        return web.json({"status": "unhealthy" if problems else "ok", "problems": problems},
+                        status=503 if problems else 200)
 
     return worker

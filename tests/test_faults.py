@@ -24,6 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import httpx
 import pytest
 
 from laggard.collectors.publisher import Publisher, default_partition
@@ -408,6 +409,8 @@ def test_sigterm_stops_a_worker_waiting_on_influxdb_and_its_restart_writes_every
         run.publish_scenario(SMALL)
         expected = expected_gpu_windows(stack, SMALL, run.start_ts)
         assert wait_until(lambda: run.stats().get("influx_write_failures", 0) > 0, 120, 0.2), run.describe()
+        health = httpx.get(f"http://127.0.0.1:{run.settings.worker_web_port}/healthz", timeout=10)
+        assert health.status_code == 503 and "InfluxDB unavailable" in health.json()["problems"][0], health.text
         worker = run.worker
         os.killpg(worker.pid, signal.SIGTERM)
         told_at = time.monotonic()

@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+import httpx
 from kafka import KafkaProducer
 
 from laggard.agents.offline import detect_offline
@@ -57,9 +58,11 @@ def test_worker_finds_injected_faults_and_dead_letters_bad_input(stack, tmp_path
         run.published += len(bad) + TOMBSTONES
         run.publish_scenario(SCENARIO)
         stats = run.wait_until_quiet(timeout_s=240)
+        health = httpx.get(f"http://127.0.0.1:{run.settings.worker_web_port}/healthz", timeout=10)
         findings = run.findings()
         letters = [d for d in run.dead_letters() if d.get("topic") == run.settings.topic_samples]
 
+    assert (health.status_code, health.json()) == (200, {"status": "ok", "problems": []})
     assert stats["rejected"] == len(bad) + TOMBSTONES
     reasons = [letter["reason"] for letter in letters]
     assert len(letters) == len(bad) + TOMBSTONES
