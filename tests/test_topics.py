@@ -6,6 +6,7 @@ from __future__ import annotations
 from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 
+from laggard.commands.stack.process import wait_until
 from laggard.kafka_config import client_config
 from laggard.topics import (
     TopicsUnavailable,
@@ -62,6 +63,8 @@ def test_topics_an_admin_creates_are_checked_and_the_missing_ones_named(stack, u
     try:
         assert not set(wanted) & set(admin.list_topics())  # nothing created
         admin.create_topics([NewTopic(name, n, 1) for name, n in wanted.items()])
+        # The broker lists new topics once their metadata has spread.
+        assert wait_until(lambda: set(wanted) <= set(admin.list_topics()), 30, 0.2)
     finally:
         admin.close()
     assert ensure_topics(settings) == []

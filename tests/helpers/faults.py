@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import yaml
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.errors import CoordinatorNotAvailableError
 
 from laggard.agents.sink import InfluxSink
 from laggard.agents.stages import MARKER_PREFIX, parse_results
@@ -140,10 +141,13 @@ def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
 
 
 def group_members(settings: Settings, group: str) -> int:
-    """Members of a consumer group that is stable (0 while it rebalances or does not exist)."""
+    """Members of a consumer group that is stable (0 while it rebalances, does not exist, or its
+    coordinator is not available yet: a fresh broker is still loading its offsets topic)."""
     admin = KafkaAdminClient(**client_config(settings))
     try:
         group_info = admin.describe_groups([group]).get(group, {})
+    except CoordinatorNotAvailableError:
+        return 0
     finally:
         admin.close()
     return len(group_info.get("members", [])) if group_info.get("group_state") == "Stable" else 0
