@@ -115,7 +115,7 @@ class WorkerCore:
             await asyncio.to_thread(self.sink.write, points, "ms")
         except InfluxRejected as err:
             # The sink wrote the rest: only the lines InfluxDB refused are dead-lettered.
-            refused = err.rejected or points
+            refused = err.rejected  # InfluxSink.write always says which lines
             self.counters.influx_rejected += len(refused)
             log.error("%s (%d of %d points refused; dead-lettered)", err, len(refused), len(points))
             for chunk in _chunks(refused, DEAD_LETTER_PAYLOAD_CHARS):

@@ -92,6 +92,19 @@ def redact(text: str) -> str:
     return text
 
 
+def _redacted_attribute(name: str) -> property:
+    """A record attribute stored as logging sets it and read back redacted."""
+
+    def get(record: logging.LogRecord) -> str | None:
+        text = record.__dict__.get(name)
+        return redact(text) if text else text
+
+    def put(record: logging.LogRecord, value: str | None) -> None:
+        record.__dict__[name] = value
+
+    return property(get, put)
+
+
 class RedactingLogRecord(logging.LogRecord):
     """A LogRecord whose formatted message, exception text and stack are redacted. Formatting is
     logging's own (msg % args, whatever the args are); only its result is rewritten."""
@@ -100,23 +113,8 @@ class RedactingLogRecord(logging.LogRecord):
         return redact(super().getMessage())
 
     # logging.Formatter caches the formatted traceback in exc_text and prints it from there.
-    @property
-    def exc_text(self) -> str | None:
-        text = self.__dict__.get("exc_text")
-        return redact(text) if text else text
-
-    @exc_text.setter
-    def exc_text(self, value: str | None) -> None:
-        self.__dict__["exc_text"] = value
-
-    @property
-    def stack_info(self) -> str | None:
-        text = self.__dict__.get("stack_info")
-        return redact(text) if text else text
-
-    @stack_info.setter
-    def stack_info(self, value: str | None) -> None:
-        self.__dict__["stack_info"] = value
+    exc_text = _redacted_attribute("exc_text")
+    stack_info = _redacted_attribute("stack_info")
 
 
 class RedactSecrets(logging.Filter):
