@@ -90,10 +90,12 @@ class SampleStage:
         the checkpoint, or redelivered past Faust's last commit): those whose window was already
         emitted are `seen`, and rejects among them were dead-lettered the first time. So is a
         message below `offsets.next`: this stage has taken it already (Faust can deliver a message
-        again around a rebalance), and taking it twice would count its samples twice."""
-        self.last_arrival = time.monotonic()
+        again around a rebalance, or after `unstick` seeks back to a commit stalled by a broker
+        outage), and taking it twice would count its samples twice. Nor is it news: it must not
+        keep `close_idle` from closing the partition's last windows."""
         if offset < self.offsets.next:
             return SampleOutcome(seen=True)
+        self.last_arrival = time.monotonic()
         self.offsets.saw(offset)
         retaken = offset < self.taken_before
         try:

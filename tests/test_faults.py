@@ -309,6 +309,92 @@ def test_collector_clock_five_minutes_off_nothing_silently_dropped(stack, tmp_pa
     assert all(late_by_node[mate] == 0 for mate in mates), late_by_node
 
 
+# --- the broker away while collectors sample live ------------------------------------------------
+
+BROKER_OUTAGE_S = 45.0  # the fault itself (three times window_hold_s), a timed wait on purpose
+
+
+@dataclass
+class LiveCollector:
+    """Samples `nodes` nodes once a second on whole seconds, stamped with the tick's time, through
+    the one Publisher every source uses; a tick the publisher held up is sent when it lets go,
+    with its own time, as a real collector's buffer would."""
+
+    settings: Settings
+    cluster: str
+    nodes: int
+    gpus: int
+    publisher: Publisher | None = None
+    sent: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            tick = float(int(time.time()) + 1)
+            with Publisher(self.settings) as self.publisher:
+                while not self.stop.is_set():
+                    self.stop.wait(max(0.0, tick - time.time()))  # the sampling interval, not synchronisation
+                    for n in range(self.nodes):
+                        sample = node_sample(f"live-{n}", gpus=self.gpus, ts=tick)
+                        self.publisher.publish(sample.model_copy(update={"cluster": self.cluster}))
+                        self.sent += 1
+                    tick += 1.0
+        except BaseException as err:  # reported by the test, never swallowed
+            self.error = err
+
+    def acked(self) -> int:
+        return self.publisher.stats.acked if self.publisher else 0
+
+
+@pytest.mark.timeout(420)
+def test_broker_away_45s_while_collectors_sample_live_makes_nothing_late(stack, private, tmp_path):
+    """The worker, cut off from the broker, does not take the silence for quiet partitions: it does
+    not close their windows on wall time, so what the collectors buffered meanwhile lands in its
+    windows when the broker is back. Before, ~7% of the samples were dead-lettered as late and a
+    window was written with 4 of 10 samples for every GPU."""
+    kafka = local_stack.services(private)[0]
+    kafka.start()
+    nodes, gpus = 6, 2
+    overrides = {"kafka_bootstrap_servers": private.kafka_bootstrap_servers}
+    with PipelineRun(stack, prefix="test-fault-broker-away", overrides=overrides) as run:
+        run.start_worker(tmp_path / "worker.log")
+        collector = LiveCollector(run.settings, run.run_id, nodes, gpus)
+        thread = threading.Thread(target=collector.run, name="live-collector")
+        thread.start()
+        try:
+            assert wait_until(lambda: run.stats().get("windows_closed", 0) > 0, 120, 0.5), run.describe()
+            kafka.stop()
+            time.sleep(BROKER_OUTAGE_S)  # the outage itself
+            kafka.start()
+            back_at, sent_at_back = time.monotonic(), collector.sent
+            assert wait_until(lambda: collector.acked() >= sent_at_back, 150, 0.2), \
+                (collector.error, collector.publisher and collector.publisher.stats.as_dict())
+            recover_s = time.monotonic() - back_at
+            sent_at_recovery = collector.sent
+            assert wait_until(lambda: collector.sent >= sent_at_recovery + 10 * nodes, 60, 0.2), collector.error
+        finally:
+            collector.stop.set()
+            thread.join(120)
+        assert not thread.is_alive() and collector.error is None, collector.error
+        run.published = collector.sent
+        stats = run.wait_until_quiet(timeout_s=180)
+        late = [d for d in run.dead_letters() if d["reason"].startswith("late")]
+
+    cluster = f"\"cluster\" = '{run.run_id}'"
+    windowed = influx_sum(stack, "gpu_window", "samples", cluster)
+    windows = influx_count(stack, "gpu_window", cluster)
+    whole = influx_count(stack, "gpu_window", f"{cluster} AND \"samples\" = {int(stack.window_s)}")
+    print(summary_line(f"broker away {BROKER_OUTAGE_S:.0f} s, live collectors", collector.sent, windowed // gpus,
+                       collector.sent - windowed // gpus - len(late), 0, recover_s))
+    print(f"  GPU windows {windows}, of them whole {whole}; late {stats['late']} messages")
+    assert collector.publisher.stats.failed == 0
+    assert stats["late"] == 0 and not late, [d["reason"] for d in late][:3]
+    assert windowed == collector.sent * gpus  # every sample in a window, once
+    # Every GPU window but each GPU's first and last (the run starts and stops mid-window) is whole.
+    assert whole >= windows - 2 * nodes * gpus, (whole, windows)
+
+
 # --- SIGTERM while InfluxDB is down ----------------------------------------------------------------
 
 @pytest.mark.timeout(360)

@@ -191,3 +191,21 @@ def test_a_sample_stamped_a_day_ahead_is_rejected_and_does_not_pin_the_replay_of
         stage.closed()
     assert stage.checkpoint()["replay_from"] >= 20  # the last closed window's first offset, not 0
     assert stage.add(node_sample(node="late-ok", gpus=1, ts=now["t"] + 600).model_dump_json().encode(), 40).sample
+
+
+def test_messages_delivered_again_do_not_keep_a_quiet_partition_from_closing():
+    """After a broker outage Faust's commit can stall behind what the stage has taken, and the worker
+    seeks back to it every few seconds (`unstick`): those messages come again and again, but they are
+    not news, so the partition's last windows still close on wall time (it held them for ever)."""
+    t0 = 1_790_000_000.0
+    stage = SampleStage(window_s=10.0, grace_s=2.0, clock=lambda: t0 + 60)
+    raws = [node_sample(node="a", gpus=1, ts=t0 + t).model_dump_json().encode() for t in range(15)]
+    for offset, raw in enumerate(raws):
+        assert stage.add(raw, offset).sample is not None
+    quiet_since = stage.last_arrival
+    assert [w.window_end for w in stage.closed()] == [t0 + 10]
+    for offset, raw in enumerate(raws):  # the seek back: all of it again
+        assert stage.add(raw, offset).seen
+    assert stage.last_arrival == quiet_since
+    [last] = stage.close_idle(hold_s=15.0, now=quiet_since + 15.0)
+    assert (last.window_start, sum(a.samples for a in last.series.values())) == (t0 + 10, 5)
