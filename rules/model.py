@@ -242,7 +242,8 @@ class InhibitRule(_Strict):
 
 
 class RulesConfig(_Strict):
-    external_url: str = "http://127.0.0.1:3000/d/laggard"
+    # The Grafana dashboard (uid laggard-fleet, deploy/grafana/dashboards/laggard.json).
+    external_url: str = "http://127.0.0.1:3000/d/laggard-fleet"
     # A condition not re-observed for this long counts as gone (detectors repeat while it holds).
     stale_after: Duration = 300.0
     receivers: list[ReceiverConfig] = Field(min_length=1)

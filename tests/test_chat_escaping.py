@@ -50,8 +50,14 @@ def slack_unescape(text: str) -> str:
 
 
 def slack_mrkdwn_fields(body: dict[str, Any]) -> list[str]:
+    """Every mrkdwn text of a Slack payload: the fallback, and the section and context blocks at
+    the top and in the attachments (one per alert), with each attachment's fallback."""
     texts = [body["text"]]
-    for block in body["blocks"]:
+    blocks = list(body["blocks"])
+    for attachment in body.get("attachments", []):
+        texts.append(attachment["fallback"])
+        blocks += attachment["blocks"]
+    for block in blocks:
         if block["type"] == "section":
             texts.append(block["text"]["text"])
         elif block["type"] == "context":
@@ -59,25 +65,39 @@ def slack_mrkdwn_fields(body: dict[str, Any]) -> list[str]:
     return texts
 
 
+def mattermost_texts(body: dict[str, Any]) -> list[str]:
+    return [body["text"], *(t for a in body.get("attachments", []) for t in (a["text"], a["fallback"]))]
+
+
+def teams_blocks(card: dict[str, Any]) -> list[dict[str, Any]]:
+    """The card's elements, containers' items included."""
+    out = []
+    for element in card["body"]:
+        out.append(element)
+        out += teams_blocks({"body": element.get("items", [])})
+    return out
+
+
 def test_slack_mrkdwn_carries_the_label_as_text_and_the_header_as_plain_text() -> None:
     body = slack.payload(notification())
     fields = slack_mrkdwn_fields(body)
-    assert len(fields) == 2
+    assert len(fields) == 3  # the fallback text, the alert's fallback and its section
     for text in fields:
         assert not any(markup in text for markup in SLACK_MARKUP), text
         assert "<" not in text and ">" not in text
         assert HOSTILE in slack_unescape(text)  # shown as the label reads
-    assert "*Where:* cluster=&lt;!channel&gt; &lt;https://evil.example/login|Click" in fields[1]
+    assert "*Where:* cluster=&lt;!channel&gt; &lt;https://evil.example/login|Click" in fields[2]
     header = body["blocks"][0]["text"]
     assert header["type"] == "plain_text" and header["text"].startswith(f"[FIRING:1] {HOSTILE[:40]}")
 
 
 def test_mattermost_text_has_no_slack_markup_mention_or_markdown_link() -> None:
-    text = mattermost.payload(notification())["text"]
-    assert "<" not in text and ">" not in text
-    assert not MATTERMOST_MENTION.search(text) and not MARKDOWN_LINK.search(text)
-    assert HOSTILE in slack_unescape(text.replace(ZERO_WIDTH_SPACE, ""))
-    assert text.startswith("*[FIRING:1] ")  # our own markup is kept
+    body = mattermost.payload(notification())
+    for text in mattermost_texts(body):
+        assert "<" not in text and ">" not in text
+        assert not MATTERMOST_MENTION.search(text) and not MARKDOWN_LINK.search(text)
+        assert HOSTILE in slack_unescape(text.replace(ZERO_WIDTH_SPACE, ""))
+    assert body["text"].startswith("*[FIRING:1] ")  # our own markup is kept
 
 
 def test_discord_content_and_embeds_have_no_masked_link_or_mention_syntax() -> None:
@@ -92,8 +112,9 @@ def test_discord_content_and_embeds_have_no_masked_link_or_mention_syntax() -> N
 
 def test_teams_card_text_and_facts_have_no_markdown_link() -> None:
     card = teams.payload(notification())["attachments"][0]["content"]
-    texts = [b["text"] for b in card["body"] if b["type"] == "TextBlock"]
-    texts += [v for b in card["body"] if b["type"] == "FactSet" for f in b["facts"] for v in (f["title"], f["value"])]
+    blocks = teams_blocks(card)
+    texts = [b["text"] for b in blocks if b["type"] == "TextBlock"]
+    texts += [v for b in blocks if b["type"] == "FactSet" for f in b["facts"] for v in (f["title"], f["value"])]
     for text in texts:
         assert not MARKDOWN_LINK.search(text), text
     assert any(HOSTILE in t.replace(ZERO_WIDTH_SPACE, "") for t in texts)
@@ -135,8 +156,12 @@ def test_every_chat_payload_keeps_arbitrary_label_text_out_of_markup(text: str) 
     note = notification(text)
     for field in slack_mrkdwn_fields(slack.payload(note)):
         assert "<" not in field.replace("&lt;", "") and ">" not in field.replace("&gt;", "")
-    mm = mattermost.payload(note)["text"]
-    assert "<" not in mm and not MATTERMOST_MENTION.search(mm) and not MARKDOWN_LINK.search(mm)
+    for mm in mattermost_texts(mattermost.payload(note)):
+        assert "<" not in mm and not MATTERMOST_MENTION.search(mm) and not MARKDOWN_LINK.search(mm)
+    card = teams.payload(note)["attachments"][0]["content"]
+    for block in teams_blocks(card):
+        for value in [block.get("text", ""), *(v for f in block.get("facts", []) for v in (f["title"], f["value"]))]:
+            assert not MARKDOWN_LINK.search(value)
     body = discord.payload(note)
     for value in [body["content"], *(f["value"] for e in body["embeds"] for f in e["fields"])]:
         assert not MARKDOWN_LINK.search(value) and not DISCORD_ANGLE.search(value)

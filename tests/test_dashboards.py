@@ -118,6 +118,42 @@ def test_grafana_dashboard_uses_the_provisioned_datasource_and_has_every_panel()
     assert [v["name"] for v in board["templating"]["list"]] == ["cluster", "job"]
 
 
+def test_the_rank_heatmap_opens_on_one_job_not_all_of_them() -> None:
+    board = json.loads(GRAFANA.read_text())
+    [heatmap] = [p for p in board["panels"] if p["type"] == "heatmap"]
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    used = set(re.findall(r"\$(\w+)", heatmap["targets"][0]["query"] + heatmap["title"])) & set(variables)
+    assert "job" in used
+    job = variables["job"]
+    # No "All" to default to, one value at a time, and no saved value: Grafana selects the first job.
+    assert job["includeAll"] is False and job["multi"] is False and not job.get("current")
+    for panel in board["panels"]:  # what lists every job's findings does not narrow to that one job
+        if panel["type"] in ("table", "timeseries") and "finding" in json.dumps(panel["targets"]):
+            assert all("$job" not in t["query"] for t in panel["targets"]), panel["title"]
+
+
+def test_the_power_panel_has_watts_on_its_own_axis_and_utilization_in_percent() -> None:
+    board = json.loads(GRAFANA.read_text())
+    [power] = [p for p in board["panels"] if p["type"] == "xychart"]
+    assert power["options"]["dims"]["x"] == "util_mean"
+    assert "unit" not in power["fieldConfig"]["defaults"]  # a default unit would put watts on the util axis
+    units = {o["matcher"]["options"]: {p["id"]: p["value"] for p in o["properties"]}
+             for o in power["fieldConfig"]["overrides"] if o["matcher"]["id"] == "byName"}
+    assert units["util_mean"]["unit"] == "percent" and units["util_mean"]["max"] == 100
+    assert units["power_w_mean"]["unit"] == "watt"
+    columns = re.findall(r'AS "(\w+)"', power["targets"][0]["query"])
+    assert set(units) <= set(columns)
+
+
+def test_notification_links_name_this_dashboard_and_only_its_variables() -> None:
+    from laggard.rules.loader import DEFAULT_RULES, load_rules
+    from laggard.rules.receivers.text import DASHBOARD_VARIABLES
+
+    board = json.loads(GRAFANA.read_text())
+    assert load_rules(DEFAULT_RULES).external_url.endswith(f"/d/{board['uid']}")
+    assert set(DASHBOARD_VARIABLES) <= {v["name"] for v in board["templating"]["list"]}
+
+
 @pytest.mark.stack
 @pytest.mark.parametrize(("title", "query"), grafana_queries())
 def test_grafana_queries_run_on_influxdb(stack: Settings, title: str, query: str) -> None:

@@ -90,12 +90,17 @@ def test_slack_payload(webhook_server: WebhookServer) -> None:
     assert req.headers["content-type"] == "application/json"
     assert body["text"].startswith("[FIRING:2] Straggler")
     assert body["blocks"][0]["type"] == "header"
-    sections = [b["text"]["text"] for b in body["blocks"] if b["type"] == "section"]
+    assert [a["color"] for a in body["attachments"]] == ["#D32F2F", "#D32F2F"]  # critical: red
+    sections = [b["text"]["text"] for a in body["attachments"] for b in a["blocks"] if b["type"] == "section"]
     assert len(sections) == 2
     assert "rank 1 of train-1 paces its peers" in sections[0]
-    for needle in ("*Where:* cluster=c1, job=train-1, rank=1, node=n1, gpu=0", "*Since:*", "*Evidence:* score=0.61, util=97",
-                   "*Cost:* gpu_hours_lost=3.2", "*Dashboard:* http://dash.example/d/laggard?var-cluster=c1"):
+    for needle in ("*Where:* cluster=c1, job=train-1, rank=1, node=n1, gpu=0", "*Since:* 22:13:20 UTC (0s ago)",
+                   "*Evidence:* score 0.61, util 97", "*Cost:* GPU hours lost 3.2",
+                   "*Dashboard:* http://dash.example/d/laggard?var-cluster=c1&amp;var-job=train-1&amp;from=",
+                   "*Silence:* `laggard silence add -m alertname=Straggler -m cluster=c1 -m job=train-1 -m rank=1 "
+                   "-m node=n1 -m gpu=0 --for 2h --comment 'your reason'`"):
         assert needle in sections[0]
+    assert "var-node" not in sections[0] and "var-gpu" not in sections[0]
 
 
 def test_discord_payload(webhook_server: WebhookServer) -> None:
@@ -134,10 +139,13 @@ def test_teams_payload_is_an_adaptive_card(webhook_server: WebhookServer) -> Non
     assert attachment["contentType"] == "application/vnd.microsoft.card.adaptive"
     card = attachment["content"]
     assert card["type"] == "AdaptiveCard" and card["version"] == "1.4"
-    facts = {f["title"]: f["value"] for block in card["body"] if block["type"] == "FactSet" for f in block["facts"]}
-    assert facts["Cost"] == "gpu_hours_lost=3.2" and "rank=4" in facts["Where"]
+    [container] = [block for block in card["body"] if block["type"] == "Container"]
+    assert container["style"] == "attention" and container["items"][0]["color"] == "Attention"  # critical
+    facts = {f["title"]: f["value"] for block in container["items"] if block["type"] == "FactSet" for f in block["facts"]}
+    assert facts["Cost"] == "GPU hours lost 3.2" and "rank=4" in facts["Where"]
+    assert facts["Silence"].startswith("laggard silence add -m alertname=Straggler -m cluster=c1")
     assert card["actions"][0]["type"] == "Action.OpenUrl"
-    assert card["actions"][0]["url"].endswith("var-node=n4&var-gpu=0")
+    assert "var-job=train-1&from=" in card["actions"][0]["url"] and "var-node" not in card["actions"][0]["url"]
 
 
 def test_mattermost_payload_is_slack_compatible_markdown(webhook_server: WebhookServer) -> None:
@@ -145,7 +153,9 @@ def test_mattermost_payload_is_slack_compatible_markdown(webhook_server: Webhook
     deliver(webhook_server, recv, [notification(rules_config([recv]))])
     body = webhook_server.requests(hook_path("mm"))[0].json
     assert body["text"].startswith("*[FIRING:2] Straggler")
-    assert "• Evidence: score=0.61, util=97" in body["text"]
+    assert "• rank 1 of train-1 paces its peers" in body["text"]
+    assert [a["color"] for a in body["attachments"]] == ["#D32F2F", "#D32F2F"]
+    assert "• Evidence: score 0.61, util 97" in body["attachments"][0]["text"]
 
 
 def test_webhook_payload_is_alertmanager_v4(webhook_server: WebhookServer) -> None:

@@ -10,13 +10,23 @@ from __future__ import annotations
 from typing import Any
 
 from laggard.rules.alert_lifecycle import Notification
-from laggard.rules.receivers.text import alert_fields, break_after, summary, title, truncate
+from laggard.rules.receivers.text import (
+    COLOURS,
+    alert_fields,
+    backticks,
+    break_after,
+    colour,
+    dashboard_link,
+    summary,
+    title,
+    truncate,
+)
 
 MAX_CONTENT = 2000
 MAX_EMBEDS = 10
 MAX_FIELDS = 25
 MAX_EMBEDS_CHARS = 6000  # Discord's limit over all embeds of one message
-_COLOR = {"critical": 0xD32F2F, "warning": 0xF9A825, "info": 0x1976D2, "resolved": 0x2E7D32}
+_COLOR = {name: int(hex_colour.lstrip("#"), 16) for name, hex_colour in COLOURS.items()}  # embeds take an int
 
 
 def markdown_text(text: str) -> str:
@@ -25,20 +35,22 @@ def markdown_text(text: str) -> str:
     return break_after(text, "]<")
 
 
-def _embed(alert: Any, now: float, budget: int) -> dict[str, Any]:
+def _embed(alert: Any, now: float, budget: int, external_url: str) -> dict[str, Any]:
     fields = [
         {"name": truncate(name, 256), "value": truncate(value, 1024), "inline": name in ("Status", "Since")}
-        for name, value in alert_fields(alert, now, markdown_text)
-        if name != "Dashboard"
+        for name, value in alert_fields(alert, now, markdown_text, backticks, external_url)
     ][:MAX_FIELDS]
-    colour = "resolved" if alert.status == "resolved" else alert.labels.get("severity", "info")
-    embed: dict[str, Any] = {"title": truncate(summary(alert, markdown_text), 256), "color": _COLOR.get(colour, _COLOR["info"]), "fields": fields}
-    if alert.generator_url:
-        embed["url"] = alert.generator_url
+    embed: dict[str, Any] = {"title": truncate(summary(alert, markdown_text), 256), "color": _COLOR[colour(alert)],
+                             "fields": fields}
+    link = dashboard_link(alert, now, external_url)
+    if link:
+        embed["url"] = link  # the title links to the dashboard
     # Keep the whole message under Discord's total: shorten field values until it fits.
-    while _chars(embed) > budget and any(len(f["value"]) > 40 for f in fields):
-        longest = max(fields, key=lambda f: len(f["value"]))
-        longest["value"] = truncate(longest["value"], max(40, len(longest["value"]) // 2))
+    # The silence command is cut last: a cut one cannot be pasted.
+    for cuttable in (lambda f: f["name"] != "Silence", lambda f: True):
+        while _chars(embed) > budget and any(len(f["value"]) > 40 and cuttable(f) for f in fields):
+            longest = max((f for f in fields if cuttable(f)), key=lambda f: len(f["value"]))
+            longest["value"] = truncate(longest["value"], max(40, len(longest["value"]) // 2))
     return embed
 
 
@@ -54,6 +66,6 @@ def payload(n: Notification) -> dict[str, Any]:
         content += f"\n…and {len(n.alerts) - MAX_EMBEDS} more: {n.external_url}"
     return {
         "content": truncate(content, MAX_CONTENT),
-        "embeds": [_embed(alert, n.created_at, budget) for alert in shown],
+        "embeds": [_embed(alert, n.created_at, budget, n.external_url) for alert in shown],
         "allowed_mentions": {"parse": []},  # alert text must never ping @everyone
     }

@@ -1,5 +1,7 @@
-"""What every chat notification says, shared by the chat receivers: what, where, since when,
-the evidence, the cost, and a dashboard link.
+"""What every chat notification says, shared by the chat receivers: what, where, how bad (status,
+severity and its colour), since when (UTC time), the evidence and the cost in human units
+(humanize.py), the runbook, a dashboard link that opens the real dashboard on the alert's time
+range, and a `laggard silence add` command that mutes this alert.
 
 Labels, annotations, evidence and summaries come from job names and rule files, which an attacker
 can choose: in a chat they must read as text, never as markup (a `<!channel>` mention, a masked
@@ -11,13 +13,30 @@ bullets, `[FIRING:2]`) is added around the escaped pieces and is not escaped.
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from laggard.rules.alert_lifecycle import AlertSnapshot, Notification
+from laggard.rules.receivers.humanize import duration, evidence_text, number, utc_time
 
 _WHERE = ("cluster", "job", "rank", "node", "gpu", "model")
+# The labels a silence command matches, after alertname: what tells one alert of a rule from another.
+_SILENCE_LABELS = ("cluster", "job", "rank", "node", "gpu")
+SILENCE_FOR = "2h"
+SILENCE_COMMENT = "your reason"
+# Template variables of the Grafana dashboard (deploy/grafana/dashboards/laggard.json, uid
+# laggard-fleet) that a link may set; tests/test_oncall_messages.py holds this to the JSON.
+DASHBOARD_VARIABLES = ("cluster", "job")
+# The dashboard opens on this much time before the alert started and after it ended (or was sent).
+DASHBOARD_BEFORE_S = 30 * 60.0
+DASHBOARD_AFTER_S = 10 * 60.0
+
+Colour = Literal["critical", "warning", "info", "resolved"]
+# One palette for every chat: red, amber, blue, green.
+COLOURS: dict[str, str] = {"critical": "#D32F2F", "warning": "#F9A825", "info": "#1976D2", "resolved": "#2E7D32"}
 
 Escape = Callable[[str], str]
 ZERO_WIDTH_SPACE = "\u200b"
@@ -41,17 +60,13 @@ def iso_utc(ts: float) -> str:
 
 
 def human_duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [f"{v}{u}" for v, u in ((days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")) if v]
-    return "".join(parts[:2]) or "0s"
+    """'3m 20s', '2h 5m': the two largest units, never negative."""
+    return duration(max(0.0, float(int(seconds))))
 
 
 def _value(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.3g}"
+        return number(value)
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True)
     return str(value)
@@ -73,22 +88,82 @@ def summary(alert: AlertSnapshot, escape: Escape) -> str:
     return escape(alert.annotations.get("summary") or alert.labels.get("alertname", "alert"))
 
 
-def alert_fields(alert: AlertSnapshot, now: float, escape: Escape) -> list[tuple[str, str]]:
-    """(name, value) rows describing one alert, values escaped; empty rows are left out."""
+def colour(alert: AlertSnapshot) -> Colour:
+    """Which colour the alert is shown in: green once resolved, else its severity's."""
+    if alert.status == "resolved":
+        return "resolved"
+    severity = alert.labels.get("severity", "")
+    return severity if severity in ("critical", "warning") else "info"  # type: ignore[return-value]
+
+
+def notification_colour(n: Notification) -> Colour:
+    """The most urgent colour of a notification's alerts."""
+    order: list[Colour] = ["critical", "warning", "info", "resolved"]
+    return min((colour(a) for a in n.alerts), key=order.index, default="info")
+
+
+def since_text(alert: AlertSnapshot, now: float) -> str:
+    """'12:03:10 UTC (3m 20s ago)', or from-to and how long for a resolved alert; the date is added
+    when it is not the day of `now`."""
     if alert.status == "resolved" and alert.ends_at is not None:
-        since = f"{iso_utc(alert.starts_at)} to {iso_utc(alert.ends_at)} ({human_duration(alert.ends_at - alert.starts_at)})"
-    else:
-        since = f"{iso_utc(alert.starts_at)} ({human_duration(now - alert.starts_at)} ago)"
+        return (f"{utc_time(alert.starts_at, now)} to {utc_time(alert.ends_at, now)} "
+                f"({human_duration(alert.ends_at - alert.starts_at)})")
+    return f"{utc_time(alert.starts_at, now)} ({human_duration(now - alert.starts_at)} ago)"
+
+
+def dashboard_link(alert: AlertSnapshot, now: float, fallback: str = "") -> str:
+    """The alert's dashboard link (its generator URL, else `fallback`) with only the template
+    variables the dashboard defines and a time range around the alert (`from`/`to`, epoch ms)."""
+    url = alert.generator_url or fallback
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    keep = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+            if not (k.startswith("var-") or k in ("from", "to"))]
+    variables = [(f"var-{k}", alert.labels[k]) for k in DASHBOARD_VARIABLES if alert.labels.get(k)]
+    end = alert.ends_at if alert.status == "resolved" and alert.ends_at is not None else now
+    window = [("from", str(int((alert.starts_at - DASHBOARD_BEFORE_S) * 1000))),
+              ("to", str(int((max(end, alert.starts_at) + DASHBOARD_AFTER_S) * 1000)))]
+    return urlunsplit(parts._replace(query=urlencode(keep + variables + window)))
+
+
+def silence_matchers(alert: AlertSnapshot) -> list[str]:
+    """`name=value` matchers that select this alert: its alertname and where it is."""
+    keys = ["alertname", *_SILENCE_LABELS]
+    return [f"{k}={alert.labels[k]}" for k in keys if alert.labels.get(k)]
+
+
+def silence_command(alert: AlertSnapshot) -> str:
+    """A `laggard silence add` command line (shell-quoted) that mutes this alert for SILENCE_FOR."""
+    matchers = " ".join(f"-m {shlex.quote(m)}" for m in silence_matchers(alert))
+    return f"laggard silence add {matchers} --for {SILENCE_FOR} --comment {shlex.quote(SILENCE_COMMENT)}"
+
+
+def runbook(alert: AlertSnapshot) -> str:
+    return alert.annotations.get("runbook_url", "").strip()
+
+
+def alert_fields(alert: AlertSnapshot, now: float, escape: Escape, code: Escape = as_is,
+                 fallback_url: str = "") -> list[tuple[str, str]]:
+    """(name, value) rows describing one alert, values escaped; empty rows are left out. `code`
+    wraps the (escaped) silence command in the format's code markup."""
     rows = [
         ("Status", f"{alert.status} · {escape(alert.labels.get('severity', ''))}".strip(" ·")),
         ("Where", escape(", ".join(f"{k}={alert.labels[k]}" for k in _WHERE if k in alert.labels))),
-        ("Since", since),
+        ("Since", since_text(alert, now)),
         ("Details", escape(alert.annotations.get("description", ""))),
-        ("Evidence", escape(pairs(alert.evidence))),
-        ("Cost", escape(pairs(alert.cost))),
-        ("Dashboard", escape(alert.generator_url)),
+        ("Evidence", escape(evidence_text(alert.evidence, now))),
+        ("Cost", escape(evidence_text(alert.cost, now))),
+        ("Runbook", escape(runbook(alert))),
+        ("Dashboard", escape(dashboard_link(alert, now, fallback_url))),
+        ("Silence", code(escape(silence_command(alert))) if alert.status == "firing" else ""),
     ]
     return [(name, value) for name, value in rows if value]
+
+
+def backticks(text: str) -> str:
+    """`text` as inline code in Slack, Mattermost and Discord markdown."""
+    return f"`{text}`" if text else text
 
 
 def truncate(text: str, limit: int) -> str:

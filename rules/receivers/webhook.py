@@ -1,13 +1,14 @@
 """Generic JSON webhook in Alertmanager's webhook format (version "4"), so existing receivers
 (PagerDuty bridges, ticketing, custom handlers) work unchanged. Evidence and cost ride along
-as extra per-alert fields, which Alertmanager consumers ignore."""
+as extra per-alert fields (raw numbers: this is data, not a message), which Alertmanager consumers
+ignore."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from laggard.rules.alert_lifecycle import Notification
-from laggard.rules.receivers.text import iso_utc
+from laggard.rules.receivers.text import dashboard_link, iso_utc
 
 # Alertmanager writes this for "no end time yet".
 ZERO_TIME = "0001-01-01T00:00:00Z"
@@ -34,7 +35,8 @@ def payload(n: Notification) -> dict[str, Any]:
                 "annotations": a.annotations,
                 "startsAt": iso_utc(a.starts_at),
                 "endsAt": iso_utc(a.ends_at) if a.ends_at is not None else ZERO_TIME,
-                "generatorURL": a.generator_url,
+                # The dashboard on the alert's time range, with only the variables it defines.
+                "generatorURL": dashboard_link(a, n.created_at, n.external_url),
                 "fingerprint": a.fingerprint,
                 "evidence": a.evidence,
                 "cost": a.cost,
