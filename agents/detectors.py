@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from statistics import median
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from laggard.agents.finding_lifecycle import Lifecycle, LifecycleState
+from laggard.agents.slow_job import SlowGroup, find_slow_groups, worth_a_look
 from laggard.agents.straggler import (
     LARGE_GROUP,
     MixedGeneration,
@@ -34,7 +36,7 @@ from laggard.agents.straggler import (
     work,
 )
 from laggard.agents.windows import IDLE_UTIL_PCT
-from laggard.results import Finding, WindowResult, detect_key, finding_fingerprint, group_key
+from laggard.results import Finding, WindowResult, finding_fingerprint, group_key
 
 # (labels, evidence, cost) of one shape a finding of a kind comes in: what rule templates are
 # rendered on at check time. A None value where the detector may send None.
@@ -84,6 +86,8 @@ class DetectorState(BaseModel):
     job_windows: dict[str, int] = Field(default_factory=dict)  # cluster|job -> windows seen
     # cluster|job|rank -> its usual difference from its peers; only ranks that differ are kept
     rank_shapes: dict[str, RankShape] = Field(default_factory=dict)
+    # cluster|job -> GPU model -> its busy ranks' usual SM clock, MHz, learned while it is not slow
+    job_clocks: dict[str, dict[str, float]] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,10 @@ class JobView:
     def shape(self, rank: int | None) -> RankShape:
         return self.window.memory.rank_shapes.get(f"{self.cluster}|{self.job}|{rank}") or RankShape()
 
+    def usual_clocks(self) -> dict[str, float]:
+        """Its busy ranks' usual SM clock per GPU model, where learned."""
+        return self.window.memory.job_clocks.get(f"{self.cluster}|{self.job}", {})
+
 
 @dataclass(frozen=True)
 class Detector:
@@ -168,6 +176,14 @@ def _finding(kind: str, r: WindowResult, summary: str, **extra: object) -> Findi
         summary=summary,
         **extra,
     )
+
+
+def _clock(ts: float, ref: float) -> str:
+    """A time for a summary: '12:03:10 UTC' on the UTC day of `ref` (the window's end), else with
+    its date. Summaries are read by people (chat, dashboards): never a raw epoch."""
+    when = datetime.fromtimestamp(ts, tz=timezone.utc)
+    same_day = when.date() == datetime.fromtimestamp(ref, tz=timezone.utc).date()
+    return when.strftime("%H:%M:%S UTC" if same_day else "%Y-%m-%d %H:%M:%S UTC")
 
 
 _REASON_WORDS = {"power_cap": "power-capped", "power_brake": "power brake", "hw_slowdown": "HW slowdown",
@@ -292,6 +308,56 @@ def stragglers(job: JobView) -> list[Finding]:
             if s.signature == "throttled" or not young]
 
 
+def slow_node_findings(group: SlowGroup, job: JobView) -> list[Finding]:
+    """One finding per node of a job's slow group: what an operator drains. The job's loss (each
+    rank loses the group's clock deficit of each step) is shared out by slow GPUs."""
+    ref, window = group.reference, job.window
+    against = (f"{ref.clock_mhz:.0f} MHz for {group.model} elsewhere in the fleet ({ref.gpus} GPUs)"
+               if ref.kind == "fleet" else f"{ref.clock_mhz:.0f} MHz for this job before")
+    words = [_REASON_WORDS.get(name, name) for name in sorted(group.extra_reasons)]
+    lost_s = [group.deficit * r.window_s for r in group.ranks]
+    idle_w = median(r.idle_power_w for r in group.ranks)
+    found = []
+    for node, slow in sorted(group.by_node().items()):
+        share = len(slow) / len(group.slow)
+        clock = median(r.sm_clock_mhz_mean for r in slow)
+        any_rank = slow[0].labels
+        found.append(Finding(
+            kind="slow_node", state="firing", cluster=job.cluster, job=job.job, node=node, model=any_rank.model,
+            window_start=window.start, window_end=window.end,
+            summary=(f"node {node} slows job {job.job}: {len(slow)} of its GPUs at SM clock {clock:.0f} MHz vs "
+                     f"{against}{''.join(f', {w}' for w in words)}; all {len(group.ranks)} {group.model} ranks "
+                     f"lose {group.deficit:.0%} of each step"),
+            evidence={
+                "reference": ref.kind,
+                "sm_clock_mhz": round(clock, 1),
+                "reference_sm_clock_mhz": round(ref.clock_mhz, 1),
+                "reference_gpus": ref.gpus,
+                "throttle_reasons": ",".join(sorted(group.extra_reasons)) or None,
+                "slow_gpus": len(slow),
+                "job_slow_ranks": len(group.slow),
+                "job_ranks": len(group.ranks),
+                "fault_share": round(group.fault_share, 3),
+            },
+            cost={
+                "job_step_loss_share": round(group.deficit, 4),
+                "job_gpu_s_wasted": round(share * sum(lost_s), 2),
+                "energy_wh_wasted": round(share * sum(lost_s) * idle_w / 3600.0, 3),
+            },
+        ))
+    return found
+
+
+def slow_nodes(job: JobView) -> list[Finding]:
+    """Nodes that slow a job as a whole (agents/slow_job.py): most of its ranks throttled, against the
+    same GPU model elsewhere in this window or the job's own usual clock."""
+    cfg, usual = job.window.config.straggler, job.usual_clocks()
+    if not worth_a_look(job.ranks, usual, cfg):
+        return []
+    elsewhere = [r for r in job.window.results if (r.labels.cluster, r.labels.job) != (job.cluster, job.job)]
+    return [f for group in find_slow_groups(job.ranks, elsewhere, usual, cfg) for f in slow_node_findings(group, job)]
+
+
 def mixed_generation(job: JobView) -> list[Finding]:
     """The slower GPU model that paces a job spanning two."""
     mixed = find_mixed_generation(job.ranks, job.window.config.straggler)
@@ -316,7 +382,8 @@ def job_stalled(job: JobView) -> list[Finding]:
         return []
     last_busy_end = job.busy_before + job.window.length_s
     return [_whole_job_finding(job, "job_stalled", f"job {job.job} stalled: all {len(job.ranks)} ranks idle "
-                                                   f"(busy until {last_busy_end:.0f})", last_busy_end)]
+                                                   f"(busy until {_clock(last_busy_end, job.window.end)})",
+                                   last_busy_end)]
 
 
 def idle_allocated(job: JobView) -> list[Finding]:
@@ -351,19 +418,42 @@ def xids(window: WindowView) -> list[Finding]:
             for r in window.results if r.xid_count]
 
 
+def group_last_seen(seen: Mapping[str, SeenGpu]) -> dict[str, float]:
+    """The last window each group (job, else node) reported in: its latest-seen GPU's."""
+    last: dict[str, float] = {}
+    for g in seen.values():
+        if g.last_window > last.get(g.group, float("-inf")):
+            last[g.group] = g.last_window
+    return last
+
+
+# A GPU seen once is kept this long while its group is absent, to learn its interval from its next
+# sample: scrapes every 30 s (dcgm-exporter's default) or every minute are common.
+LEARN_WITHIN_S = 120.0
+
+
+def group_gone(g: SeenGpu, group_last: Mapping[str, float], window_start: float, window_s: float) -> bool:
+    """Whether `g`'s whole job (or node) has stopped reporting: silent for as many windows as `g`
+    reports every (a node scraped every 30 s into 10 s windows is absent from two windows in three),
+    or, while its interval is not known yet, for LEARN_WITHIN_S."""
+    absent_s = window_start - group_last[g.group]
+    return absent_s >= (g.every * window_s if g.learned else max(window_s, LEARN_WITHIN_S))
+
+
 def silent_gpus(window: WindowView) -> list[Finding]:
     """A GPU seen before that stopped reporting while the rest of its job (or node) goes on."""
-    reporting = {detect_key(r) for r in window.results}
+    group_last = group_last_seen(window.memory.seen_gpus)
     found = []
     for g in window.memory.seen_gpus.values():
-        if g.last_window < window.start and g.group not in reporting:
+        if group_gone(g, group_last, window.start, window.length_s):
             continue  # its job ended or its node left as a whole: not one silent GPU
         missing = round((window.start - g.last_window) / window.length_s)
         if g.learned and missing >= g.every:  # seen twice: its interval is known
             found.append(Finding(
                 kind="silent_gpu", state="firing", cluster=g.cluster, job=g.job, rank=g.rank, node=g.node,
                 gpu=g.gpu, model=g.model, window_start=window.start, window_end=window.end,
-                summary=f"GPU {g.gpu} on node {g.node} stopped reporting (last sample in window {g.last_window:.0f})",
+                summary=f"GPU {g.gpu} on node {g.node} stopped reporting (last sample in the window from "
+                        f"{_clock(g.last_window, window.end)})",
                 evidence={"last_window_start": g.last_window, "windows_missing": missing},
             ))
     return found
@@ -386,6 +476,10 @@ _STRAGGLER_COST = {"peer_wait_share": 0.286, "peer_gpu_s_wasted": 85.3, "energy_
 _IDLE_JOB_COST = {"gpu_s_idle": 40.0, "energy_wh_idle": 1.389}
 _XID = {"xid": 79, "xid_samples": 3}
 _SILENT = {"last_window_start": _T0 - 20.0, "windows_missing": 2}
+_NODE_OF_JOB: dict[str, Any] = {"cluster": "cluster-0", "job": "job-0", "node": "node-0", "model": "H100"}
+_SLOW_NODE = {"reference": "fleet", "sm_clock_mhz": 1350.0, "reference_sm_clock_mhz": 1755.0, "reference_gpus": 96,
+              "throttle_reasons": "hw_slowdown", "slow_gpus": 8, "job_slow_ranks": 16, "job_ranks": 24,
+              "fault_share": 1.0}
 
 DETECTORS: dict[str, Detector] = {d.kind: d for d in (
     # 12 s of fault: a blip of a few seconds never fires, even across a window boundary, and a fault
@@ -393,6 +487,12 @@ DETECTORS: dict[str, Detector] = {d.kind: d for d in (
     Detector("straggler", stragglers, "job", fire_after_s=12.0, truths=("straggler", "slow_node"), samples=(
         (_GPU_OF_JOB, _STRAGGLER_EVIDENCE, _STRAGGLER_COST),
         (_GPU_OF_JOB, {**_STRAGGLER_EVIDENCE, "throttled_share": 0.0, "throttle_reasons": None}, _STRAGGLER_COST),
+    )),
+    # A job slowed as a whole (no healthy peer inside it); persistence as for a straggler.
+    Detector("slow_node", slow_nodes, "job", fire_after_s=12.0, family="straggler", truths=("slow_node",), samples=(
+        (_NODE_OF_JOB, _SLOW_NODE, {"job_step_loss_share": 0.231, "job_gpu_s_wasted": 18.5, "energy_wh_wasted": 0.36}),
+        (_NODE_OF_JOB, {**_SLOW_NODE, "reference": "past", "reference_gpus": 0, "throttle_reasons": None},
+         {"job_step_loss_share": 0.231, "job_gpu_s_wasted": 18.5, "energy_wh_wasted": 0.36}),
     )),
     Detector("mixed_generation", mixed_generation, "job", samples=((_JOB, {
         "slow_model": "H100", "fast_model": "H200", "slow_util_median_pct": 99.6, "fast_util_median_pct": 99.5,
@@ -468,14 +568,18 @@ class FleetDetector:
         job_views = [JobView(cluster, job, ranks, window) for (cluster, job), ranks in jobs.items()]
         out = []
         flagged: dict[str, str] = {}  # cluster|job|rank -> the straggler signature it showed this window
+        slow_jobs: set[str] = set()  # cluster|job of the jobs slowed as a whole this window
         for kind, detector in self.detectors.items():
             found = detector.find(window) if detector.per == "window" else (
                 f for job in job_views for f in detector.find(job))
             observed = {f.fingerprint: f for f in found}
             if kind == "straggler":
                 flagged = {f"{f.cluster}|{f.job}|{f.rank}": str(f.evidence.get("signature")) for f in observed.values()}
+            elif kind == "slow_node":
+                slow_jobs = {f"{f.cluster}|{f.job}" for f in observed.values()}
             out += self._lifecycles[kind].step(window_start, window_s, observed)
         self._learn_shapes(window_start, job_views, flagged)
+        self._learn_clocks(job_views, slow_jobs)
         self._forget(window_start, window_s)
         return out
 
@@ -512,6 +616,19 @@ class FleetDetector:
                     if abs(shape.work) < cfg.min_work_gap / 4 and abs(shape.util) < cfg.min_gap_pct / 4:
                         del shapes[key]
 
+    def _learn_clocks(self, jobs: Sequence[JobView], slow_jobs: set[str]) -> None:
+        """Each job's usual SM clock per GPU model (median of its busy ranks, smoothed), not while
+        it is slow: what `slow_nodes` compares it with when the fleet has no reference."""
+        busy_pct = self.config.straggler.busy_pct
+        for job in jobs:
+            key = f"{job.cluster}|{job.job}"
+            if key in slow_jobs:
+                continue
+            usual = self.state.job_clocks.setdefault(key, {})
+            for model, group in by_model([r for r in job.ranks if r.util_mean >= busy_pct]).items():
+                clock = median(r.sm_clock_mhz_mean for r in group)
+                usual[model] = clock if model not in usual else usual[model] + SHAPE_RATE * (clock - usual[model])
+
     def _remember(self, window_start: float, window_s: float, gpu_results: Sequence[WindowResult],
                   jobs: Mapping[tuple[str, str], list[WindowResult]]) -> None:
         """The detectors' memory, updated with this window: when each job was last busy, when
@@ -537,9 +654,9 @@ class FleetDetector:
                                     model=lb.model or "", job=lb.job, rank=lb.rank)
         # A job that ended (or a node that left) stops reporting here as a whole, and its GPUs go on
         # under another key, maybe in another partition: forget them unless one is firing silent.
-        reporting = {detect_key(r) for r in gpu_results}
+        group_last = group_last_seen(seen)
         for key, g in list(seen.items()):
-            if (g.last_window < window_start and g.group not in reporting
+            if (group_gone(g, group_last, window_start, window_s)
                     and not self.is_firing("silent_gpu", self._silent_fingerprint(g))):
                 del seen[key]
 
@@ -559,6 +676,8 @@ class FleetDetector:
         seen_jobs = {f"{g.cluster}|{g.job}" for g in self.state.seen_gpus.values() if g.job is not None}
         for key in [k for k in self.state.job_windows if k not in seen_jobs]:
             del self.state.job_windows[key]
+        for key in [k for k in self.state.job_clocks if k not in seen_jobs]:
+            del self.state.job_clocks[key]
         stalled = self.state.lifecycles["job_stalled"].episodes
         for key, last in list(self.state.job_busy.items()):
             cluster, _, job = key.partition("|")

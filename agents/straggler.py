@@ -197,6 +197,10 @@ def _signature(rank: _Rank, p: _Peers, cfg: StragglerConfig) -> tuple[Signature,
     clock_gap = p.clock - cand.sm_clock_mhz_mean
     clock_deficit = clock_gap / p.clock if p.clock > 0 else 0.0
     extra = reasons(cand) - p.common_reasons
+    if -clock_deficit >= cfg.min_clock_deficit and p.common_reasons - reasons(cand):
+        # Its peers are the throttled ones (a job mostly on slow nodes): at its full clock it works
+        # more of each step than they appear to by their lowered power. They pace it, not it them.
+        return None
     work_wait = 1.0 - p.work / w if w > 0 else 0.0
     if clock_deficit >= cfg.min_clock_deficit and clock_gap >= cfg.z * p.clock_sigma and (
             extra or clock_deficit >= cfg.clock_deficit_alone):

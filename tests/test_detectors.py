@@ -25,8 +25,8 @@ RankFn = Callable[[int, int], dict[str, object] | None]
 
 
 def job_samples(ranks: int, windows: int, fn: RankFn, job: str = "llm", seed: int = 1, noise: float = 4.0,
-                models: Callable[[int], str] = lambda r: "H200") -> list[NodeSample]:
-    """1 s ticks of a job whose rank r sits on node n{r // 8}, GPU r % 8; util gets uniform noise."""
+                models: Callable[[int], str] = lambda r: "H200", node: str = "n") -> list[NodeSample]:
+    """1 s ticks of a job whose rank r sits on node {node}{r // 8}, GPU r % 8; util gets uniform noise."""
     rng = random.Random(seed)
     out = []
     for t in range(int(windows * WINDOW_S)):
@@ -44,7 +44,7 @@ def job_samples(ranks: int, windows: int, fn: RankFn, job: str = "llm", seed: in
             nodes.setdefault(r // GPUS_PER_NODE, []).append(
                 gpu_sample(r % GPUS_PER_NODE, util, job=job, rank=r, model=models(r), **over))
         for n, gpus in nodes.items():
-            out.append(NodeSample(ts=T0 + t, cluster="c", node=f"n{n}", gpus=gpus))
+            out.append(NodeSample(ts=T0 + t, cluster="c", node=f"{node}{n}", gpus=gpus))
     return out
 
 
@@ -139,6 +139,49 @@ def test_small_jobs_need_a_clear_gap(ranks: int) -> None:
     # A rank a few points busier, at the same clock and flags, is noise in a job this small.
     nudge = run(job_samples(ranks, 6, lambda r, w: {"util_gpu": 80.0 * (1.03 if r == 1 else 1.0)}), FleetDetector())
     assert firing(nudge, "straggler") == []
+
+
+def slowed(after: int, clock: float, flags: int = int(ClockReason.HW_SLOWDOWN)) -> RankFn:
+    """Every rank busy; from window `after`, throttled to `clock` with `flags` (a slow node or rack)."""
+    return lambda r, w: ({"util_gpu": 99.0, "sm_clock_mhz": clock, "clocks_event_reasons": flags} if w >= after
+                         else {"util_gpu": 99.0})
+
+
+def test_a_job_entirely_on_a_slow_node_is_found_against_the_same_model_elsewhere() -> None:
+    """No healthy peer inside the job: its clock is compared with the other jobs' H200s."""
+    fleet = job_samples(16, 6, lambda r, w: {"util_gpu": 95.0}, job="ref", node="r", seed=2)
+    solo = job_samples(8, 6, slowed(after=0, clock=1400.0), job="solo", node="s")
+    assert not firing(run(solo, FleetDetector()), "slow_node")  # alone, from its start: nothing to compare with
+    events = run(fleet + solo, FleetDetector())
+    [(w, f)] = firing(events, "slow_node")
+    assert (w, f.job, f.node, f.rank) == (1, "solo", "s0", None)
+    assert f.evidence["reference"] == "fleet" and f.evidence["reference_gpus"] == 16
+    assert f.evidence["throttle_reasons"] == "hw_slowdown" and f.evidence["slow_gpus"] == 8
+    assert "1400 MHz vs 1980 MHz for H200 elsewhere in the fleet" in f.summary and "HW slowdown" in f.summary
+    assert f.cost["job_step_loss_share"] == pytest.approx(1 - 1400 / 1980, abs=0.01)
+    assert not firing(events, "straggler")
+
+
+def test_a_job_whose_ranks_all_slow_down_is_found_against_its_own_past() -> None:
+    """The same job at the same work, its clock 29% lower from window 3 and no throttle reason (a
+    lowered power limit on its nodes): found from its own usual clock, with no other job to go by."""
+    events = run(job_samples(16, 8, slowed(after=3, clock=1400.0, flags=0), job="solo"), FleetDetector())
+    found = firing(events, "slow_node")
+    assert sorted((w, f.node) for w, f in found) == [(4, "n0"), (4, "n1")]
+    assert all(f.evidence["reference"] == "past" and f.evidence["throttle_reasons"] is None for _, f in found)
+    assert "vs 1980 MHz for this job before" in found[0][1].summary
+
+
+def test_jobs_that_slow_at_full_clock_or_always_run_lower_are_not_slow_nodes() -> None:
+    """A job slowing together at full clock (its input, a phase of its work), a heavy job that always
+    runs 24% below the others under the routine power cap, and a 17% clock dip without a hardware
+    reason are no slow node."""
+    fleet = job_samples(16, 8, lambda r, w: {"util_gpu": 95.0}, job="ref", node="r", seed=2)
+    phase = job_samples(8, 8, lambda r, w: {"util_gpu": 99.0 if w < 3 else 70.0}, job="phase", node="p")
+    heavy = job_samples(8, 8, slowed(after=0, clock=1500.0, flags=int(ClockReason.SW_POWER_CAP)), job="heavy",
+                        node="h")
+    dip = job_samples(8, 8, slowed(after=3, clock=1650.0, flags=0), job="dip", node="d")
+    assert not firing(run(fleet + phase + heavy + dip, FleetDetector()), "slow_node")
 
 
 def test_mixed_generation_names_the_waiting_model_and_its_waste() -> None:

@@ -16,7 +16,7 @@ from laggard.results import Finding
 from laggard.rules.evaluate import FindingIn, evaluate_finding
 from laggard.rules.loader import DEFAULT_RULES, check_text, load_rules
 from laggard.rules.model import RulesConfig
-from tests.test_detectors import job_samples, run, straggler_job
+from tests.test_detectors import job_samples, run, slowed, straggler_job
 
 
 def _real_findings() -> list[Finding]:
@@ -37,6 +37,9 @@ def _real_findings() -> list[Finding]:
         run(job_samples(4, 4, lambda r, w: {"util_gpu": 0.0}), FleetDetector()),
         run(job_samples(4, 6, lambda r, w: {"util_gpu": 80.0, "xid": 79 if (r, w) == (2, 1) else None}), FleetDetector()),
         run(job_samples(8, 7, lambda r, w: None if (r == 3 and w >= 2) else {"util_gpu": 80.0}), FleetDetector()),
+        run(job_samples(16, 4, lambda r, w: {"util_gpu": 95.0}, job="ref", node="r")
+            + job_samples(8, 4, slowed(after=0, clock=1400.0), job="solo", node="s"), FleetDetector()),
+        run(job_samples(8, 6, slowed(after=3, clock=1400.0, flags=0)), FleetDetector()),
     ]
     return [finding for events in runs for _, finding in events]
 
