@@ -18,6 +18,12 @@ The text is parsed with prometheus_client's parser. Mapping decisions, each test
   named; optional fields (profiling ratios, energy, clocks-event reasons, XID) are just left out.
 - DCGM_FI_DEV_XID_ERRORS holds the last XID ever seen; it is reported as `xid` only when it
   changes to a non-zero value, so one XID is one event, not one per scrape.
+- Several targets: the URLs given and those of Prometheus-style file_sd files (collectors.discovery,
+  re-read when they change; a bad file keeps its previous targets, logged once). Every target is
+  scraped every tick, in parallel, each with its own XID memory and counts (`Target.summary`); one
+  that fails costs its own samples only.
+- A scrape with DCGM series but no usable GPU logs one error saying which required fields the GPUs
+  lack and which series would give them (again only when that changes).
 - A failed or unparsable scrape is counted ('scrape_failed', 'parse_failed'), logged, and the tick
   yields nothing; the next tick tries again. A scrape is bounded in all by `timeout_s` and
   MAX_BODY_BYTES (a server trickling its body would otherwise hold it, and a stop, for ever) and
@@ -28,7 +34,8 @@ The text is parsed with prometheus_client's parser. Mapping decisions, each test
 - One odd series does not cost the scrape: a series whose `gpu`/`GPU_I_ID` label is missing or not
   an index ('bad_gpu_label') and an exact repeat of an earlier series ('duplicate_series', the
   first is kept) are counted and skipped.
-- The URL is checked once at start (ValueError) and logged without credentials or query.
+- Each URL is checked once at start, or when its file is read (ValueError), and logged without
+  credentials or query.
 - Job and rank come from the Kubernetes labels (see collectors.attribution), else from the
   attribution lookups (mapping file by UUID or index).
 """
@@ -37,9 +44,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Iterator
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -56,13 +65,15 @@ from laggard.collectors.base import (
     build_node_sample,
     short_model,
 )
-from laggard.events import NodeSample
+from laggard.collectors.discovery import FileSd, FileSdError
+from laggard.events import GpuSample, NodeSample
 
 log = logging.getLogger("laggard.collectors")
 
 DEFAULT_URL = "http://127.0.0.1:9400/metrics"
 # A node with 8 GPUs and the profiling counters is ~100 KiB of text; far more is not an exporter.
 MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_PARALLEL = 32  # targets scraped at once
 
 # GpuSample field <- (DCGM metric, divisor to the schema's unit), in order of preference. The
 # profiling ratios stand in for utilization where the device counters are absent (under MIG).
@@ -252,95 +263,235 @@ class Mapper:
         return dict(by_host)
 
 
+@dataclass
+class Target:
+    """One exporter endpoint: its URL, what the log calls it, its own mapping state and its counts."""
+
+    url: httpx.URL
+    where: str  # the URL without credentials or query: what the log says
+    mapper: Mapper
+    labels: dict[str, str] = field(default_factory=dict)  # its file_sd group's labels
+    scrapes: int = 0
+    failed: int = 0  # scrapes that gave no sample (failed, cut short, unparsable, no usable GPU)
+    samples: int = 0  # node samples made from its scrapes
+    no_gpu_said: str = ""  # the last 'gave no usable GPU' line logged for it (not repeated every tick)
+
+    def summary(self) -> str:
+        return f"dcgm {self.where}: {self.scrapes} scrapes, {self.failed} gave nothing, {self.samples} node samples"
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A body, or why there is none ('' when the scrape was stopped, which is not a failure)."""
+
+    body: bytes | None = None
+    category: str = ""
+    detail: str = ""
+
+
+# The GpuSample fields every sample needs, and what an exporter must send for each.
+REQUIRED = tuple(name for name, info in GpuSample.model_fields.items() if info.is_required())
+NEEDS: dict[str, str] = {
+    **{name: " or ".join(metric for metric, _ in choices) for name, choices in FIELDS.items()},
+    "mem_total_mib": " and ".join(FB_PARTS),
+    "uuid": "the UUID label",
+    "model": "the modelName label",
+    "power_limit_w": "DCGM_FI_DEV_POWER_MGMT_LIMIT (or a model with a known board limit)",
+}
+
+
+def missing_fields(fields: dict[str, Any]) -> list[str]:
+    """The required GpuSample fields a GPU's mapped fields lack (or hold empty)."""
+    return [name for name in REQUIRED if fields.get(name) in (None, "")]
+
+
+def no_gpu_message(where: str, gpus: int, missing: Counter[str], rejects: Counter[str]) -> str:
+    """Why a scrape with DCGM series gave no usable GPU: the missing fields and the series that give them."""
+    if missing:
+        lacking = "; ".join(f"{n} of {gpus} lack {name} (export {NEEDS.get(name, name)})"
+                            for name, n in missing.most_common())
+        return f"dcgm: {where} gave no usable GPU: {lacking}"
+    reasons = ", ".join(f"{n} {category}" for category, n in rejects.most_common()) or "see the lines above"
+    return f"dcgm: {where} gave no usable GPU: every GPU was refused ({reasons})"
+
+
 class DcgmSource(Source):
-    """Scrapes `url` every `interval_s` (dcgm-exporter itself refreshes every 30 s by default)."""
+    """Scrapes every target every `interval_s` (dcgm-exporter itself refreshes every 30 s by default).
+
+    Targets are the URLs given plus those of the `file_sd` files, which are re-read when they
+    change. Each target is scraped independently, in parallel when there are several: one that
+    fails costs its own samples only, and each counts its own scrapes (`Target.summary`).
+    """
 
     name = "dcgm"
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | Sequence[str] = DEFAULT_URL,
         *,
+        file_sd: Sequence[Path] = (),
         interval_s: float = 30.0,
         cluster: str,
         node: str | None = None,
         attribution: Attribution | None = None,
         timeout_s: float = 5.0,
         clock: Clock | None = None,
+        now: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
         if not timeout_s > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout_s!r}")
-        self.url = checked_url(url)
-        self.where = redacted_url(self.url)  # what the log says instead of the URL
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls and not file_sd:
+            raise ValueError("no dcgm-exporter URL and no file_sd file: nothing to scrape")
+        if node is not None and (len(urls) > 1 or file_sd):
+            raise ValueError("--node names one exporter's node; with several, their Hostname labels name them")
+        self.static = [checked_url(u) for u in urls]
+        self.discovery = [FileSd(path, check=checked_url) for path in file_sd]  # FileSdError is a ValueError
         self.cluster = cluster
         self.node = node
         self.timeout_s = timeout_s
-        self.mapper = Mapper(attribution or Attribution())
+        self.attribution = attribution or Attribution()
+        self.defaulted_models: set[str] = set()  # board power limits logged, once for all targets
         self.clock = clock or SystemClock()
+        self.now = now
         self.scheduler = FixedRateScheduler(interval_s, self.clock)
+        self.targets: dict[str, Target] = {}
+        self._sync_targets()
+        if not self.targets:
+            log.warning("dcgm: no targets yet in %s; waiting for them", ", ".join(str(f.path) for f in self.discovery))
+
+    @property
+    def url(self) -> httpx.URL:
+        """The first target's URL."""
+        return next(iter(self.targets.values())).url
+
+    @property
+    def where(self) -> str:
+        """The first target's URL as the log shows it."""
+        return next(iter(self.targets.values())).where
 
     @property
     def missed_ticks(self) -> int:
         return self.scheduler.missed
 
+    def _sync_targets(self) -> None:
+        """The targets now: the given URLs, then each file's; a target kept keeps its state and counts."""
+        wanted: dict[str, tuple[httpx.URL, dict[str, str]]] = {str(u): (u, {}) for u in self.static}
+        for found in self.discovery:
+            for target in found.targets:
+                wanted.setdefault(target.url, (httpx.URL(target.url), target.labels))
+        old = self.targets
+        self.targets = {
+            key: old[key] if key in old else Target(url, redacted_url(url), self._mapper(), labels)
+            for key, (url, labels) in wanted.items()
+        }
+        added, gone = self.targets.keys() - old.keys(), old.keys() - self.targets.keys()
+        if old and (added or gone):
+            log.info("dcgm: %d target(s) now, %d added, %d gone", len(self.targets), len(added), len(gone))
+
+    def _mapper(self) -> Mapper:
+        return Mapper(self.attribution, defaulted_models=self.defaulted_models)
+
+    def refresh_targets(self) -> None:
+        """Re-read the file_sd files that changed; a file that cannot be used keeps its targets (logged once)."""
+        changed = False
+        for found in self.discovery:
+            try:
+                changed |= found.refresh()
+            except FileSdError as err:
+                log.error("dcgm: %s", err)
+        if changed:
+            self._sync_targets()
+
     def scrape(self, client: httpx.Client) -> list[NodeSample]:
-        """One scrape: fetch, parse, map. Failures are counted and give an empty list."""
-        body = self.fetch(client)
-        if body is None:
+        """One scrape of every target: fetch (in parallel), parse, map. A target's failures are
+        counted and cost its own samples only."""
+        self.refresh_targets()
+        targets = list(self.targets.values())
+        if len(targets) <= 1:
+            fetched = [self.fetch(client, t) for t in targets]
+        else:
+            with ThreadPoolExecutor(min(len(targets), MAX_PARALLEL), thread_name_prefix="dcgm-scrape") as pool:
+                fetched = list(pool.map(lambda t: self.fetch(client, t), targets))
+        ts = self.now()
+        samples: list[NodeSample] = []
+        for target, got in zip(targets, fetched):
+            target.scrapes += 1
+            made = self._samples(target, got, ts)
+            target.samples += len(made)
+            if not made and (got.body is not None or got.category):  # a stop is not a failure
+                target.failed += 1
+            samples.extend(made)
+        return samples
+
+    def _samples(self, target: Target, got: Fetched, ts: float) -> list[NodeSample]:
+        """The node samples in one target's fetched body; failures counted and logged."""
+        if got.body is None:
+            if got.category:
+                self.rejects.count(got.category, target.where, got.detail)
             return []
-        ts = time.time()
         try:
-            gpus = parse_exporter_text(body.decode("utf-8", errors="replace"), self.rejects)
+            gpus = parse_exporter_text(got.body.decode("utf-8", errors="replace"), self.rejects)
         except ValueError as err:
-            self.rejects.count("parse_failed", self.where, f"{type(err).__name__}: {err}")
+            self.rejects.count("parse_failed", target.where, f"{type(err).__name__}: {err}")
             return []
         if not gpus:
-            detail = f"no usable DCGM series in {len(body)} bytes; is this a dcgm-exporter's /metrics?"
-            self.rejects.count("no_dcgm_series", self.where, detail)
+            detail = f"no usable DCGM series in {len(got.body)} bytes; is this a dcgm-exporter's /metrics?"
+            self.rejects.count("no_dcgm_series", target.where, detail)
             return []
+        before = self.rejects.by_category.copy()
+        missing: Counter[str] = Counter()
+        tried = 0
         samples = []
-        for host, fields in self.mapper.node_fields(gpus, self.rejects).items():
+        for host, fields in target.mapper.node_fields(gpus, self.rejects).items():
+            tried += len(fields)
+            missing.update(name for gpu in fields for name in missing_fields(gpu))
             node = self.node or host or "unknown"
             sample = build_node_sample(self.rejects, ts=ts, cluster=self.cluster, node=node, gpus=fields)
             if sample is not None:
                 samples.append(sample)
+        if samples:
+            target.no_gpu_said = ""
+        else:  # one line naming what is missing, again only when that changes
+            said = no_gpu_message(target.where, tried, missing, self.rejects.by_category - before)
+            if said != target.no_gpu_said:
+                target.no_gpu_said = said
+                log.error("%s", said)
         return samples
 
-    def fetch(self, client: httpx.Client) -> bytes | None:
-        """The whole body, or None: counted ('scrape_failed', 'truncated_body'), or not when asked to stop.
+    def fetch(self, client: httpx.Client, target: Target) -> Fetched:
+        """The whole body, or why not ('scrape_failed', 'truncated_body'; nothing when asked to stop).
 
         The client's timeout bounds each socket read; the deadline and size limit bound the scrape.
+        Counts nothing itself: it runs on the scrape threads.
         """
         deadline = time.monotonic() + self.timeout_s
         chunks: list[bytes] = []
         size = 0
         try:
-            with client.stream("GET", self.url, follow_redirects=True) as response:
+            with client.stream("GET", target.url, follow_redirects=True) as response:
                 response.raise_for_status()
                 for chunk in response.iter_bytes():
                     chunks.append(chunk)
                     size += len(chunk)
                     if self.clock.wait(0):
-                        return None
+                        return Fetched()
                     if size > MAX_BODY_BYTES:
-                        return self._failed(f"body larger than {MAX_BODY_BYTES} bytes")
+                        return Fetched(None, "scrape_failed", f"body larger than {MAX_BODY_BYTES} bytes")
                     if time.monotonic() > deadline:
-                        return self._failed(f"body still arriving after {self.timeout_s:g} s ({size} bytes so far)")
+                        detail = f"body still arriving after {self.timeout_s:g} s ({size} bytes so far)"
+                        return Fetched(None, "scrape_failed", detail)
         except httpx.HTTPStatusError as err:
-            return self._failed(f"HTTP {err.response.status_code} {err.response.reason_phrase}")
+            return Fetched(None, "scrape_failed", f"HTTP {err.response.status_code} {err.response.reason_phrase}")
         except httpx.HTTPError as err:  # its text may hold the URL as given, credentials and all
-            return self._failed(f"{type(err).__name__}: {str(err).replace(str(self.url), self.where)}")
+            detail = f"{type(err).__name__}: {str(err).replace(str(target.url), target.where)}"
+            return Fetched(None, "scrape_failed", detail)
         body = b"".join(chunks)
         if cut_short(response.headers, body):
             detail = f"the body ({size} bytes, no Content-Length) ends mid-line: cut short, not used"
-            self.rejects.count("truncated_body", self.where, detail)
-            return None
-        return body
-
-    def _failed(self, detail: str) -> None:
-        self.rejects.count("scrape_failed", self.where, detail)
-        return None
+            return Fetched(None, "truncated_body", detail)
+        return Fetched(body)
 
     def ticks(self) -> Iterator[Tick]:
         with httpx.Client(timeout=self.timeout_s) as client:

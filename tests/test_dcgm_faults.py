@@ -4,6 +4,7 @@ that series, and never ends the collector."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -269,7 +270,46 @@ def test_duplicate_series_is_counted_and_the_first_kept(exporter_server: Exporte
     assert source.rejects.by_category == {"duplicate_series": 1}
 
 
-# --- 9. a URL that can never work is refused at start -----------------------------------------
+# --- 9. a scrape with DCGM series but no usable GPU says which fields are missing -------------
+
+
+def test_a_scrape_without_a_usable_gpu_is_one_error_naming_the_missing_fields(
+    exporter_server: ExporterServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A trimmed counter list without the temperature, on a model with no known board power limit.
+    trimmed = exporter_text(G0, G1).replace("NVIDIA H100 80GB HBM3", "NVIDIA Quadro X1")
+    trimmed = "".join(line for line in trimmed.splitlines(keepends=True)
+                      if "GPU_TEMP" not in line and "POWER_MGMT_LIMIT" not in line)
+    exporter_server.serve("/metrics", Page(body=trimmed))
+    source = DcgmSource(exporter_server.url("/metrics"), cluster="k8s")
+    with caplog.at_level(logging.ERROR, logger="laggard.collectors"):
+        assert scrape_once(source) == [] and scrape_once(source) == []
+    [line] = logged(caplog)  # once, not once per scrape
+    assert line.startswith(f"dcgm: {exporter_server.url('/metrics')} gave no usable GPU: ")
+    assert "2 of 2 lack power_limit_w (export DCGM_FI_DEV_POWER_MGMT_LIMIT" in line
+    assert "2 of 2 lack temp_c (export DCGM_FI_DEV_GPU_TEMP)" in line
+
+    exporter_server.serve("/metrics", Page(body=exporter_text(G0)))
+    assert scrape_once(source)
+    exporter_server.serve("/metrics", Page(body=trimmed))
+    with caplog.at_level(logging.ERROR, logger="laggard.collectors"):
+        assert scrape_once(source) == []
+    assert len(logged(caplog)) == 2  # said again after GPUs came back in between
+
+
+def test_a_scrape_whose_gpus_are_all_refused_by_value_says_why(
+    exporter_server: ExporterServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter_server.serve("/metrics", Page(body=exporter_text(G0).replace("DCGM_FI_DEV_GPU_TEMP{" + G0 + "} 71",
+                                                                          "DCGM_FI_DEV_GPU_TEMP{" + G0 + "} NaN")))
+    source = DcgmSource(exporter_server.url("/metrics"), cluster="k8s")
+    with caplog.at_level(logging.ERROR, logger="laggard.collectors"):
+        assert scrape_once(source) == []
+    assert logged(caplog) == [f"dcgm: {exporter_server.url('/metrics')} gave no usable GPU: every GPU was refused "
+                              "(1 temp_c:finite_number)"]
+
+
+# --- 10. a URL that can never work is refused at start ----------------------------------------
 
 
 @pytest.mark.parametrize(
