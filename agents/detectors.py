@@ -33,6 +33,7 @@ from laggard.agents.straggler import (
     by_model,
     find_mixed_generation,
     find_stragglers,
+    merge_span,
     work,
 )
 from laggard.agents.windows import IDLE_UTIL_PCT
@@ -101,6 +102,9 @@ class WindowView:
     config: DetectorConfig
     memory: DetectorState
     is_firing: Callable[[str, str], bool]  # (kind, fingerprint)
+    # cluster|job -> its ranks' results in the windows just before this one, oldest first (SPAN_WINDOWS - 1
+    # at most; kept in memory only: after a restart a span fills again)
+    earlier: Mapping[str, Sequence[Sequence[WindowResult]]] = field(default_factory=dict)
 
     @property
     def end(self) -> float:
@@ -132,6 +136,11 @@ class JobView:
 
     def shape(self, rank: int | None) -> RankShape:
         return self.window.memory.rank_shapes.get(f"{self.cluster}|{self.job}|{rank}") or RankShape()
+
+    @property
+    def span(self) -> list[Sequence[WindowResult]]:
+        """Its ranks' results in the last SPAN_WINDOWS windows, this one last; fewer after its start."""
+        return [*self.window.earlier.get(f"{self.cluster}|{self.job}", ()), self.ranks]
 
     def usual_clocks(self) -> dict[str, float]:
         """Its busy ranks' usual SM clock per GPU model, where learned."""
@@ -211,7 +220,8 @@ def _why(s: Straggler) -> list[str]:
     return why
 
 
-def straggler_finding(s: Straggler, weak_share: float = StragglerConfig.weak_share) -> Finding:
+def straggler_finding(s: Straggler, weak_share: float = StragglerConfig.weak_share, span_s: float | None = None) -> Finding:
+    """`span_s`: the seconds its numbers cover (one window, or a span of them for long steps)."""
     c = s.culprit
     waits = s.peer_wait_s()
     idle_w = [p.idle_power_w for p in s.peers]
@@ -239,6 +249,7 @@ def straggler_finding(s: Straggler, weak_share: float = StragglerConfig.weak_sha
             "fault_share": round(s.fault_share * (1.0 if s.strong else weak_share), 3),
             "strength": "strong" if s.strong else "weak",
             "peers": len(s.peers),
+            "span_s": round(c.window_s if span_s is None else span_s, 1),
         },
         cost={
             "peer_wait_share": round(s.wait_share, 4),
@@ -287,6 +298,9 @@ def mixed_generation_finding(m: MixedGeneration, window_start: float, window_s: 
 # evidence) names a straggler: one that works more or idles from the start looks like the job's design.
 SHAPE_WINDOWS = 6
 SHAPE_RATE = 0.4  # weight of a new window in a rank's shape: 5 full windows learn 92% of a steady one
+# Windows a job's ranks are also compared over: its peers wait once a step, so with steps longer
+# than a window (24 s steps in 10 s windows) a wait lands in one window of two or three.
+SPAN_WINDOWS = 3
 
 
 def stragglers(job: JobView) -> list[Finding]:
@@ -304,8 +318,28 @@ def stragglers(job: JobView) -> list[Finding]:
             return 0.0, 0.0
         return shape.work, shape.util
 
-    return [straggler_finding(s, cfg.weak_share) for s in find_stragglers(job.ranks, cfg, usual)
+    found = [(s, job.window.length_s) for s in find_stragglers(job.ranks, cfg, usual)]
+    if len(job.span) == SPAN_WINDOWS:
+        named = {s.culprit.key for s, _ in found}
+        found += [(s, SPAN_WINDOWS * job.window.length_s) for s in _span_stragglers(job, cfg, usual)
+                  if s.culprit.key not in named]
+    return [straggler_finding(s, cfg.weak_share, span_s) for s, span_s in found
             if s.signature == "throttled" or not young]
+
+
+def _span_stragglers(job: JobView, cfg: StragglerConfig, usual: Callable[[WindowResult], tuple[float, float]]
+                     ) -> list[Straggler]:
+    """Stragglers over the job's last SPAN_WINDOWS windows: with steps longer than a window, peers
+    wait in one window of two or three, so this window alone may show nothing. Strong evidence only,
+    and not a rank that carried a throttle reason its peers lack in part of the span (single windows
+    name that one in each window of it: the span would only drag its end). While a straggler of the
+    job fires, only that one: its peers' numbers are bent by it."""
+    found = [s for s in find_stragglers(merge_span(job.span), cfg, usual) if s.strong and s.fault_share == 1.0]
+    if not found:
+        return []
+    firing = {r.key for r in job.ranks if job.window.is_firing("straggler", finding_fingerprint(
+        "straggler", r.labels.cluster, r.labels.job, r.labels.rank, r.labels.node, r.labels.gpu))}
+    return [s for s in found if not firing or s.culprit.key in firing]
 
 
 def slow_node_findings(group: SlowGroup, job: JobView) -> list[Finding]:
@@ -470,7 +504,7 @@ _STRAGGLER_EVIDENCE: dict[str, Any] = {
     "signature": "throttled", "rank_util_pct": 99.5, "peer_util_median_pct": 99.4, "peer_util_sigma_pct": 1.5,
     "rank_work_share": 0.62, "peer_work_share_median": 0.71, "sm_clock_mhz": 1410.0, "peer_sm_clock_median_mhz": 1980.0,
     "temp_c": 82.0, "peer_temp_median_c": 55.0, "throttled_share": 1.0, "throttle_reasons": "sw_thermal",
-    "fault_share": 1.0, "strength": "strong", "peers": 31,
+    "fault_share": 1.0, "strength": "strong", "peers": 31, "span_s": 10.0,
 }
 _STRAGGLER_COST = {"peer_wait_share": 0.286, "peer_gpu_s_wasted": 85.3, "energy_wh_wasted": 2.844}
 _IDLE_JOB_COST = {"gpu_s_idle": 40.0, "energy_wh_idle": 1.389}
@@ -538,6 +572,8 @@ class FleetDetector:
         self.config = config or DetectorConfig()
         self.state = state or DetectorState()
         self.detectors = dict(DETECTORS)
+        # cluster|job -> (window start, its ranks) of the windows before the next one (WindowView.earlier)
+        self._earlier: dict[str, list[tuple[float, list[WindowResult]]]] = {}
         self._lifecycles = {
             kind: Lifecycle(d.fire_after, d.clear_after, state=self.state.lifecycles.setdefault(kind, LifecycleState()),
                             fire_after_s=d.fire_after_s)
@@ -564,7 +600,9 @@ class FleetDetector:
             if r.labels.job is not None:
                 jobs.setdefault((r.labels.cluster, r.labels.job), []).append(r)
         self._remember(window_start, window_s, gpu_results, jobs)
-        window = WindowView(window_start, window_s, gpu_results, self.config, self.state, self.is_firing)
+        earlier = {key: [ranks for _, ranks in span] for key, span in self._earlier.items()
+                   if span[-1][0] == window_start - window_s}  # consecutive windows only
+        window = WindowView(window_start, window_s, gpu_results, self.config, self.state, self.is_firing, earlier)
         job_views = [JobView(cluster, job, ranks, window) for (cluster, job), ranks in jobs.items()]
         out = []
         flagged: dict[str, str] = {}  # cluster|job|rank -> the straggler signature it showed this window
@@ -580,6 +618,7 @@ class FleetDetector:
             out += self._lifecycles[kind].step(window_start, window_s, observed)
         self._learn_shapes(window_start, job_views, flagged)
         self._learn_clocks(job_views, slow_jobs)
+        self._keep_for_span(window_start, job_views)
         self._forget(window_start, window_s)
         return out
 
@@ -615,6 +654,16 @@ class FleetDetector:
                     shape.last_window = window_start
                     if abs(shape.work) < cfg.min_work_gap / 4 and abs(shape.util) < cfg.min_gap_pct / 4:
                         del shapes[key]
+
+    def _keep_for_span(self, window_start: float, jobs: Sequence[JobView]) -> None:
+        """Each job's ranks of its last SPAN_WINDOWS - 1 consecutive windows, this one last
+        (WindowView.earlier); a job absent from this window starts again."""
+        kept = {}
+        for job in jobs:
+            key = f"{job.cluster}|{job.job}"
+            before = self._earlier.get(key, []) if key in job.window.earlier else []
+            kept[key] = [*before, (window_start, list(job.ranks))][-(SPAN_WINDOWS - 1):]
+        self._earlier = kept
 
     def _learn_clocks(self, jobs: Sequence[JobView], slow_jobs: set[str]) -> None:
         """Each job's usual SM clock per GPU model (median of its busy ranks, smoothed), not while

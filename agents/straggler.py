@@ -221,6 +221,38 @@ def _signature(rank: _Rank, p: _Peers, cfg: StragglerConfig) -> tuple[Signature,
     return None
 
 
+def _mean(values: Sequence[float | None], weights: Sequence[int]) -> float | None:
+    if any(v is None for v in values):
+        return None
+    return sum(v * w for v, w in zip(values, weights)) / sum(weights)  # type: ignore[operator]
+
+
+def merge_span(windows: Sequence[Sequence[WindowResult]]) -> list[WindowResult]:
+    """Each rank's results over consecutive windows as one, weighted by samples, for a job whose
+    steps are longer than a window: its peers wait once a step, so in one window of two or three,
+    and only the span holds a whole step of each. Ranks missing from any window are left out. The
+    result stands for the last window (its start and length), so costs stay per window."""
+    by_key: dict[str, list[WindowResult]] = {}
+    for results in windows:
+        for r in results:
+            by_key.setdefault(r.key, []).append(r)
+    merged = []
+    for rs in by_key.values():
+        if len(rs) != len(windows):
+            continue
+        n = [max(1, r.samples) for r in rs]
+        reasons_seen = {name for r in rs for name in r.throttle_share}
+        merged.append(rs[-1].model_copy(update={
+            "util_mean": _mean([r.util_mean for r in rs], n),
+            "power_share": _mean([r.power_share for r in rs], n),
+            "sm_active": _mean([r.sm_active for r in rs], n),
+            "sm_clock_mhz_mean": _mean([r.sm_clock_mhz_mean for r in rs], n),
+            "temp_c_mean": _mean([r.temp_c_mean for r in rs], n),
+            "throttle_share": {name: _mean([r.throttle_share.get(name, 0.0) for r in rs], n) for name in reasons_seen},
+        }))
+    return merged
+
+
 def find_stragglers(ranks: Sequence[WindowResult], cfg: StragglerConfig, usual: Usual | None = None) -> list[Straggler]:
     """Ranks of one job (GPU results of one window) that pace their model peers, by any signature;
     `usual` gives each rank's usual (work share, util) above its peers' medians, taken off first."""
