@@ -13,6 +13,7 @@ it in most runs (issue 12).
 
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
 from collections.abc import Callable, Mapping
@@ -24,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
+from laggard import logs
 from laggard.settings import Settings
 
 
@@ -78,6 +80,19 @@ class App(faust.App):
 
 
 class Worker(faust.Worker):
+    """Faust's worker, logging through laggard's handler (laggard/logs.py: its format and level,
+    secrets redacted, no colour) instead of mode's coloured one, which decides on colour by
+    stdout while it writes to stderr. Its progress spinner (cursor codes even into a file) is
+    drawn only on a terminal."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not self.stdout.isatty():
+            self.spinner = None
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        super().on_setup_root_logger(logger, logs.attach(logger))
+
     def _schedule_shutdown(self, signal: Signals) -> None:
         self.app.stopping.set()  # before Faust waits for the agents' current events
         super()._schedule_shutdown(signal)

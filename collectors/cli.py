@@ -8,7 +8,6 @@ Exit codes: 0 done, 1 some samples failed to publish, 2 the source or its option
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 import threading
@@ -23,6 +22,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from laggard import logs
 from laggard.collectors.attribution import DEFAULT_SLURM_DIR, Attribution, AttributionError
 from laggard.collectors.base import Source, SystemClock, stdout_to_devnull
 from laggard.events import NodeSample, encode
@@ -175,8 +175,6 @@ def run_source(
     source: Source, clock: SystemClock, *, to_stdout: bool, count: int | None = None, duration: float | None = None
 ) -> None:
     """Drive `source` into stdout or Kafka until it ends, --count ticks, --duration seconds or a signal."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
     sink = _open_sink(to_stdout)
     status = StatusLine(source, sink)
     timer = threading.Timer(duration, clock.stop.set) if duration is not None else None
@@ -253,14 +251,23 @@ def nvml_command(
 
 @collect_app.command("dcgm")
 def dcgm_command(
-    url: Annotated[str, typer.Option(help="dcgm-exporter metrics URL.")] = "http://127.0.0.1:9400/metrics",
+    url: Annotated[
+        list[str] | None,
+        typer.Option(help="dcgm-exporter metrics URL; repeat for several exporters [default: "
+                     "http://127.0.0.1:9400/metrics unless --file-sd is given]."),
+    ] = None,
+    file_sd: Annotated[
+        list[Path] | None,
+        typer.Option("--file-sd", dir_okay=False, help="Prometheus file_sd file (JSON, or YAML) listing targets "
+                     "(host:port, with __scheme__ / __metrics_path__ labels); re-read when it changes. Repeatable."),
+    ] = None,
     interval: Annotated[
-        float, typer.Option(min=0.01, help="Seconds between scrapes. Keep it at most the workers' window (10 s by "
-                           "default) and run dcgm-exporter with -c at most as long (its default is 30 s).")
+        float, typer.Option(min=0.01, help="Seconds between scrapes of every target. Any interval works (the "
+                           "workers learn each GPU's); dcgm-exporter refreshes every 30 s unless run with -c.")
     ] = 10.0,
     timeout: Annotated[float, typer.Option(min=0.1, help="HTTP timeout per scrape, seconds.")] = 5.0,
     node: Annotated[
-        str | None, typer.Option(help="Node name, overriding the exporter's Hostname/hostname label.")
+        str | None, typer.Option(help="Node name, overriding the exporter's Hostname/hostname label (one --url only).")
     ] = None,
     cluster: Cluster = None,
     attribution: MappingOpt = None,
@@ -268,14 +275,15 @@ def dcgm_command(
     duration: Duration = None,
     to_stdout: ToStdout = False,
 ) -> None:
-    """Scrape a dcgm-exporter endpoint; job and rank come from its Kubernetes pod labels."""
-    from laggard.collectors.dcgm import DcgmSource
+    """Scrape dcgm-exporter endpoints; job and rank come from their Kubernetes pod labels."""
+    from laggard.collectors.dcgm import DEFAULT_URL, DcgmSource
 
     clock = SystemClock()
     cluster = cluster or get_settings().cluster  # outside the try: an invalid setting is main()'s to say
     try:
         source = DcgmSource(
-            url,
+            url or ([] if file_sd else [DEFAULT_URL]),
+            file_sd=file_sd or [],
             interval_s=interval,
             timeout_s=timeout,
             cluster=cluster,
@@ -285,7 +293,12 @@ def dcgm_command(
         )
     except ValueError as err:
         fail(str(err))
-    run_source(source, clock, to_stdout=to_stdout, count=count, duration=duration)
+    try:
+        run_source(source, clock, to_stdout=to_stdout, count=count, duration=duration)
+    finally:
+        if len(source.targets) > 1 or file_sd:  # one line per target: which of them gave what
+            for target in source.targets.values():
+                err_console.print(target.summary(), highlight=False, soft_wrap=True)
 
 
 class TraceFormat(str, Enum):
@@ -352,4 +365,5 @@ def replay_command(
 
 
 if __name__ == "__main__":
+    logs.configure()  # as `laggard collect` has it from the laggard command's -v/-q/--log-format
     collect_app()

@@ -185,6 +185,7 @@ def simulate(
         TimeElapsedColumn(),
         console=err_console,
         transient=True,
+        disable=not err_console.is_terminal,  # piped or in a log: the last line only, no blank line before it
     )
     try:
         with StopSignals(clock.stop), progress:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from laggard import logs
+from laggard.logs import LogFormat
 from laggard.settings import Settings, get_settings
 
 app = typer.Typer(
@@ -13,6 +17,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
 def _print_version(value: bool) -> None:
     if value:
         from laggard import __version__
@@ -22,9 +28,22 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                       help="Print laggard's version and exit.")) -> None:
+def _root(
+    ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print laggard's version and exit."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, show_default=False,
+                                help="Log more: -v info, -vv debug (default: warnings and errors)."),
+    quiet: int = typer.Option(0, "--quiet", "-q", count=True, show_default=False,
+                              help="Log less: -q errors only, -qq critical only."),
+    log_format: LogFormat = typer.Option(LogFormat.text, "--log-format", envvar="LAGGARD_LOG_FORMAT",
+                                         help="Log lines on stderr as text or JSON (one object per line)."),
+) -> None:
     """laggard: GPU cluster telemetry that names the rank, node and GPU pacing each job."""
+    ctx.with_resource(logs.configured(logs.level_for(verbose, quiet), log_format))
+    # kafka-python's connection retries are detail (shown with -v): what a Kafka failure means, laggard
+    # says itself in one line (main() below; the publisher's counts).
+    ctx.with_resource(logs.demoted("kafka"))
 
 
 stack_app = typer.Typer(help="Run the local stack (Apache Kafka + InfluxDB) on this machine.", no_args_is_help=True)
@@ -51,7 +70,7 @@ def _add_room_commands() -> None:
 
 
 _add_room_commands()
-console = Console()
+console = Console(soft_wrap=True)  # a long line stays one line, on a terminal and in a log
 
 
 @stack_app.command("up")
@@ -93,39 +112,59 @@ def stack_down() -> None:
 
 
 @stack_app.command("status")
-def stack_status() -> None:
+def stack_status(as_json: bool = typer.Option(False, "--json", help="Print JSON: service, pid, port, state, healthy.")
+                 ) -> None:
     """Show each service, its pid, port and health. Exits 1 unless all are healthy."""
     from laggard.commands import stack
 
     rows = stack.status(get_settings())
-    table = Table("service", "pid", "port", "state")
-    for row in rows:
-        state = "healthy" if row.healthy else ("running, not answering" if row.running else "stopped")
-        table.add_row(row.name, str(row.pid or "-"), str(row.port), state)
-    console.print(table)
+    states = [{"service": row.name, "pid": row.pid, "port": row.port, "healthy": row.healthy,
+               "state": "healthy" if row.healthy else ("running, not answering" if row.running else "stopped")}
+              for row in rows]
+    if as_json:
+        logs.print_json(states)
+    else:
+        table = Table("service", "pid", "port", "state")
+        for state in states:
+            table.add_row(state["service"], str(state["pid"] or "-"), str(state["port"]), state["state"])
+        logs.print_table(console, table)
     if not all(row.healthy for row in rows):
         raise typer.Exit(1)
 
 
+# Faust's --loglevel choices (its CRIT is no level mode knows: the worker puts laggard's level back).
+FAUST_LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warn", logging.ERROR: "error",
+                logging.CRITICAL: "error"}
+
+
 @app.command("worker")
 def worker(
-    loglevel: str = typer.Option("info", "--loglevel", "-l", help="crit, error, warn, info or debug"),
+    loglevel: str | None = typer.Option(
+        None, "--loglevel", "-l", show_default=False,
+        help="crit, error, warn, info or debug [default: info, or what laggard -v/-q ask for]"),
 ) -> None:
     """Run a laggard worker (Faust): windows, detectors, InfluxDB sink, alerts. Start several to
-    share the partitions; give each its own LAGGARD_WORKER_WEB_PORT."""
-    import logging
+    share the partitions; give each its own LAGGARD_WORKER_WEB_PORT. Its log lines follow laggard's
+    --log-format; Faust's banner is left out in JSON and at levels above warn."""
     import sys
 
     from laggard.agents.worker import build_worker
     from laggard.topics import ensure_topics
 
+    setup = logs.current()
+    try:
+        level = logs.parse_level(loglevel) if loglevel else setup.level if setup.chosen else logging.INFO
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--loglevel") from None
+    logs.configure(level, setup.fmt)
+    # kafka-python (the worker's own offset reads and re-reads) logs every connection at info.
+    logging.getLogger("kafka").setLevel(max(level, logging.WARNING))
     settings = get_settings()
     _register_webhook_secrets(settings)
-    ensure_topics(settings)  # Faust ignores a missing input topic instead of waiting for it
-    # kafka-python (the worker's own offset reads and re-reads) logs every connection at info.
-    quietest = {"crit": logging.CRITICAL, "critical": logging.CRITICAL, "error": logging.ERROR}
-    logging.getLogger("kafka").setLevel(quietest.get(loglevel.lower(), logging.WARNING))
-    sys.argv = ["laggard worker", "worker", "--loglevel", loglevel,
+    with logs.demoted("kafka", logging.DEBUG):  # a broker that does not answer is main()'s one line
+        ensure_topics(settings)  # Faust ignores a missing input topic instead of waiting for it
+    quiet = ["--quiet"] if setup.fmt is LogFormat.json or level > logging.WARNING else []
+    sys.argv = ["laggard worker", *quiet, "worker", "--loglevel", FAUST_LEVELS[level],
                 "--web-host", settings.worker_web_host, "--web-port", str(settings.worker_web_port)]
     build_worker(settings).app.main()
 

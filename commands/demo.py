@@ -17,6 +17,7 @@ from rich.table import Table
 
 from laggard.agents.sink import InfluxSink
 from laggard.commands.pipeline_run import PipelineRun
+from laggard.logs import print_table
 from laggard.rules.loader import DEFAULT_RULES, load_rules
 from laggard.settings import Settings
 
@@ -106,7 +107,7 @@ def run_demo(settings: Settings, console: Console, scenario: Path = SCENARIO) ->
         example = next(f.summary for f in firing if f.kind == kind)
         resolved = sum(1 for f in findings if f.kind == kind and f.state == "resolved")
         table.add_row(kind, str(count), str(resolved), example[:110])
-    console.print(table)
+    print_table(console, table)
     sink = InfluxSink(settings)
     fleet = sink.query('SELECT mean("util_mean"), mean("effective_util"), max("idle_allocated_gpus") FROM "fleet" '
                        "WHERE \"cluster\" = 'demo' AND time > now() - 10m")

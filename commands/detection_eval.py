@@ -34,6 +34,7 @@ from laggard.agents.scoring import score, straggler_cells
 from laggard.collectors.simulate import load_scenario
 from laggard.commands.pipeline_run import PipelineError, PipelineRun, messages_taken
 from laggard.events import FaultTruth
+from laggard.logs import print_table
 from laggard.results import Finding
 from laggard.settings import Settings, get_settings
 
@@ -145,14 +146,14 @@ def evaluate(scenarios: Sequence[Path], settings: Settings, console: Console) ->
         for path in scenarios:
             run = evaluate_scenario(path, settings, Path(tmp), lambda text: progress.update(text))
             runs.append(run)
-            console.print(scores_table(
+            print_table(console, scores_table(
                 f"{run.name}: {run.messages:,} messages, {run.gpu_samples:,} GPU samples, "
                 f"{run.seconds:.0f} s", run.scores(settings.window_s)))
             if cells := run.cells(settings.window_s):
-                console.print(cells_table(f"{run.name}: stragglers by cause and wait mode", cells))
+                print_table(console, cells_table(f"{run.name}: stragglers by cause and wait mode", cells))
     pooled = pooled_scores(runs, settings.window_s)
     if len(runs) > 1:
-        console.print(scores_table("all scenarios, pooled", pooled))
+        print_table(console, scores_table("all scenarios, pooled", pooled))
     return {
         **pooled,
         "window_s": settings.window_s,

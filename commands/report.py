@@ -14,9 +14,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import httpx
 import typer
 
-from laggard.agents.sink import InfluxSink
+from laggard import logs
+from laggard.agents.sink import InfluxSink, InfluxUnavailable
+from laggard.redaction import redact
 from laggard.rules.model import parse_duration
 from laggard.settings import get_settings
 
@@ -24,6 +27,8 @@ from laggard.settings import get_settings
 WASTE_GPU_S_FIELDS = ("cost_peer_gpu_s_wasted", "cost_fast_gpu_s_wasted", "cost_gpu_s_idle")
 WASTE_WH_FIELDS = ("cost_energy_wh_wasted", "cost_energy_wh_idle")
 WORST_JOBS = 10
+# How long the report retries an InfluxDB that does not answer before it says so (in one line).
+GIVE_UP_S = 2.0
 CHART_COLORS = {"util": "#1f77b4", "effective": "#d62728", "idle": "#ff7f0e", "energy": "#2ca02c"}
 
 
@@ -347,11 +352,37 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def summary(data: ReportData, page: Path) -> dict[str, Any]:
+    """What `report --json` prints: the page, the period, worst jobs, waste by kind and every finding."""
+    return {"page": str(page), "since": data.since, "cluster": data.cluster, "job": data.job,
+            "window_s": data.window_s, "findings": len(data.episodes), "jobs": len(data.jobs),
+            "worst_jobs": data.worst_jobs(), "waste": data.waste_by_kind(),
+            "episodes": [asdict(e) for e in data.episodes]}
+
+
+def gather_or_exit(since: str, cluster: str | None, job: str | None) -> ReportData:
+    """`gather` from the configured InfluxDB, retried for GIVE_UP_S (each retry logged at info, seen
+    with -v); an InfluxDB that does not answer or refuses the queries is one line and exit 2."""
+    settings = get_settings()
+    sink = InfluxSink(settings, give_up_after_s=GIVE_UP_S)
+    try:
+        with logs.demoted(InfluxSink.__module__):
+            return gather(sink, since, cluster=cluster, job=job, window_s=settings.window_s)
+    except (httpx.HTTPError, InfluxUnavailable, OSError, ValueError) as err:
+        typer.echo(redact(f"laggard report: cannot query InfluxDB at {sink.url} (LAGGARD_INFLUX_URL): "
+                          f"{type(err).__name__}: {err}"), err=True)
+        raise typer.Exit(2) from None
+    finally:
+        sink.close()
+
+
 def report(
     since: str = typer.Option("1h", "--since", help="Period before now: 90s, 30m, 1h, 2d, 1w."),
     job: str | None = typer.Option(None, "--job", help="Only this job (adds a utilization-by-rank heatmap)."),
     cluster: str | None = typer.Option(None, "--cluster", help="Only this cluster (default: all)."),
     out: Path = typer.Option(Path("report"), "--out", help="Folder for the PNG charts and report.html."),
+    as_json: bool = typer.Option(False, "--json", help="Print what the report found as JSON (page, worst jobs, "
+                                                       "waste by kind, findings) instead of one line."),
 ) -> None:
     """Write PNG charts and one self-contained HTML page for the period: fleet KPI, worst jobs,
     stragglers found and the estimated waste in GPU-hours and energy."""
@@ -359,11 +390,9 @@ def report(
         duration_s(since)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--since") from None
-    settings = get_settings()
-    sink = InfluxSink(settings, give_up_after_s=30)
-    try:
-        data = gather(sink, since, cluster=cluster, job=job, window_s=settings.window_s)
-    finally:
-        sink.close()
+    data = gather_or_exit(since, cluster, job)
     page = render(data, out)
-    typer.echo(f"report: {page} ({len(data.episodes)} findings, {len(data.jobs)} jobs)")
+    if as_json:
+        logs.print_json(summary(data, page))
+    else:
+        typer.echo(f"report: {page} ({len(data.episodes)} findings, {len(data.jobs)} jobs)")

@@ -7,8 +7,8 @@ writes `alerts-state.json` (AlertEngine.snapshot()) and reads `silences.json`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import getpass
-import json
 import time
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Column, Table
 
+from laggard import logs
 from laggard.rules.alert_lifecycle import AlertSnapshot, EngineState, Notification, dashboard_url, fingerprint
 from laggard.rules.evaluate import sample_contexts
 from laggard.rules.loader import DEFAULT_RULES, RulesFileInvalid, check_file, load_rules
@@ -37,6 +38,7 @@ silence_app = typer.Typer(help="Mute alerts by label for a while.", no_args_is_h
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", envvar="LAGGARD_RULES_FILE", help="rules file with receivers and routes")
 ]
+JsonOption = Annotated[bool, typer.Option("--json", help="print JSON (a list of objects) instead of a table")]
 
 
 def silence_store() -> SilenceStore:
@@ -61,29 +63,39 @@ def check(
     no_secrets: Annotated[bool, typer.Option(
         "--no-secrets", help="skip the check that each receiver's webhook URL (its url_env or url_file) can be "
                              "read here, e.g. in CI, where the secrets are not")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="print JSON instead: per file, ok, rules, receivers, errors (file, line, field, message) "
+                       "and receivers_without_url")] = False,
 ) -> None:
     """Validate rule files; print each error as FILE:LINE: FIELD: MESSAGE; exit 1 on any error. A
     receiver whose webhook URL cannot be read (url_env not set, url_file missing) is an error too,
     unless --no-secrets."""
-    failed = 0
+    failed, results = 0, []
     for path in files:
         config, problems = check_file(path)
-        for problem in problems:
-            errors.print(str(problem), markup=False, highlight=False)
-        failed += len(problems)
+        unresolved = [] if no_secrets or config is None else receivers_without_url(config)
+        failed += len(problems) + len(unresolved)
+        results.append({"file": str(path), "ok": config is not None and not unresolved,
+                        "rules": len(config.rules) if config else None,
+                        "receivers": len(config.receivers) if config else None,
+                        "errors": [dataclasses.asdict(problem) for problem in problems],
+                        "receivers_without_url": unresolved})
+        if as_json:
+            continue
+        for line in [*map(str, problems), *(f"{path}: {why}" for why in unresolved)]:
+            errors.print(line, markup=False, highlight=False)
         if config is None:
             continue
-        unresolved = [] if no_secrets else receivers_without_url(config)
-        for why in unresolved:
-            errors.print(f"{path}: {why}", markup=False, highlight=False)
-        failed += len(unresolved)
         counts = f"{len(config.rules)} rules, {len(config.receivers)} receivers"
         if unresolved:
             console.print(f"{path}: NOT OK ({counts}; {len(unresolved)} receiver(s) without a webhook URL)", markup=False)
         else:
             console.print(f"{path}: OK ({counts})", markup=False)
-    if failed:
+    if as_json:
+        logs.print_json(results)
+    elif failed:
         errors.print(f"{failed} error(s)", markup=False)
+    if failed:
         raise typer.Exit(1)
 
 
@@ -160,7 +172,7 @@ def send_test(receiver: Annotated[str, typer.Argument(help="receiver name from t
 @alerts_app.command("list")
 def list_alerts(
     state_file: Annotated[Path | None, typer.Option("--state", help=f"engine state JSON (default: state_dir/{ALERTS_STATE_FILE})")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Active (pending and firing) alerts, from the state file the worker writes."""
     path = state_file or get_settings().state_dir / ALERTS_STATE_FILE
@@ -176,7 +188,7 @@ def list_alerts(
         state_file_failed(err)
     live = sorted((a for a in state.alerts.values() if a.status != "resolved"), key=lambda a: a.active_since)
     if as_json:
-        console.print_json(json.dumps([a.model_dump(mode="json") for a in live]))
+        logs.print_json([a.model_dump(mode="json") for a in live])
         return
     table = Table("status", Column("alert", no_wrap=True), "severity", "where", "since", "muted", "summary")
     now = time.time()
@@ -186,7 +198,7 @@ def list_alerts(
         muted = "silenced" if a.silenced_by else "inhibited" if a.inhibited else ""
         table.add_row(a.status, a.labels.get("alertname", a.rule), a.labels.get("severity", ""), where,
                       f"{iso_utc(since)} ({human_duration(now - since)})", muted, a.annotations.get("summary", ""))
-    console.print(table)
+    logs.print_table(console, table)
 
 
 @silence_app.command("add")
@@ -214,18 +226,24 @@ def silence_add(
 
 
 @silence_app.command("list")
-def silence_list(include_expired: Annotated[bool, typer.Option("--all", help="include expired silences")] = False) -> None:
+def silence_list(
+    include_expired: Annotated[bool, typer.Option("--all", help="include expired silences")] = False,
+    as_json: JsonOption = False,
+) -> None:
     """Pending and active silences (all with --all)."""
     now = time.time()
-    table = Table(Column("id", no_wrap=True), "state", "matchers", "starts", "ends", "created by", "comment")
     try:
         silences = silence_store().list(now, include_expired=include_expired)
     except (StateFileInvalid, OSError) as err:
         state_file_failed(err)
+    if as_json:
+        logs.print_json([{**s.model_dump(mode="json"), "state": s.state(now)} for s in silences])
+        return
+    table = Table(Column("id", no_wrap=True), "state", "matchers", "starts", "ends", "created by", "comment")
     for s in silences:
         table.add_row(s.id, s.state(now), " ".join(str(m) for m in s.matchers), iso_utc(s.starts_at),
                       iso_utc(s.ends_at), s.created_by, s.comment)
-    console.print(table)
+    logs.print_table(console, table)
 
 
 @silence_app.command("expire")

@@ -1,8 +1,9 @@
 """A known failure of a `laggard` command is one line on stderr naming the input and what is wrong,
 and a non-zero exit, never a traceback (issue #18): a broker that cannot be reached, an invalid
-setting, a rules file that is not UTF-8, a corrupt state file, a receiver without its webhook URL.
-The worker, which goes on past a bad rules file and a bad silences file by design, says each in one
-log line, and no secret appears in its log. Each runs the real `laggard` command."""
+setting, a rules file that is not UTF-8, a corrupt state file, a receiver without its webhook URL,
+an InfluxDB that `laggard report` cannot query (issue #16). The worker, which goes on past a bad
+rules file and a bad silences file by design, says each in one log line, and no secret appears in
+its log. Each runs the real `laggard` command."""
 
 from __future__ import annotations
 
@@ -65,6 +66,18 @@ def test_an_unreachable_broker_is_one_line_naming_its_address(command: list[str]
     done = laggard(*command, cwd=tmp_path, timeout=240, LAGGARD_KAFKA_BOOTSTRAP_SERVERS=address)
     line = one_line_failure(done, f"cannot reach Kafka at {address}", "LAGGARD_KAFKA_BOOTSTRAP_SERVERS", max_lines=1)
     assert done.returncode == 2, line
+
+
+def test_report_with_influxdb_down_is_one_line_naming_its_redacted_url(tmp_path: Path) -> None:
+    """Not 40 s of retries and a 300-line traceback (issue #16): the report retries for a moment,
+    then says which InfluxDB it could not query and why; the URL's password is not shown."""
+    password = f"S3cret-{uuid.uuid4().hex[:12]}"
+    port = free_port()  # nothing listens there
+    done = laggard("report", "--out", str(tmp_path / "out"), cwd=tmp_path,
+                   LAGGARD_INFLUX_URL=f"http://alice:{password}@127.0.0.1:{port}")
+    line = one_line_failure(done, f"laggard report: cannot query InfluxDB at http://***@127.0.0.1:{port} "
+                                  "(LAGGARD_INFLUX_URL): ConnectError:", max_lines=1)
+    assert done.returncode == 2 and password not in line and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("command", [

@@ -9,6 +9,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from laggard.commands.cli import app
@@ -132,7 +133,10 @@ def test_every_setting_the_operator_part_names_is_read_by_the_code() -> None:
     fields = set(Settings.model_fields)
     webhooks = {r.url_env for r in load_rules(DEFAULT_RULES).receivers if r.url_env}
     read_by_settings_module = {"LAGGARD_SECRETS_DIR", "LAGGARD_ENV_FILE"}
+    cli_options = {param.envvar for command in typer.main.get_command(app).commands.values()
+                   for param in command.params if isinstance(param.envvar, str)}
+    cli_options |= {param.envvar for param in typer.main.get_command(app).params if isinstance(param.envvar, str)}
     names = set(re.findall(r"\bLAGGARD_[A-Z0-9_]*[A-Z0-9]\b", operator_part()))
     unknown = sorted(n for n in names if n.removeprefix("LAGGARD_").lower() not in fields
-                     and n not in webhooks | read_by_settings_module)
+                     and n not in webhooks | read_by_settings_module | cli_options)
     assert unknown == [], f"the README's operator part names settings the code does not read: {unknown}"
