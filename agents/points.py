@@ -85,6 +85,8 @@ def window_line(result: WindowResult) -> str:
     tags = _tags([(name, getattr(labels, name)) for name in _LABELS])
     fields = [f"{name}={float(getattr(result, name))!r}" for name in WINDOW_FIELDS]
     fields += [f"throttle_{reason}={float(share)!r}" for reason, share in result.throttle_share.items()]
+    if result.power_estimated_share:  # only where a source estimates power: most points never carry it
+        fields.append(f"power_estimated_share={float(result.power_estimated_share)!r}")
     if result.scope != "gpu":
         fields += [f"gpus={result.gpus}i", f"idle_allocated_gpus={result.idle_allocated_gpus}i"]
     return f"{result.scope}_window{tags} {','.join(fields)} {_ms(result.window_start)}"

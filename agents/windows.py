@@ -59,6 +59,7 @@ class GpuAccumulator:
     sm_active_sum: float = 0.0
     sm_active_samples: int = 0
     power_sum: float = 0.0
+    power_estimated: int = 0  # samples whose power figures are estimates (GpuSample.power_estimated)
     idle_power_sum: float = 0.0  # idle power of the model at its limit, for waiting-energy costs
     energy_wh: float = 0.0
     clock_sum: float = 0.0
@@ -82,6 +83,7 @@ class GpuAccumulator:
             sm_active_sum=sum(a.sm_active_sum for a in accs),
             sm_active_samples=sum(a.sm_active_samples for a in accs),
             power_sum=sum(a.power_sum for a in accs),
+            power_estimated=sum(a.power_estimated for a in accs),
             idle_power_sum=sum(a.idle_power_sum for a in accs),
             energy_wh=sum(a.energy_wh for a in accs),
             clock_sum=sum(a.clock_sum for a in accs),
@@ -156,6 +158,7 @@ def _result(scope: Scope, key: str, labels: Labels, start: float, size: float, r
         power_share=a.power_share_sum / n,
         sm_active=a.sm_active_sum / a.sm_active_samples if a.sm_active_samples else None,
         power_w_mean=a.power_sum / n,
+        power_estimated_share=a.power_estimated / n,
         idle_power_w=a.idle_power_sum / n,
         energy_wh=a.energy_wh,
         sm_clock_mhz_mean=a.clock_sum / n,
@@ -295,6 +298,7 @@ class Windower:
                 idle = idle_cache[(g.model, limit)] = idle_power_w(g.model, limit)
             acc.power_share_sum += power_share(power, limit, idle)
             acc.power_sum += power
+            acc.power_estimated += g.power_estimated
             acc.idle_power_sum += idle
             if g.sm_active is not None:
                 acc.sm_active_sum += g.sm_active

@@ -6,16 +6,20 @@ The text is parsed with prometheus_client's parser. Mapping decisions, each test
   `GPU_I_PROFILE`), and per host by `Hostname` (released exporters) or `hostname` (newest).
   `--node` overrides the label: in Kubernetes the label is the exporter pod's name unless the
   DaemonSet sets NODE_NAME.
-- A MIG instance inherits device-level values (power, clocks, temperature) from the parent GPU's
-  series when it has none of its own; a GPU with MIG instances is reported per instance only.
+- A MIG instance inherits the clocks and temperature of its parent GPU (one chip) when it has
+  none of its own, but not its profiling ratios (DCGM reports those per instance) and not its
+  whole power: power, energy and limit are the parent's times the instance's share of the GPU's
+  compute slices (`3g.40gb`: 3 of 7), marked `power_estimated`. A GPU with MIG instances is
+  reported per instance only.
   `util_gpu` is DCGM_FI_DEV_GPU_UTIL, or DCGM_FI_PROF_GR_ENGINE_ACTIVE x 100 where that is absent
   (it is under MIG); `util_mem` likewise falls back to DCGM_FI_PROF_DRAM_ACTIVE x 100.
 - Memory total = FB_USED + FB_FREE (+ FB_RESERVED where exported), all MiB. Energy mJ -> J.
 - The power limit is not in dcgm-exporter's default counters: where neither POWER_MGMT_LIMIT nor
   ENFORCED_POWER_LIMIT is exported, the board's default limit for a known model is used (logged
-  once); for an unknown model the GPU is rejected naming `power_limit_w`. Any other missing
-  required field (utilization, power, clocks, temperature, memory) rejects the GPU with the field
-  named; optional fields (profiling ratios, energy, clocks-event reasons, XID) are just left out.
+  once, the samples marked `power_estimated`); for an unknown model the GPU is rejected naming
+  `power_limit_w`. Any other missing required field (utilization, power, SM clock, temperature:
+  what detection reads) rejects the GPU with the field named; optional fields (memory, profiling
+  ratios, energy, clocks-event reasons, XID) are just left out.
 - DCGM_FI_DEV_XID_ERRORS holds the last XID ever seen; it is reported as `xid` only when it
   changes to a non-zero value, so one XID is one event, not one per scrape.
 - Several targets: the URLs given and those of Prometheus-style file_sd files (collectors.discovery,
@@ -196,6 +200,28 @@ def redacted_url(url: httpx.URL) -> str:
     return str(url.copy_with(userinfo=b"", query=None, fragment=None))
 
 
+# Compute slices of a MIG-capable GPU (A100, H100, H200, B200): a `3g.40gb` instance has 3 of them.
+MIG_SLICES = 7
+# A MIG instance's share of these is its slices' share of its GPU's.
+POWER_METRICS = frozenset({"DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+                           "DCGM_FI_DEV_ENFORCED_POWER_LIMIT", "DCGM_FI_DEV_POWER_MGMT_LIMIT"})
+
+
+def _slice_share(profile: str | None) -> float:
+    """A MIG profile's share of its GPU's compute slices ('3g.40gb' -> 3/7); the whole GPU if unknown."""
+    head = (profile or "").split("g.", 1)[0]
+    return min(1.0, int(head) / MIG_SLICES) if head.isdigit() and int(head) > 0 else 1.0
+
+
+def _chip_values(parent: ScrapedGpu, profile: str | None) -> dict[str, float]:
+    """What a MIG instance takes from its parent GPU's series: device-wide values (clocks,
+    temperature, memory, throttle reasons, XID); power figures scaled to its share of the slices;
+    never the parent's profiling ratios (DCGM reports those per instance)."""
+    share = _slice_share(profile)
+    return {metric: value * share if metric in POWER_METRICS else value
+            for metric, value in parent.values.items() if not metric.startswith("DCGM_FI_PROF_")}
+
+
 @dataclass
 class Mapper:
     """Turns parsed scrapes into GpuSample fields; remembers XIDs and logged defaults between scrapes."""
@@ -205,8 +231,8 @@ class Mapper:
     defaulted_models: set[str] = field(default_factory=set)
 
     def gpu_fields(self, key: GpuKey, gpu: ScrapedGpu, parent: ScrapedGpu | None) -> dict[str, Any]:
-        values = {**(parent.values if parent else {}), **gpu.values}
         labels = gpu.labels
+        values = {**_chip_values(parent, labels.get("GPU_I_PROFILE")), **gpu.values} if parent else gpu.values
         out: dict[str, Any] = {
             "index": key[1],
             "uuid": labels.get("UUID", ""),
@@ -220,6 +246,11 @@ class Mapper:
             out["mem_total_mib"] = sum(values[part] for part in FB_PARTS) + values.get(FB_RESERVED, 0.0)
         if "power_limit_w" not in out:
             out.update(self._board_power_limit(labels.get("modelName", "")))
+            if "power_limit_w" in out:
+                out["power_limit_w"] *= _slice_share(labels.get("GPU_I_PROFILE")) if key[2] is not None else 1.0
+                out["power_estimated"] = True
+        if parent is not None and POWER_METRICS & parent.values.keys() - gpu.values.keys():
+            out["power_estimated"] = True
         if key[2] is not None:
             out["mig_instance"] = key[2]
             out["mig_profile"] = labels.get("GPU_I_PROFILE")

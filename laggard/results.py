@@ -64,6 +64,7 @@ class WindowResult(_Frozen):
     power_share: float | None = None
     sm_active: float | None = None
     power_w_mean: float
+    power_estimated_share: float = 0.0  # of samples whose power figures were estimated (see GpuSample)
     idle_power_w: float
     energy_wh: float
     sm_clock_mhz_mean: float

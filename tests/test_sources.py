@@ -510,11 +510,26 @@ def test_dcgm_lower_case_hostname_board_power_default_and_xid_once(exporter: Exp
     assert [s.node for s in first] == ["h200-node-2"]
     gpu = first[0].gpus[0]
     assert (gpu.model, gpu.power_limit_w, gpu.clocks_event_reasons) == ("H200", 700.0, 4)
+    assert gpu.power_estimated  # the board default, not what the GPU is set to
     assert gpu.sm_active is None and gpu.mem_total_mib == 143771
     assert gpu.xid == 79
     again = scrape(exporter, H200_LOWER_HOSTNAME, source)
     assert again[0].gpus[0].xid is None  # the same sticky XID is not a new event
     assert source.rejects.total == 0
+
+
+def test_dcgm_trimmed_counters_without_memory_fields_still_give_every_gpu(exporter: Exporter) -> None:
+    """A counter list cut down to what detection reads (no framebuffer, memory clock or copy
+    utilization) gives every GPU, memory fields left out (util_mem falls back to DRAM_ACTIVE where
+    exported); an exported limit is no estimate."""
+    memory = ("DCGM_FI_DEV_FB_", "DCGM_FI_DEV_MEM_CLOCK", "DCGM_FI_DEV_MEM_COPY_UTIL")
+    trimmed = "\n".join(line for line in H100_HOSTNAME.splitlines() if not line.startswith(memory)) + "\n"
+    full = scrape(exporter, H100_HOSTNAME)
+    samples = scrape(exporter, trimmed)
+    assert [len(s.gpus) for s in samples] == [len(s.gpus) for s in full] and samples[0].gpus
+    for g in samples[0].gpus:
+        assert (g.mem_used_mib, g.mem_total_mib, g.mem_clock_mhz) == (None, None, None)
+    assert not any(g.power_estimated for s in full for g in s.gpus if g.model == "H100")
 
 
 def test_dcgm_node_option_overrides_label(exporter: Exporter) -> None:
@@ -529,8 +544,11 @@ def test_dcgm_mig_instances(exporter: Exporter) -> None:
     assert [(g.index, g.mig_instance, g.mig_profile) for g in instances] == [(0, 1, "3g.40gb"), (0, 2, "3g.40gb")]
     first = instances[0]
     assert first.util_gpu == pytest.approx(85.0) and first.util_mem == pytest.approx(25.0)
-    assert (first.power_w, first.temp_c, first.sm_clock_mhz) == (402.1, 49, 1755)  # from the parent GPU
-    assert first.power_limit_w == 700.0  # board default for the H100 SXM
+    assert (first.temp_c, first.sm_clock_mhz) == (49, 1755)  # the parent GPU's: one chip
+    # Not the whole GPU's power: its 3 of 7 compute slices' share, marked as an estimate; likewise
+    # the board default limit for the H100 SXM.
+    assert first.power_w == pytest.approx(402.1 * 3 / 7) and first.power_limit_w == pytest.approx(700.0 * 3 / 7)
+    assert first.power_estimated
     assert (first.mem_used_mib, first.mem_total_mib) == (10192, 40192)
 
 

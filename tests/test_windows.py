@@ -162,3 +162,17 @@ def test_empty_accumulator_has_zero_effective_utilization() -> None:
 def test_invalid_window_parameters_are_rejected() -> None:
     with pytest.raises(ValueError, match="window_s"):
         Windower(0.0)
+
+
+def test_estimated_power_is_carried_as_a_share_and_written_only_where_there_is_some() -> None:
+    """A source that estimates power (a board-default limit, a MIG instance's share) says so, and
+    the window and its InfluxDB point say how much of it was estimated."""
+    from laggard.agents.points import window_line
+
+    w = Windower(10.0)
+    for t in range(10):
+        w.add(node_sample(T0 + t, gpu_sample(0, power_estimated=t < 4), gpu_sample(1)))
+    results = {r.labels.gpu: r for r in w.flush()[0].gpu_results()}
+    assert results[0].power_estimated_share == pytest.approx(0.4) and results[1].power_estimated_share == 0.0
+    assert "power_estimated_share=0.4" in window_line(results[0])
+    assert "power_estimated" not in window_line(results[1])
