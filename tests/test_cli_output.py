@@ -9,14 +9,10 @@ from __future__ import annotations
 import io
 import json
 import logging
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from typer.testing import CliRunner
@@ -30,6 +26,7 @@ from laggard.logs import LogFormat
 from laggard.rules.alert_lifecycle import AlertState, EngineState
 from laggard.settings import ALERTS_STATE_FILE, Settings
 from tests.helpers.samples import node_sample
+from tests.helpers.telemetry import STRAGGLER_RANK, write_recent_run
 from tests.test_cli_errors import ROOT, laggard
 
 LONG = "a value longer than any terminal " + "x" * 150 + " and its end"
@@ -79,67 +76,25 @@ def test_stack_status_json_names_each_service_and_exits_1_while_one_is_down(tmp_
     assert json.loads(done.stdout) == [{"service": name, "port": port, **stopped} for name, port in ports.items()]
 
 
-class FakeInflux(BaseHTTPRequestHandler):
-    """InfluxDB 1.x as `laggard report` queries it: one cluster, one job, one straggler that fired."""
-
-    now = int(time.time())
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        if self.path.startswith("/ping"):
-            return self.reply(204, b"")
-        query = parse_qs(urlsplit(self.path).query)["q"][0]
-        series: dict[str, Any]
-        if 'FROM "fleet"' in query:
-            series = {"tags": {"cluster": "c1"}, "columns": ["time", "util", "effective", "idle"],
-                      "values": [[self.now - 60, 70.0, 0.5, 2]]}
-        elif 'GROUP BY "job"' in query:
-            series = {"tags": {"job": "train"}, "columns": ["time", "util", "effective", "windows"],
-                      "values": [[0, 80.0, 0.4, 12]]}
-        elif "last(" in query:
-            series = {"columns": ["time", "last"], "values": [[self.now - 10, 75.0]]}
-        elif 'FROM "finding"' in query:
-            series = {"columns": ["time", "kind", "state", "cluster", "job", "rank", "node", "gpu", "summary",
-                                  "cost_peer_gpu_s_wasted"],
-                      "values": [[self.now - 40, "straggler", "firing", "c1", "train", "3", "n1", "0", "rank 3 paces",
-                                  36.0]]}
-        else:
-            series = {"columns": ["time"], "values": []}
-        self.reply(200, json.dumps({"results": [{"series": [series]}]}).encode())
-
-    def reply(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("X-Influxdb-Version", "1.8.10")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def influx_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeInflux)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-def test_report_json_summarises_what_the_page_shows(tmp_path: Path, influx_url: str) -> None:
-    done = laggard("report", "--since", "1h", "--out", str(tmp_path / "out"), "--json", cwd=tmp_path,
-                   LAGGARD_INFLUX_URL=influx_url)
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout)
-    assert Path(summary["page"]) == tmp_path / "out" / "report.html" and Path(summary["page"]).is_file()
-    assert summary["since"] == "1h" and summary["findings"] == 1 and summary["jobs"] == 1
-    assert [job["job"] for job in summary["worst_jobs"]] == ["train"]
-    assert summary["worst_jobs"][0]["effective"] == pytest.approx(40.0)
-    [waste] = summary["waste"]
-    assert waste["kind"] == "straggler" and waste["count"] == 1 and waste["gpu_h"] > 0
-    [episode] = summary["episodes"]
-    assert episode["job"] == "train" and episode["rank"] == "3" and episode["active"] is True
+@pytest.mark.stack
+def test_report_json_summarises_what_the_page_shows(stack: Settings, unique: str, tmp_path: Path) -> None:
+    """On data written with the real sink to the real InfluxDB (its own cluster name)."""
+    cluster = f"report-json-{unique}"
+    run, _ = write_recent_run(stack, cluster, windows_ago=30)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["report", "--since", "1h", "--cluster", cluster, "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert Path(summary["page"]) == out / "report.html" and Path(summary["page"]).is_file()
+    assert summary["since"] == "1h" and summary["findings"] == len({f.fingerprint for f in run.findings})
+    assert "llm" in [job["job"] for job in summary["worst_jobs"]]
+    straggler = next(f for f in run.findings if f.kind == "straggler")
+    [episode] = [e for e in summary["episodes"] if e["kind"] == "straggler"]
+    assert (episode["job"], episode["rank"], episode["node"], episode["active"]) == ("llm", str(STRAGGLER_RANK), "n0", True)
+    waste = {w["kind"]: w for w in summary["waste"]}
+    # Fired at window 2 and still firing at the last window (5): 4 windows of per-window cost.
+    assert waste["straggler"]["count"] == 1
+    assert waste["straggler"]["gpu_h"] == pytest.approx(4 * straggler.cost["peer_gpu_s_wasted"] / 3600, rel=1e-3)
 
 
 # --- plain tables when piped ---------------------------------------------------------------------
