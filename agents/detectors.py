@@ -590,6 +590,10 @@ class FleetDetector:
     def firing(self) -> list[Finding]:
         return [f for lc in self._lifecycles.values() for f in lc.firing()]
 
+    def active(self) -> list[Finding]:
+        """The findings going on in the last window observed (see Lifecycle.active)."""
+        return [f for lc in self._lifecycles.values() for f in lc.active()]
+
     def is_firing(self, kind: str, fingerprint: str) -> bool:
         return self._lifecycles[kind].is_firing(fingerprint)
 

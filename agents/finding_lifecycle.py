@@ -86,3 +86,8 @@ class Lifecycle:
 
     def firing(self) -> list[Finding]:
         return [ep.last for ep in self.state.episodes.values() if ep.firing]
+
+    def active(self) -> list[Finding]:
+        """Firing findings whose condition held in the last window stepped (not clearing), as
+        observed then: what is going on now, with this window's evidence and cost."""
+        return [ep.last for ep in self.state.episodes.values() if ep.firing and ep.clean == 0]

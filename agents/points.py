@@ -97,9 +97,10 @@ def fleet_point(kpi: FleetKpi) -> str:
     return f"fleet{_tags([('cluster', kpi.cluster)])} {','.join(fields)} {_ms(kpi.window_start)}"
 
 
-def finding_point(finding: Finding) -> str:
+def finding_point(finding: Finding, measurement: str = "finding") -> str:
+    """A finding's transition (`finding`), or a window it was going on in (`finding_active`)."""
     tags = _tags([("kind", finding.kind), ("state", finding.state), ("cluster", finding.cluster)]
                  + [(name, getattr(finding, name)) for name in ("job", "node", "gpu", "rank", "model")])
     fields = [f"summary={escape_field_string(finding.summary)}", f"firing={int(finding.state == 'firing')}i"]
     fields += _float_fields({**finding.evidence, **{f"cost_{k}": v for k, v in finding.cost.items()}})
-    return f"finding{tags} {','.join(fields)} {_ms(finding.window_start)}"
+    return f"{measurement}{tags} {','.join(fields)} {_ms(finding.window_start)}"

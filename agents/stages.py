@@ -250,6 +250,7 @@ class DetectStage:
         self.windows = PendingWindows(window_s, hold_s, parts)
         self.detector = detector or FleetDetector()
         self.baseline = baseline
+        self.active: list[Finding] = []  # what went on in each window judged since `take_active`
 
     @property
     def released_before(self) -> float:
@@ -272,6 +273,7 @@ class DetectStage:
         for results in released:
             start, size = results[0].window_start, results[0].window_s
             findings += self.detector.observe(start, size, results)
+            self.active += self.detector.active()
             if self.baseline is not None:
                 findings += self.baseline.observe(start, size, results)
         return findings
@@ -279,6 +281,11 @@ class DetectStage:
     def add(self, results: list[WindowResult], offset: int, now: float | None = None) -> None:
         for result in results:
             self.windows.add(result, result.id, offset, now)
+
+    def take_active(self) -> list[Finding]:
+        """The findings going on in each window judged since the last call (dashboards' 'now')."""
+        active, self.active = self.active, []
+        return active
 
     def mark(self, part: int, closed_before: float, offset: int, heartbeat: bool = False) -> list[Finding]:
         return self._judge(self.windows.mark(part, closed_before, offset, heartbeat))

@@ -252,6 +252,12 @@ class Worker(WorkerCore):
         await self.write([finding_point(f) for f in findings])
         self.counters.findings += len(findings)
 
+    async def publish_judged(self, stage: DetectStage, findings: list[Finding]) -> None:
+        """What judging windows gave: the findings that fired or resolved, and a point for each
+        finding going on in each window, so dashboards show what is active in any time range."""
+        await self.publish_findings(findings)
+        await self.write([finding_point(f, "finding_active") for f in stage.take_active()])
+
     async def detect_stage(self, partition: int, resume_offset: int) -> DetectStage:
         """As `sample_stage`, for stage 2 (what the re-read releases is published again)."""
         settings = self.settings
@@ -262,7 +268,7 @@ class Worker(WorkerCore):
             stage.restore(saved)
             for offset, raw in await self.replay(settings.topic_windows, partition, saved["replay_from"], resume_offset):
                 try:
-                    await self.publish_findings(feed_detect(stage, raw, offset))
+                    await self.publish_judged(stage, feed_detect(stage, raw, offset))
                 except ValueError:
                     continue  # dead-lettered the first time
             stage.offsets.next = max(stage.offsets.next, resume_offset)
@@ -278,7 +284,7 @@ class Worker(WorkerCore):
             self.detect_checkpoints[partition] = stage.checkpoint()
         before = stage.released_before
         try:
-            await self.publish_findings(feed_detect(stage, message.value, message.offset))
+            await self.publish_judged(stage, feed_detect(stage, message.value, message.offset))
         except ValueError as err:
             stage.offsets.saw(message.offset)  # taken: not a gap for the next message
             await self.reject_stage_message(message, err)
@@ -348,7 +354,7 @@ class Worker(WorkerCore):
         # Copies: a rebalance may add or drop stages while this awaits.
         for partition, stage in list(self.detect_stages.items()):
             if self.caught_up(settings.topic_windows, partition, stage.offsets.next):
-                await self.publish_findings(stage.tick())
+                await self.publish_judged(stage, stage.tick())
         for fleet in list(self.fleet_stages.values()):
             for pending in list(fleet.clusters.values()):
                 await self.write_fleet(pending.tick())

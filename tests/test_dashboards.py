@@ -81,7 +81,7 @@ def template_queries() -> list[tuple[str, str, list[str]]]:
 
 
 def test_the_schema_covers_every_measurement_and_the_cost_fields() -> None:
-    assert set(SCHEMA) == {"gpu_window", "node_window", "fleet", "finding"}
+    assert set(SCHEMA) == {"gpu_window", "node_window", "fleet", "finding", "finding_active"}
     assert {"cost_peer_gpu_s_wasted", "cost_energy_wh_wasted", "cost_energy_wh_idle", "summary", "firing",
             "kind", "state"} <= SCHEMA["finding"]
     assert {"util_mean", "power_w_mean", "rank", "job"} <= SCHEMA["gpu_window"]

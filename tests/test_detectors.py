@@ -334,3 +334,20 @@ def test_rules_on_an_unregistered_kind_are_refused() -> None:
             "  - name: HotRank\n    finding: {kind: hot_rank}\n    annotations: {summary: hot}\n")
     _, errors = check_text(rule, "rules.yaml")
     assert "unknown finding kind 'hot_rank'" in str(errors[0])
+
+
+def test_active_findings_are_each_window_a_finding_is_going_on_in_from_firing_to_its_last_hit() -> None:
+    """What dashboards read as 'active' (a finding_active point per window): every window from the
+    one it fires in to the last one its condition held, with that window's cost; none while it
+    clears or after it resolved, and nothing before it fired."""
+    detector, w = FleetDetector(), Windower(WINDOW_S, grace_s=2.0)
+    active: dict[int, list[Finding]] = {}
+    for sample in job_samples(32, 10, straggler_job(culprit=17, onset=3, until=7, slowdown=1.4)):
+        w.add(sample)
+        for closed in w.pop_closed():
+            detector.observe(closed.window_start, closed.window_s, closed.gpu_results())
+            active[int((closed.window_start - T0) // WINDOW_S)] = detector.active()
+    assert {window for window, found in active.items() if found} == {4, 5, 6}
+    assert all([(f.kind, f.rank) for f in active[window]] == [("straggler", 17)] for window in (4, 5, 6))
+    assert [active[window][0].window_start for window in (4, 5, 6)] == [T0 + 40, T0 + 50, T0 + 60]
+    assert all(active[window][0].cost["peer_gpu_s_wasted"] > 0 for window in (4, 5, 6))

@@ -33,10 +33,12 @@ class SimulatedRun:
     node_results: list[WindowResult] = field(default_factory=list)
     fleet: list[FleetKpi] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    active: list[Finding] = field(default_factory=list)  # going on, window by window
 
     def points(self) -> list[Point | str]:
         return ([window_line(r) for r in self.gpu_results + self.node_results]
-                + [fleet_point(k) for k in self.fleet] + [finding_point(f) for f in self.findings])
+                + [fleet_point(k) for k in self.fleet] + [finding_point(f) for f in self.findings]
+                + [finding_point(f, "finding_active") for f in self.active])
 
 
 def _placement(node: int, index: int) -> tuple[str | None, int | None]:
@@ -75,6 +77,7 @@ def simulate(cluster: str, t0: float, windows: int = 6, seed: int = 7) -> Simula
         run.node_results += [r for r in rollups if r.scope == "node"]
         run.fleet += [merge_fleet([r]) for r in rollups if r.scope == "cluster"]
         run.findings += detector.observe(closed.window_start, closed.window_s, gpu_results)
+        run.active += detector.active()
 
     for tick in range(int(windows * WINDOW_S)):
         for node in range(5):
