@@ -15,387 +15,32 @@ scores it in its `family` against the simulator's truths of the kinds in `truths
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
 from statistics import median
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field
-
-from laggard.agents.finding_lifecycle import Lifecycle, LifecycleState
-from laggard.agents.slow_job import SlowGroup, find_slow_groups, worth_a_look
-from laggard.agents.straggler import (
-    LARGE_GROUP,
-    MixedGeneration,
-    Straggler,
-    StragglerConfig,
-    by_model,
-    find_mixed_generation,
-    find_stragglers,
-    merge_span,
-    work,
+from laggard.agents.detector_views import (
+    Detector,
+    DetectorConfig,
+    DetectorState,
+    JobView,
+    RankShape,
+    SeenGpu,
+    WindowView,
+    gpu_finding,
+    utc_clock,
 )
-from laggard.agents.windows import IDLE_UTIL_PCT
-from laggard.results import Finding, WindowResult, finding_fingerprint, group_key
-
-# (labels, evidence, cost) of one shape a finding of a kind comes in: what rule templates are
-# rendered on at check time. A None value where the detector may send None.
-Shape = tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]]
-
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    idle_util_pct: float = IDLE_UTIL_PCT  # window-mean util at or below which an allocated GPU is idle
-    busy_job_util_pct: float = 20.0  # median util at which a job counts as having been busy
-    forget_after_windows: int = 360  # drop bookkeeping for GPUs/jobs unseen this long (not firing)
-    straggler: StragglerConfig = field(default_factory=StragglerConfig)
-
-
-class SeenGpu(BaseModel):
-    last_window: float
-    cluster: str
-    node: str
-    gpu: int
-    model: str
-    job: str | None = None
-    rank: int | None = None
-    # Windows between its samples, learned (a collector scraping every 30 s into 10 s windows
-    # fills one window in three): it is silent only once it misses more than that.
-    every: int = 1
-    learned: bool = False
-
-    @property
-    def group(self) -> str:
-        """What its results are keyed by in stage 2 (agents.stages.detect_key): its job, else its node."""
-        return group_key(self.cluster, self.job, self.node)
-
-
-class RankShape(BaseModel):
-    """How a rank usually differs from its peers (pipeline stage, the rank holding the loss): its
-    work share and util minus its group's medians, smoothed over windows it was not flagged in."""
-
-    work: float = 0.0
-    util: float = 0.0
-    last_window: float = 0.0
-
-
-class DetectorState(BaseModel):
-    lifecycles: dict[str, LifecycleState] = Field(default_factory=dict)  # per detector kind
-    seen_gpus: dict[str, SeenGpu] = Field(default_factory=dict)  # cluster|node|gpu -> last sighting
-    job_busy: dict[str, float] = Field(default_factory=dict)  # cluster|job -> last window it was busy
-    job_windows: dict[str, int] = Field(default_factory=dict)  # cluster|job -> windows seen
-    # cluster|job|rank -> its usual difference from its peers; only ranks that differ are kept
-    rank_shapes: dict[str, RankShape] = Field(default_factory=dict)
-    # cluster|job -> GPU model -> its busy ranks' usual SM clock, MHz, learned while it is not slow
-    job_clocks: dict[str, dict[str, float]] = Field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class WindowView:
-    """What a detector sees of one closed window: its GPU results, the detectors' memory of earlier
-    windows (updated with this one) and whether a finding is firing now."""
-
-    start: float
-    length_s: float
-    results: Sequence[WindowResult]
-    config: DetectorConfig
-    memory: DetectorState
-    is_firing: Callable[[str, str], bool]  # (kind, fingerprint)
-    # cluster|job -> its ranks' results in the windows just before this one, oldest first (SPAN_WINDOWS - 1
-    # at most; kept in memory only: after a restart a span fills again)
-    earlier: Mapping[str, Sequence[Sequence[WindowResult]]] = field(default_factory=dict)
-
-    @property
-    def end(self) -> float:
-        return self.start + self.length_s
-
-
-@dataclass(frozen=True)
-class JobView:
-    """One job's GPU results (its ranks) in a window."""
-
-    cluster: str
-    job: str
-    ranks: Sequence[WindowResult]
-    window: WindowView
-
-    @property
-    def idle(self) -> list[WindowResult]:
-        return [r for r in self.ranks if r.util_mean <= self.window.config.idle_util_pct]
-
-    @property
-    def busy_before(self) -> float | None:
-        """The start of the last window the job was busy in (this one included), if any."""
-        return self.window.memory.job_busy.get(f"{self.cluster}|{self.job}")
-
-    @property
-    def windows_seen(self) -> int:
-        """Windows of this job seen so far, this one included."""
-        return self.window.memory.job_windows.get(f"{self.cluster}|{self.job}", 0)
-
-    def shape(self, rank: int | None) -> RankShape:
-        return self.window.memory.rank_shapes.get(f"{self.cluster}|{self.job}|{rank}") or RankShape()
-
-    @property
-    def span(self) -> list[Sequence[WindowResult]]:
-        """Its ranks' results in the last SPAN_WINDOWS windows, this one last; fewer after its start."""
-        return [*self.window.earlier.get(f"{self.cluster}|{self.job}", ()), self.ranks]
-
-    def usual_clocks(self) -> dict[str, float]:
-        """Its busy ranks' usual SM clock per GPU model, where learned."""
-        return self.window.memory.job_clocks.get(f"{self.cluster}|{self.job}", {})
-
-
-@dataclass(frozen=True)
-class Detector:
-    kind: str
-    find: Callable[[Any], Iterable[Finding]]  # a JobView (per="job") or a WindowView (per="window") -> firing findings
-    per: Literal["job", "window"]
-    samples: tuple[Shape, ...]
-    fire_after: int = 2  # consecutive windows before a finding fires (so latency <= 2 windows)
-    clear_after: int = 2  # consecutive clean windows before it resolves
-    fire_after_s: float = 0.0  # ... and seconds of the condition in them (findings' evidence fault_share)
-    family: str = ""  # what `laggard eval` scores it as (default: its kind)
-    truths: tuple[str, ...] = ()  # the simulator's truth kinds it should find (default: its kind)
-
-    @property
-    def eval_family(self) -> str:
-        return self.family or self.kind
-
-    @property
-    def truth_kinds(self) -> tuple[str, ...]:
-        return self.truths or (self.kind,)
-
-
-def _finding(kind: str, r: WindowResult, summary: str, **extra: object) -> Finding:
-    """A firing finding about GPU result `r`'s GPU (job, rank, node, gpu, model from its labels)."""
-    lb = r.labels
-    return Finding(
-        kind=kind,
-        state="firing",
-        cluster=lb.cluster,
-        job=lb.job,
-        rank=lb.rank,
-        node=lb.node,
-        gpu=lb.gpu,
-        model=lb.model,
-        window_start=r.window_start,
-        window_end=r.window_end,
-        summary=summary,
-        **extra,
-    )
-
-
-def _clock(ts: float, ref: float) -> str:
-    """A time for a summary: '12:03:10 UTC' on the UTC day of `ref` (the window's end), else with
-    its date. Summaries are read by people (chat, dashboards): never a raw epoch."""
-    when = datetime.fromtimestamp(ts, tz=timezone.utc)
-    same_day = when.date() == datetime.fromtimestamp(ref, tz=timezone.utc).date()
-    return when.strftime("%H:%M:%S UTC" if same_day else "%Y-%m-%d %H:%M:%S UTC")
-
-
-_REASON_WORDS = {"power_cap": "power-capped", "power_brake": "power brake", "hw_slowdown": "HW slowdown",
-                 "sw_thermal": "thermal", "hw_thermal": "HW thermal"}
-
-
-def _why(s: Straggler) -> list[str]:
-    """What an operator reads in the summary: the signature's numbers, and only the throttle
-    reasons the culprit carries that its peers do not (busy Hopper GPUs all carry SW_POWER_CAP)."""
-    c, peers = s.culprit, len(s.peers)
-    clock = f"SM clock {c.sm_clock_mhz_mean:.0f} MHz vs {s.peer_clock_median:.0f} peers"
-    words = [_REASON_WORDS.get(name, name) for name in sorted(s.extra_reasons)]
-    if s.signature == "throttled":
-        why = [clock, *words]
-    elif s.signature == "slow_compute":
-        why = [f"working {s.culprit_work:.0%} of the time vs {s.peer_work_median:.0%} for {peers} peers spinning in "
-               f"the collective", clock, "no throttle reason: slow compute"]
-    elif s.signature == "host":
-        why = [f"GPU idle {1 - c.util_mean / 100:.0%} of each step while {peers} peers spin in the collective: "
-               f"host-side"]
-    else:
-        why = [f"busy {c.util_mean:.0f}% vs {s.peer_util_median:.0f}% for peers that idle while they wait", *words]
-    if c.temp_c_mean > s.peer_temp_median + 5:
-        why.append(f"{c.temp_c_mean:.0f} °C vs {s.peer_temp_median:.0f} peers")
-    return why
-
-
-def straggler_finding(s: Straggler, weak_share: float = StragglerConfig.weak_share, span_s: float | None = None) -> Finding:
-    """`span_s`: the seconds its numbers cover (one window, or a span of them for long steps)."""
-    c = s.culprit
-    waits = s.peer_wait_s()
-    idle_w = [p.idle_power_w for p in s.peers]
-    summary = (
-        f"job {c.labels.job} is paced by rank {c.labels.rank} on node {c.labels.node} GPU {c.labels.gpu} "
-        f"({', '.join(_why(s))}); {len(s.peers)} peers wait {s.wait_share:.0%} of each step"
-    )
-    return _finding(
-        "straggler",
-        c,
-        summary,
-        evidence={
-            "signature": s.signature,
-            "rank_util_pct": round(c.util_mean, 2),
-            "peer_util_median_pct": round(s.peer_util_median, 2),
-            "peer_util_sigma_pct": round(s.peer_util_sigma, 2),
-            "rank_work_share": round(s.culprit_work, 3),
-            "peer_work_share_median": round(s.peer_work_median, 3),
-            "sm_clock_mhz": round(c.sm_clock_mhz_mean, 1),
-            "peer_sm_clock_median_mhz": round(s.peer_clock_median, 1),
-            "temp_c": round(c.temp_c_mean, 1),
-            "peer_temp_median_c": round(s.peer_temp_median, 1),
-            "throttled_share": round(c.throttled_share, 3),
-            "throttle_reasons": ",".join(sorted(s.extra_reasons)) or None,
-            "fault_share": round(s.fault_share * (1.0 if s.strong else weak_share), 3),
-            "strength": "strong" if s.strong else "weak",
-            "peers": len(s.peers),
-            "span_s": round(c.window_s if span_s is None else span_s, 1),
-        },
-        cost={
-            "peer_wait_share": round(s.wait_share, 4),
-            "peer_gpu_s_wasted": round(sum(waits), 2),
-            "energy_wh_wasted": round(sum(w * i for w, i in zip(waits, idle_w)) / 3600.0, 3),
-        },
-    )
-
-
-def mixed_generation_finding(m: MixedGeneration, window_start: float, window_s: float) -> Finding:
-    any_rank = m.fast[0].labels
-    fast_wait_s = [m.waste * window_s for _ in m.fast]
-    summary = (
-        f"job {any_rank.job} spans {m.slow_model} and {m.fast_model}: {len(m.fast)} {m.fast_model} ranks wait "
-        f"{m.waste:.0%} of each step for {len(m.slow)} {m.slow_model} ranks"
-    )
-    return Finding(
-        kind="mixed_generation",
-        state="firing",
-        cluster=any_rank.cluster,
-        job=any_rank.job,
-        window_start=window_start,
-        window_end=window_start + window_s,
-        summary=summary,
-        evidence={
-            "slow_model": m.slow_model,
-            "fast_model": m.fast_model,
-            "slow_util_median_pct": round(median(r.util_mean for r in m.slow), 2),
-            "fast_util_median_pct": round(median(r.util_mean for r in m.fast), 2),
-            "slow_work_share_median": round(m.slow_work_median, 3),
-            "fast_work_share_median": round(m.fast_work_median, 3),
-            "slow_ranks": len(m.slow),
-            "fast_ranks": len(m.fast),
-        },
-        cost={
-            "fast_rank_waste_share": round(m.waste, 4),
-            "fast_gpu_s_wasted": round(sum(fast_wait_s), 2),
-            "energy_wh_wasted": round(sum(w * f.idle_power_w for w, f in zip(fast_wait_s, m.fast)) / 3600.0, 3),
-        },
-    )
-
-
-# --- the detectors ----------------------------------------------------------------------------
-
-# A job's first minute teaches each rank's usual shape; until then only a throttled clock (hardware
-# evidence) names a straggler: one that works more or idles from the start looks like the job's design.
-SHAPE_WINDOWS = 6
-SHAPE_RATE = 0.4  # weight of a new window in a rank's shape: 5 full windows learn 92% of a steady one
-# Windows a job's ranks are also compared over: its peers wait once a step, so with steps longer
-# than a window (24 s steps in 10 s windows) a wait lands in one window of two or three.
-SPAN_WINDOWS = 3
-
-
-def stragglers(job: JobView) -> list[Finding]:
-    """The rank that paces its job (agents/straggler.py), each rank's usual shape taken off: by a
-    throttled clock at once; by working more or idling only once the job's first windows have
-    shown that shape (a first pipeline stage always does more, and is not a straggler for it)."""
-    young = job.windows_seen < SHAPE_WINDOWS
-
-    cfg = job.window.config.straggler
-
-    def usual(r: WindowResult) -> tuple[float, float]:
-        shape = job.shape(r.labels.rank)
-        # A shape within the noise of a few windows is no design: taking it off would add noise.
-        if abs(shape.work) < cfg.min_work_gap and abs(shape.util) < cfg.min_gap_pct:
-            return 0.0, 0.0
-        return shape.work, shape.util
-
-    found = [(s, job.window.length_s) for s in find_stragglers(job.ranks, cfg, usual)]
-    if len(job.span) == SPAN_WINDOWS:
-        named = {s.culprit.key for s, _ in found}
-        found += [(s, SPAN_WINDOWS * job.window.length_s) for s in _span_stragglers(job, cfg, usual)
-                  if s.culprit.key not in named]
-    return [straggler_finding(s, cfg.weak_share, span_s) for s, span_s in found
-            if s.signature == "throttled" or not young]
-
-
-def _span_stragglers(job: JobView, cfg: StragglerConfig, usual: Callable[[WindowResult], tuple[float, float]]
-                     ) -> list[Straggler]:
-    """Stragglers over the job's last SPAN_WINDOWS windows: with steps longer than a window, peers
-    wait in one window of two or three, so this window alone may show nothing. Strong evidence only,
-    and not a rank that carried a throttle reason its peers lack in part of the span (single windows
-    name that one in each window of it: the span would only drag its end). While a straggler of the
-    job fires, only that one: its peers' numbers are bent by it."""
-    found = [s for s in find_stragglers(merge_span(job.span), cfg, usual) if s.strong and s.fault_share == 1.0]
-    if not found:
-        return []
-    firing = {r.key for r in job.ranks if job.window.is_firing("straggler", finding_fingerprint(
-        "straggler", r.labels.cluster, r.labels.job, r.labels.rank, r.labels.node, r.labels.gpu))}
-    return [s for s in found if not firing or s.culprit.key in firing]
-
-
-def slow_node_findings(group: SlowGroup, job: JobView) -> list[Finding]:
-    """One finding per node of a job's slow group: what an operator drains. The job's loss (each
-    rank loses the group's clock deficit of each step) is shared out by slow GPUs."""
-    ref, window = group.reference, job.window
-    against = (f"{ref.clock_mhz:.0f} MHz for {group.model} elsewhere in the fleet ({ref.gpus} GPUs)"
-               if ref.kind == "fleet" else f"{ref.clock_mhz:.0f} MHz for this job before")
-    words = [_REASON_WORDS.get(name, name) for name in sorted(group.extra_reasons)]
-    lost_s = [group.deficit * r.window_s for r in group.ranks]
-    idle_w = median(r.idle_power_w for r in group.ranks)
-    found = []
-    for node, slow in sorted(group.by_node().items()):
-        share = len(slow) / len(group.slow)
-        clock = median(r.sm_clock_mhz_mean for r in slow)
-        any_rank = slow[0].labels
-        found.append(Finding(
-            kind="slow_node", state="firing", cluster=job.cluster, job=job.job, node=node, model=any_rank.model,
-            window_start=window.start, window_end=window.end,
-            summary=(f"node {node} slows job {job.job}: {len(slow)} of its GPUs at SM clock {clock:.0f} MHz vs "
-                     f"{against}{''.join(f', {w}' for w in words)}; all {len(group.ranks)} {group.model} ranks "
-                     f"lose {group.deficit:.0%} of each step"),
-            evidence={
-                "reference": ref.kind,
-                "sm_clock_mhz": round(clock, 1),
-                "reference_sm_clock_mhz": round(ref.clock_mhz, 1),
-                "reference_gpus": ref.gpus,
-                "throttle_reasons": ",".join(sorted(group.extra_reasons)) or None,
-                "slow_gpus": len(slow),
-                "job_slow_ranks": len(group.slow),
-                "job_ranks": len(group.ranks),
-                "fault_share": round(group.fault_share, 3),
-            },
-            cost={
-                "job_step_loss_share": round(group.deficit, 4),
-                "job_gpu_s_wasted": round(share * sum(lost_s), 2),
-                "energy_wh_wasted": round(share * sum(lost_s) * idle_w / 3600.0, 3),
-            },
-        ))
-    return found
-
-
-def slow_nodes(job: JobView) -> list[Finding]:
-    """Nodes that slow a job as a whole (agents/slow_job.py): most of its ranks throttled, against the
-    same GPU model elsewhere in this window or the job's own usual clock."""
-    cfg, usual = job.window.config.straggler, job.usual_clocks()
-    if not worth_a_look(job.ranks, usual, cfg):
-        return []
-    elsewhere = [r for r in job.window.results if (r.labels.cluster, r.labels.job) != (job.cluster, job.job)]
-    return [f for group in find_slow_groups(job.ranks, elsewhere, usual, cfg) for f in slow_node_findings(group, job)]
-
-
-def mixed_generation(job: JobView) -> list[Finding]:
-    """The slower GPU model that paces a job spanning two."""
-    mixed = find_mixed_generation(job.ranks, job.window.config.straggler)
-    return [] if mixed is None else [mixed_generation_finding(mixed, job.window.start, job.window.length_s)]
+from laggard.agents.finding_lifecycle import Lifecycle, LifecycleState
+from laggard.agents.pacing import (
+    SHAPE_RATE,
+    SHAPE_WINDOWS,
+    SPAN_WINDOWS,
+    mixed_generation,
+    slow_nodes,
+    stragglers,
+)
+from laggard.agents.straggler import LARGE_GROUP, by_model, work
+from laggard.results import Finding, WindowResult, finding_fingerprint
 
 
 def _whole_job_finding(job: JobView, kind: str, summary: str, last_busy_end: float | None) -> Finding:
@@ -416,7 +61,7 @@ def job_stalled(job: JobView) -> list[Finding]:
         return []
     last_busy_end = job.busy_before + job.window.length_s
     return [_whole_job_finding(job, "job_stalled", f"job {job.job} stalled: all {len(job.ranks)} ranks idle "
-                                                   f"(busy until {_clock(last_busy_end, job.window.end)})",
+                                                   f"(busy until {utc_clock(last_busy_end, job.window.end)})",
                                    last_busy_end)]
 
 
@@ -432,7 +77,7 @@ def idle_allocated(job: JobView) -> list[Finding]:
                                                           f"used them ({peak:.1f}% peak util)", None)]
     found = []
     for r in idle:
-        f = _finding(
+        f = gpu_finding(
             "idle_allocated", r,
             f"GPU {r.labels.gpu} on node {r.labels.node} is allocated to job {job.job} (rank {r.labels.rank}) "
             f"but idle ({r.util_mean:.1f}% util)",
@@ -446,7 +91,7 @@ def idle_allocated(job: JobView) -> list[Finding]:
 
 def xids(window: WindowView) -> list[Finding]:
     """A GPU that reported an XID error: an event, fired on the window that carries it."""
-    return [_finding("xid", r, f"GPU {r.labels.gpu} on node {r.labels.node} reported XID {r.xid_last} "
+    return [gpu_finding("xid", r, f"GPU {r.labels.gpu} on node {r.labels.node} reported XID {r.xid_last} "
                                f"({r.xid_count} sample(s) this window)",
                      evidence={"xid": r.xid_last, "xid_samples": r.xid_count})
             for r in window.results if r.xid_count]
@@ -487,7 +132,7 @@ def silent_gpus(window: WindowView) -> list[Finding]:
                 kind="silent_gpu", state="firing", cluster=g.cluster, job=g.job, rank=g.rank, node=g.node,
                 gpu=g.gpu, model=g.model, window_start=window.start, window_end=window.end,
                 summary=f"GPU {g.gpu} on node {g.node} stopped reporting (last sample in the window from "
-                        f"{_clock(g.last_window, window.end)})",
+                        f"{utc_clock(g.last_window, window.end)})",
                 evidence={"last_window_start": g.last_window, "windows_missing": missing},
             ))
     return found
@@ -548,7 +193,7 @@ DETECTORS: dict[str, Detector] = {d.kind: d for d in (
 
 
 def low_utilization(window: WindowView, threshold_pct: float) -> list[Finding]:
-    return [_finding("low_utilization", r, f"GPU {r.labels.gpu} on node {r.labels.node} at {r.util_mean:.0f}% "
+    return [gpu_finding("low_utilization", r, f"GPU {r.labels.gpu} on node {r.labels.node} at {r.util_mean:.0f}% "
                                            f"utilization (below {threshold_pct:.0f}%)",
                      evidence={"util_pct": round(r.util_mean, 2)})
             for r in window.results if r.util_mean < threshold_pct]

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from laggard.agents.detectors import DETECTORS, Detector, DetectorConfig, FleetDetector, JobView, LowUtilizationBaseline
+from laggard.agents.detector_views import Detector, DetectorConfig, JobView
+from laggard.agents.detectors import DETECTORS, FleetDetector, LowUtilizationBaseline
 from laggard.agents.scoring import score
 from laggard.agents.windows import Windower
 from laggard.events import ClockReason, FaultTruth, GpuSample, NodeSample

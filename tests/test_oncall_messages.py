@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 from typer.testing import CliRunner
 
-from laggard.agents.detectors import _clock
+from laggard.agents.detector_views import utc_clock
 from laggard.rules.alert_lifecycle import AlertEngine, AlertSnapshot, Notification
 from laggard.rules.cli import silence_app
 from laggard.rules.loader import DEFAULT_RULES, load_rules
@@ -281,5 +281,5 @@ def test_detector_summaries_carry_utc_times_not_epochs() -> None:
         assert summaries, kind
         for summary in summaries:
             assert TIME.search(summary) and not EPOCH.search(summary), summary
-    assert _clock(1_790_000_000.0, 1_790_000_010.0) == "14:13:20 UTC"
-    assert _clock(1_790_000_000.0, 1_790_100_000.0) == "2026-09-21 14:13:20 UTC"
+    assert utc_clock(1_790_000_000.0, 1_790_000_010.0) == "14:13:20 UTC"
+    assert utc_clock(1_790_000_000.0, 1_790_100_000.0) == "2026-09-21 14:13:20 UTC"
