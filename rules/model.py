@@ -20,7 +20,7 @@ from laggard.results import Scope
 
 Comparator = Literal[">", ">=", "<", "<=", "==", "!="]
 Severity = Literal["info", "warning", "critical"]
-ReceiverKind = Literal["slack", "discord", "teams", "mattermost", "webhook"]
+ReceiverKind = Literal["slack", "discord", "teams", "mattermost", "webhook", "alertmanager"]
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}

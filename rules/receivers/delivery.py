@@ -413,7 +413,7 @@ class Dispatcher:
         self.stats.incr(name, "retry")
         log.info("receiver %s: attempt %d failed (%s); retrying", name, state.attempt_number, getattr(failure, "reason", "?"))
 
-    async def _post(self, receiver: ReceiverConfig, body: dict[str, Any], key: str) -> None:
+    async def _post(self, receiver: ReceiverConfig, body: dict[str, Any] | list[Any], key: str) -> None:
         url = self.urls[receiver.name].get_secret_value()
         failure: DeliveryFailed | None = None
         # Build our own error outside the `except` so the httpx exception (which holds the URL)
