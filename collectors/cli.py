@@ -8,6 +8,7 @@ Exit codes: 0 done, 1 some samples failed to publish, 2 the source or its option
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
@@ -128,7 +129,7 @@ class StatusLine:
             self.live.update(Text(self.text()))
         elif time.monotonic() - self.last_printed >= STATUS_EVERY_S:
             self.last_printed = time.monotonic()
-            err_console.print(self.text(), highlight=False, soft_wrap=True)
+            logs.say(err_console, self.text(), "laggard.collect")
 
     def text(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
@@ -167,7 +168,7 @@ def _open_sink(to_stdout: bool) -> Sink:
 
 def fail(message: str) -> NoReturn:
     """Print one line on stderr and exit 2 (the source or its options cannot be used)."""
-    err_console.print(f"laggard collect: {message}", highlight=False, soft_wrap=True)
+    logs.say(err_console, f"laggard collect: {message}", "laggard.collect", logging.ERROR)
     raise typer.Exit(2)
 
 
@@ -194,15 +195,15 @@ def run_source(
         if timer:
             timer.cancel()
         sink.close()  # flushes: the summary below counts every ack
-        err_console.print(status.text(), highlight=False, soft_wrap=True)
+        logs.say(err_console, status.text(), "laggard.collect")
     failed = getattr(getattr(sink, "stats", None), "failed", 0)
     if failed:
-        err_console.print(f"laggard collect: {failed} samples failed to publish", highlight=False, soft_wrap=True)
+        logs.say(err_console, f"laggard collect: {failed} samples failed to publish", "laggard.collect", logging.ERROR)
         raise typer.Exit(1)
     if status.ticks and not status.samples and source.rejects.total:
         reasons = ", ".join(f"{n} {category}" for category, n in source.rejects.by_category.most_common())
-        err_console.print(f"laggard collect: no sample in {status.ticks} tick(s): every read was refused ({reasons})",
-                          highlight=False, soft_wrap=True)
+        logs.say(err_console, f"laggard collect: no sample in {status.ticks} tick(s): every read was refused ({reasons})",
+            "laggard.collect", logging.ERROR)
         raise typer.Exit(1)
 
 
@@ -298,7 +299,7 @@ def dcgm_command(
     finally:
         if len(source.targets) > 1 or file_sd:  # one line per target: which of them gave what
             for target in source.targets.values():
-                err_console.print(target.summary(), highlight=False, soft_wrap=True)
+                logs.say(err_console, target.summary(), "laggard.collect")
 
 
 class TraceFormat(str, Enum):

@@ -11,6 +11,7 @@ Exit codes: 0 done or stopped, 1 some messages failed to publish, 2 the scenario
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import IO, Annotated, Protocol
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from laggard import logs
 from laggard.collectors.base import SystemClock, sleep_until, stdout_to_devnull
 from laggard.collectors.cli import StopSignals, err_console, kafka_counts
 from laggard.collectors.simulate import FleetSimulator, Scenario, ScenarioError, load_scenario
@@ -110,7 +112,7 @@ class _Kafka:
 
 
 def _fail(message: str) -> typer.Exit:
-    err_console.print(f"laggard simulate: {message}", highlight=False, soft_wrap=True)
+    logs.say(err_console, f"laggard simulate: {message}", "laggard.simulate", logging.ERROR)
     return typer.Exit(2)
 
 
@@ -210,12 +212,8 @@ def simulate(
         sink.close()  # flushes: the summary below counts every ack
     elapsed = max(clock.monotonic() - began, 1e-9)
     stopped = " (stopped)" if clock.stop.is_set() else ""
-    err_console.print(
-        f"simulate {spec.name}{stopped}: {sim.gpu_count} GPUs, {gpu_samples:,} GPU samples in {elapsed:.1f} s "
-        f"({gpu_samples / elapsed:,.0f} GPU samples/s){sink.summary()}",
-        highlight=False,
-        soft_wrap=True,
-    )
+    logs.say(err_console, f"simulate {spec.name}{stopped}: {sim.gpu_count} GPUs, {gpu_samples:,} GPU samples in "
+        f"{elapsed:.1f} s ({gpu_samples / elapsed:,.0f} GPU samples/s){sink.summary()}", "laggard.simulate")
     if sink.failed:
-        err_console.print(f"laggard simulate: {sink.failed} messages failed to publish", highlight=False)
+        logs.say(err_console, f"laggard simulate: {sink.failed} messages failed to publish", "laggard.simulate", logging.ERROR)
         raise typer.Exit(1)

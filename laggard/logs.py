@@ -8,7 +8,7 @@ with it; the worker puts the same handler back on the root logger after Faust (m
 with its coloured one (`attach`). `demoted(name)` shows a library's warnings as detail for a while
 (kafka-python's and the InfluxDB sink's retries, when the command says what failed in its own line).
 
-Output: `print_table` prints a rich table as it is on a terminal and plain when piped or redirected
+Output: `say` writes a command's own status line, in the log format; `print_table` prints a rich table as it is on a terminal and plain when piped or redirected
 (no box, no colour, every value whole: rich would cut columns to 80 characters); `print_json` is the
 `--json` of every listing command.
 """
@@ -177,6 +177,19 @@ def print_table(console: Console, table: Table) -> None:
     text = StringIO()
     Console(file=text, width=1_000_000, color_system=None, soft_wrap=False).print(table)
     console.file.write("".join(line.rstrip() + "\n" for line in text.getvalue().splitlines()))
+    console.file.flush()
+
+
+def say(console: Console, message: str, logger: str = "laggard", level: int = logging.INFO) -> None:
+    """A command's own status or error line on `console` (stderr), whatever the log level: plain in
+    text, a JSON record like the logs' (secrets redacted) under `--log-format json`, so a service's
+    stderr stays one format."""
+    if _setup.fmt is not LogFormat.json:
+        console.print(message, highlight=False, soft_wrap=True)
+        return
+    record = logging.LogRecord(logger, level, "", 0, message, None, None)
+    RedactSecrets().filter(record)
+    console.file.write(JsonFormatter().format(record) + "\n")
     console.file.flush()
 
 

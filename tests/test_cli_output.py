@@ -129,6 +129,22 @@ def test_simulate_piped_prints_its_summary_alone(tmp_path: Path) -> None:
     assert done.stderr.startswith("simulate quiet: ") and done.stderr.count("\n") == 1, repr(done.stderr)
 
 
+def test_status_lines_follow_log_format_json(tmp_path: Path) -> None:
+    """A collector's or the simulator's own lines (its summary, its one-line errors) are JSON records
+    like its logs under --log-format json: a service's stderr stays one format."""
+    done = laggard("--log-format", "json", "simulate", str(ROOT / "collectors" / "scenarios" / "quiet.yaml"),
+                   "--discard", "--as-fast-as-possible", "--duration", "3", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    [summary] = json_lines(done.stderr)
+    assert JSON_KEYS <= summary.keys() and summary["logger"] == "laggard.simulate" and summary["level"] == "INFO"
+    assert summary["message"].startswith("simulate quiet: ")
+    bad = laggard("--log-format", "json", "collect", "dcgm", "--url", "ftp://exporter:9400/metrics", "--count", "1",
+                  cwd=tmp_path)
+    assert bad.returncode == 2
+    [error] = json_lines(bad.stderr)
+    assert error["level"] == "ERROR" and error["message"].startswith("laggard collect: ")
+
+
 # --- logging: -v / -q / --log-format --------------------------------------------------------------
 
 @pytest.mark.parametrize("verbose,quiet,level", [
