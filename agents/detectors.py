@@ -323,7 +323,8 @@ class FleetDetector:
             if key in slow_jobs:
                 continue
             usual = self.state.job_clocks.setdefault(key, {})
-            for model, group in by_model([r for r in job.ranks if r.util_mean >= busy_pct]).items():
+            with_clock = [r for r in job.ranks if r.util_mean >= busy_pct and r.sm_clock_mhz_mean is not None]
+            for model, group in by_model(with_clock).items():
                 clock = median(r.sm_clock_mhz_mean for r in group)
                 usual[model] = clock if model not in usual else usual[model] + SHAPE_RATE * (clock - usual[model])
 

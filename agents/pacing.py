@@ -28,21 +28,28 @@ def _why(s: Straggler) -> list[str]:
     """What an operator reads in the summary: the signature's numbers, and only the throttle
     reasons the culprit carries that its peers do not (busy Hopper GPUs all carry SW_POWER_CAP)."""
     c, peers = s.culprit, len(s.peers)
-    clock = f"SM clock {c.sm_clock_mhz_mean:.0f} MHz vs {s.peer_clock_median:.0f} peers"
+    # Where the source sends no SM clock, there is nothing to say about it (a throttled one needs it).
+    clock = ([f"SM clock {c.sm_clock_mhz_mean:.0f} MHz vs {s.peer_clock_median:.0f} peers"]
+             if c.sm_clock_mhz_mean is not None and s.peer_clock_median is not None else [])
     words = [_REASON_WORDS.get(name, name) for name in sorted(s.extra_reasons)]
     if s.signature == "throttled":
-        why = [clock, *words]
+        why = [*clock, *words]
     elif s.signature == "slow_compute":
         why = [f"working {s.culprit_work:.0%} of the time vs {s.peer_work_median:.0%} for {peers} peers spinning in "
-               f"the collective", clock, "no throttle reason: slow compute"]
+               f"the collective", *clock, "no throttle reason: slow compute"]
     elif s.signature == "host":
         why = [f"GPU idle {1 - c.util_mean / 100:.0%} of each step while {peers} peers spin in the collective: "
                f"host-side"]
     else:
         why = [f"busy {c.util_mean:.0f}% vs {s.peer_util_median:.0f}% for peers that idle while they wait", *words]
-    if c.temp_c_mean > s.peer_temp_median + 5:
+    if c.temp_c_mean is not None and s.peer_temp_median is not None and c.temp_c_mean > s.peer_temp_median + 5:
         why.append(f"{c.temp_c_mean:.0f} °C vs {s.peer_temp_median:.0f} peers")
     return why
+
+
+def _rounded(value: float | None) -> float | None:
+    """A reading for the evidence; None where the source does not send it."""
+    return None if value is None else round(value, 1)
 
 
 def straggler_finding(s: Straggler, weak_share: float = StragglerConfig.weak_share, span_s: float | None = None) -> Finding:
@@ -65,10 +72,10 @@ def straggler_finding(s: Straggler, weak_share: float = StragglerConfig.weak_sha
             "peer_util_sigma_pct": round(s.peer_util_sigma, 2),
             "rank_work_share": round(s.culprit_work, 3),
             "peer_work_share_median": round(s.peer_work_median, 3),
-            "sm_clock_mhz": round(c.sm_clock_mhz_mean, 1),
-            "peer_sm_clock_median_mhz": round(s.peer_clock_median, 1),
-            "temp_c": round(c.temp_c_mean, 1),
-            "peer_temp_median_c": round(s.peer_temp_median, 1),
+            "sm_clock_mhz": _rounded(c.sm_clock_mhz_mean),
+            "peer_sm_clock_median_mhz": _rounded(s.peer_clock_median),
+            "temp_c": _rounded(c.temp_c_mean),
+            "peer_temp_median_c": _rounded(s.peer_temp_median),
             "throttled_share": round(c.throttled_share, 3),
             "throttle_reasons": ",".join(sorted(s.extra_reasons)) or None,
             "fault_share": round(s.fault_share * (1.0 if s.strong else weak_share), 3),

@@ -83,7 +83,7 @@ def window_line(result: WindowResult) -> str:
     written directly (influxdb-client's Point costs ~20 µs a point)."""
     labels = result.labels
     tags = _tags([(name, getattr(labels, name)) for name in _LABELS])
-    fields = [f"{name}={float(getattr(result, name))!r}" for name in WINDOW_FIELDS]
+    fields = [f"{name}={float(value)!r}" for name in WINDOW_FIELDS if (value := getattr(result, name)) is not None]
     fields += [f"throttle_{reason}={float(share)!r}" for reason, share in result.throttle_share.items()]
     if result.power_estimated_share:  # only where a source estimates power: most points never carry it
         fields.append(f"power_estimated_share={float(result.power_estimated_share)!r}")

@@ -77,9 +77,14 @@ class SlowGroup:
         return nodes
 
 
+def _busy_with_clock(r: WindowResult, cfg: StragglerConfig) -> bool:
+    """Busy, and reporting an SM clock: what can be compared by clock (a source may not send it)."""
+    return r.util_mean >= cfg.busy_pct and r.sm_clock_mhz_mean is not None
+
+
 def fleet_reference(model: str, elsewhere: Sequence[WindowResult], cfg: StragglerConfig) -> ClockReference | None:
     """The busy GPUs of `model` outside the job, if there are enough of them."""
-    same = [r for r in elsewhere if (r.labels.model or "") == model and r.util_mean >= cfg.busy_pct]
+    same = [r for r in elsewhere if (r.labels.model or "") == model and _busy_with_clock(r, cfg)]
     if len(same) < MIN_REFERENCE_GPUS:
         return None
     counts: dict[str, int] = {}
@@ -104,7 +109,7 @@ def worth_a_look(ranks: Sequence[WindowResult], usual_clock: Mapping[str, float]
     return any(reasons(r) - ROUTINE_REASONS or (
         (r.labels.model or "") in usual_clock
         and r.sm_clock_mhz_mean <= (1 - cfg.clock_deficit_alone) * usual_clock[r.labels.model or ""])
-        for r in ranks if r.util_mean >= cfg.busy_pct)
+        for r in ranks if _busy_with_clock(r, cfg))
 
 
 def find_slow_groups(ranks: Sequence[WindowResult], elsewhere: Sequence[WindowResult],
@@ -113,7 +118,7 @@ def find_slow_groups(ranks: Sequence[WindowResult], elsewhere: Sequence[WindowRe
     hardware, against the same model `elsewhere` (other jobs' busy GPUs this window) or the job's
     `usual_clock` per model; the fleet first, where it has enough GPUs of the model."""
     found = []
-    for model, group in by_model([r for r in ranks if r.util_mean >= cfg.busy_pct]).items():
+    for model, group in by_model([r for r in ranks if _busy_with_clock(r, cfg)]).items():
         refs = [ref for ref in (fleet_reference(model, elsewhere, cfg),
                                 ClockReference("past", usual_clock[model], 0, frozenset()) if model in usual_clock
                                 else None) if ref is not None]

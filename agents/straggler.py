@@ -93,8 +93,8 @@ class Straggler:
     peer_util_median: float
     peer_util_sigma: float
     peer_work_median: float
-    peer_clock_median: float
-    peer_temp_median: float
+    peer_clock_median: float | None  # None where the peers report no SM clock (neither do the others)
+    peer_temp_median: float | None
     strong: bool  # passed the full thresholds, not only the weak ones
     extra_reasons: frozenset[str]  # throttle reasons the culprit carries and most peers do not
     peer_common_reasons: frozenset[str]  # carried by at least half of the peers
@@ -168,15 +168,15 @@ class _Peers:
     util_sigma: float
     work: float
     work_sigma: float
-    clock: float
+    clock: float  # 0.0 where none reports an SM clock: no clock comparison then
     clock_sigma: float
     common_reasons: frozenset[str]  # carried by at least half of them
 
     @classmethod
     def of(cls, peers: Sequence[_Rank], cfg: StragglerConfig) -> _Peers:
         utils, works = [p.util for p in peers], [p.work for p in peers]
-        clocks = [p.result.sm_clock_mhz_mean for p in peers]
-        u, w, c = median(utils), median(works), median(clocks)
+        clocks = [c for p in peers if (c := p.result.sm_clock_mhz_mean) is not None]
+        u, w, c = median(utils), median(works), median(clocks) if clocks else 0.0
         # The floors stand in for a spread a small group cannot measure; a large one's MAD is
         # good, so its floors can sit lower (still above the rounding of whole-number samples).
         floor = 1.0 if len(peers) < LARGE_GROUP else 0.5
@@ -186,15 +186,20 @@ class _Peers:
                 counts[name] = counts.get(name, 0) + 1
         return cls(u, max(MAD_TO_SIGMA * mad(utils, u), floor * cfg.noise_floor_pct),
                    w, max(MAD_TO_SIGMA * mad(works, w), floor * cfg.work_noise_floor),
-                   c, max(MAD_TO_SIGMA * mad(clocks, c), floor * cfg.clock_noise_floor * c),
+                   c, max(MAD_TO_SIGMA * mad(clocks, c), floor * cfg.clock_noise_floor * c) if clocks else 0.0,
                    frozenset(name for name, n in counts.items() if 2 * n >= len(peers)))
+
+
+def _clock_gap(p: _Peers, r: WindowResult) -> float:
+    """How far `r`'s SM clock sits below its peers' median, MHz; 0 where either is not known."""
+    return p.clock - r.sm_clock_mhz_mean if r.sm_clock_mhz_mean is not None and p.clock > 0 else 0.0
 
 
 def _signature(rank: _Rank, p: _Peers, cfg: StragglerConfig) -> tuple[Signature, float, float] | None:
     """Which signature (if any) says `rank` paces its peers, the share of each step they wait, and
     the share of the window the typical peer spent waiting."""
     cand, w, u = rank.result, rank.work, rank.util
-    clock_gap = p.clock - cand.sm_clock_mhz_mean
+    clock_gap = _clock_gap(p, cand)
     clock_deficit = clock_gap / p.clock if p.clock > 0 else 0.0
     extra = reasons(cand) - p.common_reasons
     if -clock_deficit >= cfg.min_clock_deficit and p.common_reasons - reasons(cand):
@@ -274,7 +279,7 @@ def find_stragglers(ranks: Sequence[WindowResult], cfg: StragglerConfig, usual: 
             least = weak if len(models) >= LARGE_GROUP else cfg
             if (abs(rank.util - whole.util) < least.min_gap_pct / 2
                     and rank.work - whole.work < least.min_work_gap / 2
-                    and whole.clock - cand.sm_clock_mhz_mean < least.min_clock_deficit / 2 * whole.clock):
+                    and _clock_gap(whole, cand) < least.min_clock_deficit / 2 * whole.clock):
                 continue
             peers = group[:i] + group[i + 1:]
             stats = _Peers.of(peers, cfg)
@@ -290,7 +295,9 @@ def find_stragglers(ranks: Sequence[WindowResult], cfg: StragglerConfig, usual: 
                 wait_share=max(0.0, min(1.0, wait_share)),
                 window_wait=max(0.0, min(1.0, window_wait)), strong=strong is not None,
                 peer_util_median=stats.util, peer_util_sigma=stats.util_sigma, peer_work_median=stats.work,
-                peer_clock_median=stats.clock, peer_temp_median=median(p.result.temp_c_mean for p in peers),
+                peer_clock_median=stats.clock or None,
+                peer_temp_median=median(temps) if (temps := [t for p in peers if (t := p.result.temp_c_mean) is not None])
+                else None,
                 extra_reasons=reasons(cand) - stats.common_reasons, peer_common_reasons=stats.common_reasons,
             ))
         # In a group of 2 or 3 a victim's peers are mostly the culprit: next to a rank whose GPU

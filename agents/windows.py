@@ -63,7 +63,9 @@ class GpuAccumulator:
     idle_power_sum: float = 0.0  # idle power of the model at its limit, for waiting-energy costs
     energy_wh: float = 0.0
     clock_sum: float = 0.0
+    clock_samples: int = 0  # samples that carried an SM clock (an exporter may not send it)
     temp_sum: float = 0.0
+    temp_samples: int = 0
     temp_max: float = -math.inf
     throttled: int = 0
     throttled_by: list[int] = field(default_factory=lambda: [0] * len(THROTTLE_NAMES))
@@ -87,7 +89,9 @@ class GpuAccumulator:
             idle_power_sum=sum(a.idle_power_sum for a in accs),
             energy_wh=sum(a.energy_wh for a in accs),
             clock_sum=sum(a.clock_sum for a in accs),
+            clock_samples=sum(a.clock_samples for a in accs),
             temp_sum=sum(a.temp_sum for a in accs),
+            temp_samples=sum(a.temp_samples for a in accs),
             temp_max=max((a.temp_max for a in accs), default=-math.inf),
             throttled=sum(a.throttled for a in accs),
             xid_count=sum(a.xid_count for a in accs),
@@ -161,9 +165,9 @@ def _result(scope: Scope, key: str, labels: Labels, start: float, size: float, r
         power_estimated_share=a.power_estimated / n,
         idle_power_w=a.idle_power_sum / n,
         energy_wh=a.energy_wh,
-        sm_clock_mhz_mean=a.clock_sum / n,
-        temp_c_mean=a.temp_sum / n,
-        temp_c_max=a.temp_max,
+        sm_clock_mhz_mean=a.clock_sum / a.clock_samples if a.clock_samples else None,
+        temp_c_mean=a.temp_sum / a.temp_samples if a.temp_samples else None,
+        temp_c_max=a.temp_max if a.temp_samples else None,
         throttled_share=a.throttled / n,
         throttle_share={name: c / n for (name, _), c in zip(THROTTLE_NAMES, a.throttled_by)},
         xid_count=a.xid_count,
@@ -303,11 +307,15 @@ class Windower:
             if g.sm_active is not None:
                 acc.sm_active_sum += g.sm_active
                 acc.sm_active_samples += 1
-            acc.clock_sum += g.sm_clock_mhz
+            if g.sm_clock_mhz is not None:
+                acc.clock_sum += g.sm_clock_mhz
+                acc.clock_samples += 1
             temp = g.temp_c
-            acc.temp_sum += temp
-            if temp > acc.temp_max:
-                acc.temp_max = temp
+            if temp is not None:
+                acc.temp_sum += temp
+                acc.temp_samples += 1
+                if temp > acc.temp_max:
+                    acc.temp_max = temp
             reasons = g.clocks_event_reasons
             if reasons & _THROTTLE_MASK:
                 acc.throttled += 1

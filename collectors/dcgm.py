@@ -17,9 +17,9 @@ The text is parsed with prometheus_client's parser. Mapping decisions, each test
 - The power limit is not in dcgm-exporter's default counters: where neither POWER_MGMT_LIMIT nor
   ENFORCED_POWER_LIMIT is exported, the board's default limit for a known model is used (logged
   once, the samples marked `power_estimated`); for an unknown model the GPU is rejected naming
-  `power_limit_w`. Any other missing required field (utilization, power, SM clock, temperature:
-  what detection reads) rejects the GPU with the field named; optional fields (memory, profiling
-  ratios, energy, clocks-event reasons, XID) are just left out.
+  `power_limit_w`. Missing utilization or power (what detection cannot do without) rejects the
+  GPU with the field named; optional fields (SM clock, temperature, memory, profiling ratios,
+  energy, clocks-event reasons, XID) are just left out, and detection does without them.
 - DCGM_FI_DEV_XID_ERRORS holds the last XID ever seen; it is reported as `xid` only when it
   changes to a non-zero value, so one XID is one event, not one per scrape.
 - Several targets: the URLs given and those of Prometheus-style file_sd files (collectors.discovery,

@@ -73,17 +73,18 @@ class GpuSample(_Strict):
     job: str | None = Field(default=None, max_length=256, pattern=LABEL_PATTERN)
     rank: int | None = Field(default=None, ge=0, le=10_000_000)
     util_gpu: float = Field(ge=0, le=100, description="NVML utilization.gpu, % of time a kernel ran")
-    # Memory fields are optional: nothing downstream depends on them, and trimmed exporter
-    # counter lists leave them out. Power, clocks and temperature are what detection reads.
+    # Optional fields are ones an exporter's counter list may leave out. Memory: nothing downstream
+    # reads it. SM clock and temperature: detection compares them where a GPU reports them (a GPU
+    # without a clock cannot show a throttled clock); utilization and power it cannot do without.
     util_mem: float | None = Field(default=None, ge=0, le=100)
     power_w: float = Field(ge=0, le=5000)
     power_limit_w: float = Field(gt=0, le=5000)
     # The power figures are estimates: a board-default limit (the source exports none), or a MIG
     # instance's share of its GPU's power. Windows carry the share of such samples.
     power_estimated: bool = False
-    sm_clock_mhz: float = Field(ge=0, le=10_000)
+    sm_clock_mhz: float | None = Field(default=None, ge=0, le=10_000)
     mem_clock_mhz: float | None = Field(default=None, ge=0, le=50_000)
-    temp_c: float = Field(ge=-50, le=200)
+    temp_c: float | None = Field(default=None, ge=-50, le=200)
     mem_used_mib: float | None = Field(default=None, ge=0, le=10_000_000)
     mem_total_mib: float | None = Field(default=None, ge=0, le=10_000_000)
     clocks_event_reasons: int = Field(default=0, ge=0, lt=2**64)

@@ -67,9 +67,9 @@ class WindowResult(_Frozen):
     power_estimated_share: float = 0.0  # of samples whose power figures were estimated (see GpuSample)
     idle_power_w: float
     energy_wh: float
-    sm_clock_mhz_mean: float
-    temp_c_mean: float
-    temp_c_max: float
+    sm_clock_mhz_mean: float | None  # None: no sample carried one (the source does not export it)
+    temp_c_mean: float | None
+    temp_c_max: float | None
     throttled_share: float
     throttle_share: dict[str, float]
     xid_count: int

@@ -276,10 +276,10 @@ def test_duplicate_series_is_counted_and_the_first_kept(exporter_server: Exporte
 def test_a_scrape_without_a_usable_gpu_is_one_error_naming_the_missing_fields(
     exporter_server: ExporterServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A trimmed counter list without the temperature, on a model with no known board power limit.
+    # A trimmed counter list without the power draw, on a model with no known board power limit.
     trimmed = exporter_text(G0, G1).replace("NVIDIA H100 80GB HBM3", "NVIDIA Quadro X1")
     trimmed = "".join(line for line in trimmed.splitlines(keepends=True)
-                      if "GPU_TEMP" not in line and "POWER_MGMT_LIMIT" not in line)
+                      if "POWER_USAGE" not in line and "POWER_MGMT_LIMIT" not in line)
     exporter_server.serve("/metrics", Page(body=trimmed))
     source = DcgmSource(exporter_server.url("/metrics"), cluster="k8s")
     with caplog.at_level(logging.ERROR, logger="laggard.collectors"):
@@ -287,7 +287,7 @@ def test_a_scrape_without_a_usable_gpu_is_one_error_naming_the_missing_fields(
     [line] = logged(caplog)  # once, not once per scrape
     assert line.startswith(f"dcgm: {exporter_server.url('/metrics')} gave no usable GPU: ")
     assert "2 of 2 lack power_limit_w (export DCGM_FI_DEV_POWER_MGMT_LIMIT" in line
-    assert "2 of 2 lack temp_c (export DCGM_FI_DEV_GPU_TEMP)" in line
+    assert "2 of 2 lack power_w (export DCGM_FI_DEV_POWER_USAGE)" in line
 
     exporter_server.serve("/metrics", Page(body=exporter_text(G0)))
     assert scrape_once(source)

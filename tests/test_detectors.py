@@ -41,7 +41,7 @@ def job_samples(ranks: int, windows: int, fn: RankFn, job: str = "llm", seed: in
             util = float(over.pop("util_gpu"))
             if util > 0:
                 util = min(100.0, max(0.0, util + rng.uniform(-noise, noise)))
-            over.setdefault("power_w", host_wait_power_w(util, float(over.get("sm_clock_mhz", 1980.0))))
+            over.setdefault("power_w", host_wait_power_w(util, float(over.get("sm_clock_mhz") or 1980.0)))
             nodes.setdefault(r // GPUS_PER_NODE, []).append(
                 gpu_sample(r % GPUS_PER_NODE, util, job=job, rank=r, model=models(r), **over))
         for n, gpus in nodes.items():
@@ -140,6 +140,29 @@ def test_small_jobs_need_a_clear_gap(ranks: int) -> None:
     # A rank a few points busier, at the same clock and flags, is noise in a job this small.
     nudge = run(job_samples(ranks, 6, lambda r, w: {"util_gpu": 80.0 * (1.03 if r == 1 else 1.0)}), FleetDetector())
     assert firing(nudge, "straggler") == []
+
+
+def test_a_source_without_clock_or_temperature_still_names_a_straggler_by_its_work() -> None:
+    """A trimmed exporter sends no SM clock and no temperature: the rank is still named by working
+    more than its peers, its finding says nothing about clocks, and no window point has a clock."""
+    from laggard.agents.points import window_line
+
+    straggling = straggler_job(culprit=17, onset=3, until=8, slowdown=1.4)
+
+    def without_readings(r: int, w: int) -> dict[str, object] | None:
+        over = straggling(r, w)
+        return None if over is None else {**over, "sm_clock_mhz": None, "temp_c": None}
+
+    samples = job_samples(32, 10, without_readings)
+    [(_, f)] = firing(run(samples, FleetDetector()), "straggler")
+    assert (f.rank, f.evidence["signature"]) == (17, "busier")
+    assert f.evidence["sm_clock_mhz"] is None and f.evidence["temp_c"] is None and "SM clock" not in f.summary
+    w = Windower(WINDOW_S)
+    for sample in samples[:40]:
+        w.add(sample)
+    result = w.flush()[0].gpu_results()[0]
+    assert (result.sm_clock_mhz_mean, result.temp_c_mean, result.temp_c_max) == (None, None, None)
+    assert "sm_clock_mhz_mean" not in window_line(result) and "temp_c" not in window_line(result)
 
 
 def slowed(after: int, clock: float, flags: int = int(ClockReason.HW_SLOWDOWN)) -> RankFn:

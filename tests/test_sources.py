@@ -519,16 +519,17 @@ def test_dcgm_lower_case_hostname_board_power_default_and_xid_once(exporter: Exp
 
 
 def test_dcgm_trimmed_counters_without_memory_fields_still_give_every_gpu(exporter: Exporter) -> None:
-    """A counter list cut down to what detection reads (no framebuffer, memory clock or copy
-    utilization) gives every GPU, memory fields left out (util_mem falls back to DRAM_ACTIVE where
+    """A counter list cut down to utilization and power (no framebuffer, memory clock, copy
+    utilization, SM clock or temperature) gives every GPU, those fields left out (util_mem falls back to DRAM_ACTIVE where
     exported); an exported limit is no estimate."""
-    memory = ("DCGM_FI_DEV_FB_", "DCGM_FI_DEV_MEM_CLOCK", "DCGM_FI_DEV_MEM_COPY_UTIL")
+    memory = ("DCGM_FI_DEV_FB_", "DCGM_FI_DEV_MEM_CLOCK", "DCGM_FI_DEV_MEM_COPY_UTIL", "DCGM_FI_DEV_SM_CLOCK",
+              "DCGM_FI_DEV_GPU_TEMP")
     trimmed = "\n".join(line for line in H100_HOSTNAME.splitlines() if not line.startswith(memory)) + "\n"
     full = scrape(exporter, H100_HOSTNAME)
     samples = scrape(exporter, trimmed)
     assert [len(s.gpus) for s in samples] == [len(s.gpus) for s in full] and samples[0].gpus
     for g in samples[0].gpus:
-        assert (g.mem_used_mib, g.mem_total_mib, g.mem_clock_mhz) == (None, None, None)
+        assert (g.mem_used_mib, g.mem_total_mib, g.mem_clock_mhz, g.sm_clock_mhz, g.temp_c) == (None,) * 5
     assert not any(g.power_estimated for s in full for g in s.gpus if g.model == "H100")
 
 
@@ -554,16 +555,16 @@ def test_dcgm_mig_instances(exporter: Exporter) -> None:
 
 def test_dcgm_missing_and_bad_fields_reject_that_gpu_only(exporter: Exporter, caplog: pytest.LogCaptureFixture) -> None:
     lines = H100_HOSTNAME.splitlines()
-    no_temp = "\n".join(line for line in lines if not line.startswith('DCGM_FI_DEV_GPU_TEMP{gpu="1"'))
-    unknown = no_temp.replace(G2, G2.replace("NVIDIA H100 80GB HBM3", "NVIDIA Quadro X1"))  # no board default
+    no_power = "\n".join(line for line in lines if not line.startswith('DCGM_FI_DEV_POWER_USAGE{gpu="1"'))
+    unknown = no_power.replace(G2, G2.replace("NVIDIA H100 80GB HBM3", "NVIDIA Quadro X1"))  # no board default
     without_limit = "\n".join(line for line in unknown.splitlines() if 'POWER_MGMT_LIMIT{gpu="2"' not in line)
     source = DcgmSource(exporter.url, cluster="k8s")
     with caplog.at_level("WARNING", logger="laggard.collectors"):
         samples = scrape(exporter, without_limit, source)
     assert [g.index for g in samples[0].gpus] == [0]
-    assert source.rejects.by_category == {"temp_c:missing": 1, "power_limit_w:missing": 1}
+    assert source.rejects.by_category == {"power_w:missing": 1, "power_limit_w:missing": 1}
     logged = " | ".join(r.getMessage() for r in caplog.records)
-    assert "node gpu-node-07 gpu 1: temp_c" in logged and "node gpu-node-07 gpu 2: power_limit_w" in logged
+    assert "node gpu-node-07 gpu 1: power_w" in logged and "node gpu-node-07 gpu 2: power_limit_w" in logged
 
 
 def test_dcgm_out_of_range_value_is_named(exporter: Exporter) -> None:
