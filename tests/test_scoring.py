@@ -291,3 +291,33 @@ def test_jobs_whose_steps_are_longer_than_a_window_are_found() -> None:
             and (both["laggard"]["recall"] < 1.0 or both["laggard"]["detect_latency_windows_p50"] > 4.0)}
     assert not slow, slow
     assert out["laggard"]["straggler"]["precision"] == 1.0, out["laggard"]["straggler"]
+
+
+def test_jobs_whose_ranks_are_mostly_on_slow_nodes_are_found_and_their_healthy_ranks_are_not_named() -> None:
+    """A 1-node job on a slow node and a 3-node job with 2 nodes slow (HW slowdown, 1.3x) have no
+    healthy majority to compare with: each slow node is named against the same model in the other
+    jobs, and the 3-node job's healthy node (which now waits) is not called a straggler."""
+    from laggard.collectors.simulate import Scenario
+
+    spec = Scenario.model_validate({
+        "name": "whole_job_slow", "seed": 7, "duration_s": 150, "tick_s": 1.0, "cluster": "w",
+        "nodes": [{"prefix": "h100-", "count": 16, "model": "H100"}],
+        "jobs": [
+            {"name": "solo", "nodes": [{"group": "h100-", "first": 0, "count": 1}], "step_s": 1.0},
+            {"name": "trio", "nodes": [{"group": "h100-", "first": 1, "count": 3}], "step_s": 1.5},
+            {"name": "big", "nodes": [{"group": "h100-", "first": 4, "count": 8}], "step_s": 2.0},
+            {"name": "pair", "nodes": [{"group": "h100-", "first": 12, "count": 2}], "step_s": 1.0,
+             "collective_wait": "host"},
+        ],
+        "faults": [
+            {"kind": "slow_node", "node": "h100-0000", "slowdown": 1.3, "start_s": 33, "end_s": 120},
+            {"kind": "slow_node", "node": "h100-0001", "slowdown": 1.3, "start_s": 47},
+            {"kind": "slow_node", "node": "h100-0002", "slowdown": 1.3, "start_s": 47},
+        ],
+    })
+    out, found = evaluate_scenario(spec)
+    lag = out["laggard"]["straggler"]
+    assert lag["precision"] == 1.0 and lag["recall"] == 1.0 and lag["detect_latency_windows_p50"] <= 2.5, lag
+    named = {(f.kind, f.job, f.node) for f in found if f.state == "firing"}
+    assert named == {("slow_node", "solo", "h100-0000"), ("slow_node", "trio", "h100-0001"),
+                     ("slow_node", "trio", "h100-0002")}, named
