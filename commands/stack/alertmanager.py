@@ -22,17 +22,15 @@ their own with `Alertmanager(state_dir, port, config_file).start()`.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from laggard.commands.stack.go_build import Step, go_env, run_steps
 from laggard.commands.stack.kafka import CACHE_ROOT
-from laggard.commands.stack.process import ManagedService, StackError, http_answers, log_tail
+from laggard.commands.stack.process import ManagedService, StackError, http_answers
 
 ALERTMANAGER_VERSION = "0.35.0"
 ALERTMANAGER_MODULE = "github.com/prometheus/alertmanager"
@@ -55,35 +53,6 @@ def binaries_path(version: str = ALERTMANAGER_VERSION) -> AlertmanagerBinaries:
     return AlertmanagerBinaries(home / "alertmanager", home / "amtool")
 
 
-def build_env(build: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "GOPATH": str(build / "gopath"),
-        "GOMODCACHE": str(build / "gopath" / "pkg" / "mod"),
-        "GOCACHE": str(build / "gocache"),
-        "GOFLAGS": "-mod=mod -buildvcs=false",
-        "CGO_ENABLED": "0",
-    }
-
-
-def _run(name: str, argv: list[str], cwd: Path, env: dict[str, str], log_path: Path) -> str:
-    """Run one build step, its output appended to the log; returns its stdout."""
-    print(f"alertmanager build: {name} ...", flush=True)
-    started = time.monotonic()
-    with log_path.open("ab") as log:
-        log.write(f"\n--- {name}: {' '.join(argv)} ---\n".encode())
-        log.flush()
-        proc = subprocess.run(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
-        log.write(proc.stdout)
-    if proc.returncode != 0:
-        raise StackError(
-            f"alertmanager build failed at step '{name}' (exit {proc.returncode}): `{' '.join(argv)}` in {cwd}.\n"
-            f"Full log: {log_path}. Last lines:\n{log_tail(log_path, 30)}"
-        )
-    print(f"alertmanager build: {name} done in {time.monotonic() - started:.0f} s", flush=True)
-    return proc.stdout.decode()
-
-
 def ensure_alertmanager(version: str = ALERTMANAGER_VERSION) -> AlertmanagerBinaries:
     """The cached `alertmanager` and `amtool` of `version`, built first when missing. Raises
     StackError naming the step that failed."""
@@ -95,15 +64,15 @@ def ensure_alertmanager(version: str = ALERTMANAGER_VERSION) -> AlertmanagerBina
     build = alertmanager_dir(version) / "build"
     build.mkdir(parents=True, exist_ok=True)
     log_path = build / "build.log"
-    env = build_env(build)
+    env = go_env(build, CGO_ENABLED="0")
     print(f"alertmanager {version}: not in {build.parent}; building it from source once (log: {log_path})", flush=True)
     module = f"{ALERTMANAGER_MODULE}@v{version}"
-    info = json.loads(_run("download the module", ["go", "mod", "download", "-json", module], build, env, log_path))
+    run_steps("alertmanager", [Step("download the module", ["go", "mod", "download", module], build)], env, log_path)
     src = build / "src"
     if src.exists():
         subprocess.run(["chmod", "-R", "u+w", str(src)], check=False)
         shutil.rmtree(src)
-    shutil.copytree(info["Dir"], src)
+    shutil.copytree(build / "gopath" / "pkg" / "mod" / module, src)  # GOMODCACHE/<module>@<version>
     subprocess.run(["chmod", "-R", "u+w", str(src)], check=True)  # the module cache is read-only
     for ui in ("elm", "mantine"):
         (src / "ui" / "app" / "dist" / ui).mkdir(parents=True, exist_ok=True)
@@ -111,8 +80,9 @@ def ensure_alertmanager(version: str = ALERTMANAGER_VERSION) -> AlertmanagerBina
     out = build / "out"
     ldflags = " ".join(f"-X github.com/prometheus/common/version.{k}={v}" for k, v in
                        (("Version", version), ("Revision", "go-module-proxy"), ("Branch", "HEAD")))
-    _run("compile alertmanager and amtool", ["go", "build", "-ldflags", ldflags, "-o", f"{out}/",
-                                             *(f"./cmd/{c}" for c in COMMANDS)], src, env, log_path)
+    run_steps("alertmanager", [Step("compile alertmanager and amtool", ["go", "build", "-ldflags", ldflags, "-o",
+                                                                         f"{out}/", *(f"./cmd/{c}" for c in COMMANDS)],
+                                    src)], env, log_path)
     for command in COMMANDS:  # only a finished build takes the binaries' names
         (out / command).replace(build.parent / command)
     print(f"alertmanager {version}: built {found.alertmanager} and {found.amtool}", flush=True)

@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from laggard.commands.stack.go_build import Step, go_env, run_steps
 from laggard.commands.stack.kafka import CACHE_ROOT
-from laggard.commands.stack.process import StackError, log_tail
+from laggard.commands.stack.process import StackError
 
 INFLUXD_VERSION = "2.7.12"
 PKG_CONFIG_MODULE = "github.com/influxdata/pkg-config@v0.2.14"
@@ -57,13 +55,6 @@ def influxd_path(version: str = INFLUXD_VERSION) -> Path:
     return CACHE_ROOT / f"influxd-{version}" / "influxd"
 
 
-@dataclass
-class Step:
-    name: str
-    argv: list[str]
-    cwd: Path
-
-
 def build_steps(version: str, build: Path, output: Path) -> list[Step]:
     ldflags = f"-X main.version=v{version} -X main.commit=go-module-proxy"  # /ping reports this version
     return [
@@ -75,41 +66,9 @@ def build_steps(version: str, build: Path, output: Path) -> list[Step]:
 
 
 def build_env(build: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "GOPATH": str(build / "gopath"),
-        "GOMODCACHE": str(build / "gopath" / "pkg" / "mod"),
-        "GOCACHE": str(build / "gocache"),
-        "GOBIN": str(build / "bin"),
-        "GOFLAGS": "-mod=mod -buildvcs=false",
-        "CGO_ENABLED": "1",
-        "PATH": f"{build / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-        "RUSTUP_TOOLCHAIN": "stable",
-        "RUSTC_WORKSPACE_WRAPPER": str(build / "bin" / "rustc-cap-lints"),
-    }
-
-
-def _run(step: Step, env: dict[str, str], log_path: Path, number: int, total: int) -> None:
-    print(f"influxd build [{number}/{total}] {step.name} ...", flush=True)
-    started = time.monotonic()
-    with log_path.open("ab") as log:
-        log.write(f"\n--- {step.name}: {' '.join(step.argv)} ---\n".encode())
-        log.flush()
-        proc = subprocess.Popen(step.argv, cwd=step.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-        while True:
-            try:
-                code = proc.wait(timeout=60)
-                break
-            except subprocess.TimeoutExpired:
-                print(f"influxd build: still at '{step.name}' ({(time.monotonic() - started) / 60:.0f} min)",
-                      flush=True)
-    if code != 0:
-        raise StackError(
-            f"influxd build failed at step '{step.name}' (exit {code}): `{' '.join(step.argv)}` in {step.cwd}.\n"
-            f"Full log: {log_path}. Last lines:\n{log_tail(log_path, 30)}"
-        )
-    print(f"influxd build: {step.name} done in {time.monotonic() - started:.0f} s", flush=True)
+    return go_env(build, GOBIN=str(build / "bin"), CGO_ENABLED="1",
+                  PATH=f"{build / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", RUSTUP_TOOLCHAIN="stable",
+                  RUSTC_WORKSPACE_WRAPPER=str(build / "bin" / "rustc-cap-lints"))
 
 
 def ensure_influxd(version: str = INFLUXD_VERSION) -> Path:
@@ -131,10 +90,7 @@ def ensure_influxd(version: str = INFLUXD_VERSION) -> Path:
     log_path = build / "build.log"
     print(f"influxd {version}: not in {binary.parent}; building it from source once "
           f"(~13 CPU-minutes cold; log: {log_path})", flush=True)
-    steps = build_steps(version, build, partial)
-    env = build_env(build)
-    for number, step in enumerate(steps, 1):
-        _run(step, env, log_path, number, len(steps))
+    run_steps("influxd", build_steps(version, build, partial), build_env(build), log_path)
     partial.replace(binary)  # only a finished build takes the binary's name
     print(f"influxd {version}: built {binary}", flush=True)
     return binary
