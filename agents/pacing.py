@@ -179,7 +179,7 @@ def slow_node_findings(group: SlowGroup, job: JobView) -> list[Finding]:
     against = (f"{ref.clock_mhz:.0f} MHz for {group.model} elsewhere in the fleet ({ref.gpus} GPUs)"
                if ref.kind == "fleet" else f"{ref.clock_mhz:.0f} MHz for this job before")
     words = [_REASON_WORDS.get(name, name) for name in sorted(group.extra_reasons)]
-    lost_s = [group.deficit * r.window_s for r in group.ranks]
+    lost_s = group.deficit * sum(r.window_s for r in group.ranks)  # GPU-seconds the job loses this window
     idle_w = median(r.idle_power_w for r in group.ranks)
     found = []
     for node, slow in sorted(group.by_node().items()):
@@ -205,8 +205,8 @@ def slow_node_findings(group: SlowGroup, job: JobView) -> list[Finding]:
             },
             cost={
                 "job_step_loss_share": round(group.deficit, 4),
-                "job_gpu_s_wasted": round(share * sum(lost_s), 2),
-                "energy_wh_wasted": round(share * sum(lost_s) * idle_w / 3600.0, 3),
+                "job_gpu_s_wasted": round(share * lost_s, 2),
+                "energy_wh_wasted": round(share * lost_s * idle_w / 3600.0, 3),
             },
         ))
     return found

@@ -246,17 +246,15 @@ class Worker(WorkerCore):
         async for event in stream.events():
             await self.deliver(self.settings.topic_windows, event)
 
-    async def publish_findings(self, findings: list[Finding]) -> None:
+    async def publish_judged(self, stage: DetectStage, findings: list[Finding]) -> None:
+        """What judging windows gave: the findings that fired or resolved (to the findings topic and
+        InfluxDB), and a point for each finding going on in each window, so dashboards show what is
+        active in any time range; one InfluxDB write for both."""
         for finding in findings:
             await self.findings_topic.send(key=finding.fingerprint.encode(), value=finding.model_dump_json().encode())
-        await self.write([finding_point(f) for f in findings])
+        await self.write([finding_point(f) for f in findings]
+                         + [finding_point(f, "finding_active") for f in stage.take_active()])
         self.counters.findings += len(findings)
-
-    async def publish_judged(self, stage: DetectStage, findings: list[Finding]) -> None:
-        """What judging windows gave: the findings that fired or resolved, and a point for each
-        finding going on in each window, so dashboards show what is active in any time range."""
-        await self.publish_findings(findings)
-        await self.write([finding_point(f, "finding_active") for f in stage.take_active()])
 
     async def detect_stage(self, partition: int, resume_offset: int) -> DetectStage:
         """As `sample_stage`, for stage 2 (what the re-read releases is published again)."""
