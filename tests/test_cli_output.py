@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from laggard import logs
 from laggard.commands.cli import app
 from laggard.commands.pipeline_run import PipelineRun
-from laggard.commands.stack.process import free_port
+from laggard.commands.stack.process import free_port, wait_until
 from laggard.events import encode
 from laggard.logs import LogFormat
 from laggard.rules.alert_lifecycle import AlertState, EngineState
@@ -228,10 +228,7 @@ def test_the_worker_log_follows_log_format_and_has_no_terminal_codes(
         log_format: str, level: str, stack: Settings, tmp_path: Path) -> None:
     with PipelineRun(stack, prefix="t16-log", state_root=tmp_path, extra_env={"LAGGARD_LOG_FORMAT": log_format}) as run:
         run.start_worker(log_level=level)
-        deadline = time.monotonic() + 120
-        while not run.stats():
-            assert time.monotonic() < deadline, f"the worker never answered:\n{run.describe()}"
-            time.sleep(0.5)  # polled against the deadline above
+        assert wait_until(lambda: bool(run.stats()), 120, 0.5), f"the worker never answered:\n{run.describe()}"
         run.stop_worker()
     log = run.log_path.read_text()
     assert "\x1b" not in log and "\b" not in log, repr(log[:2000])  # no cursor, colour or spinner codes
