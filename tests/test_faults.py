@@ -58,9 +58,11 @@ OUTAGE_S = 30.0  # how long InfluxDB stays down: the fault itself, a timed wait 
 pytestmark = pytest.mark.stack  # private instances of the services
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def private(tmp_path_factory) -> Settings:
-    """A second stack instance's settings; each test starts the services it needs, all stop at the end."""
+    """A second stack instance's settings; each test starts the services it needs, all stop at its
+    end. Per test, so its free ports are taken within seconds of being found: chosen once for the
+    module, a port could go to another test's service minutes before this one started on it."""
     kafka = free_port()
     settings = Settings(
         state_dir=tmp_path_factory.mktemp("fault-stack"), kafka_port=kafka, kafka_controller_port=free_port(),
