@@ -4,12 +4,17 @@ The rules engine and receivers are in rules/; this module keeps the firing findi
 engine on a clock, dispatches notifications and checkpoints the alert state in a Faust table.
 `add_alerting` registers it on a worker (agents/worker.py builds one).
 
+Silences come from their compacted topic, read on at every tick (one added anywhere holds at the
+next); notifications wait until the topic has been read to where it was at startup, so a restart
+never notifies what a silence mutes. The live alerts go to their topic for `laggard alerts list`
+(rules/shared_state.py).
+
 Nothing here stops alerting for good: a rules file that is bad at startup (with no checkpointed
 rules to fall back on) leaves an engine without rules that keeps every finding taken meanwhile
 (firing and resolved, checkpointed), so they are all evaluated once the file is fixed; a bad
-reload or silences file keeps the last good one; a notification a webhook does not take is
-deferred and checkpointed (rules/receivers/delivery.py); a tick that fails is logged and the next
-one tries again.
+reload keeps the last good rules; a record on the silences topic that is not a silence is skipped
+(logged, counted); a notification a webhook does not take is deferred and checkpointed
+(rules/receivers/delivery.py); a tick that fails is logged and the next one tries again.
 """
 
 from __future__ import annotations
@@ -30,8 +35,7 @@ from laggard.rules.alert_lifecycle import AlertEngine
 from laggard.rules.loader import DEFAULT_RULES, RulesFileInvalid, load_rules
 from laggard.rules.model import RulesConfig
 from laggard.rules.receivers.delivery import DeadLetter, DeliveryOutcome, Dispatcher, SentLog
-from laggard.rules.silences import Silence, SilenceStore
-from laggard.settings import ALERTS_STATE_FILE, SILENCES_FILE
+from laggard.rules.shared_state import ALERTS_KEY, HEARTBEAT_S, SilenceBook, SilenceFeed, board_record, this_writer
 from laggard.topics import alert_ticks_name, worker_tables
 
 # Findings are re-delivered after a restart (at-least-once). A transition no newer than the last one
@@ -41,6 +45,8 @@ TRANSITION_MEMORY_S = 3600.0
 TICK = b"tick"
 # Findings kept while no rules are in force (bad rules file at startup), newest kept past this.
 MAX_UNEVALUATED = 10_000
+# How long one tick waits for the silences topic while it has not been read to its end yet.
+SILENCES_CATCH_UP_S = 5.0
 
 
 @dataclass
@@ -54,8 +60,6 @@ class Alerting:
     counters: Counters
     firing: dict[str, Finding] = field(default_factory=dict)
     latest: dict[str, float] = field(default_factory=dict)  # finding fingerprint -> window_start taken
-    silences: list[Silence] = field(default_factory=list)  # the last good silences file
-    silences_problem: str = ""  # why the silences file was last refused, logged once per change
     # Findings taken while there are no rules (a bad rules file at startup), in order, for the
     # rules that replace it; None while rules are in force.
     unevaluated: list[Finding] | None = None
@@ -85,19 +89,6 @@ class Alerting:
                 # Stand-in rules (none, while the file is bad) are not rules a restart may fall back on.
                 "rules": self.engine.config.model_dump(mode="json", by_alias=True) if self.unevaluated is None else None}
 
-    def current_silences(self, path: Path) -> list[Silence]:
-        """The silences file, or the last good one while it cannot be read (logged and counted once)."""
-        try:
-            self.silences, self.silences_problem = SilenceStore(path).load(), ""
-        except (OSError, ValueError) as err:
-            problem = f"{type(err).__name__}: {err}"[:500]
-            if problem != self.silences_problem:
-                self.silences_problem = problem
-                self.counters.silences_load_failures += 1
-                log.error("silences file %s cannot be read, keeping the last good silences: %s", path, problem)
-        return self.silences
-
-
 def rules_mtime(path: Path) -> float:
     """The file's mtime; -1 while it is missing (a change like any other, reported once)."""
     try:
@@ -118,6 +109,10 @@ class AlertingStage:
         self.state_table = core.app.Table("alert-state", default=dict,
                                           partitions=worker_tables(self.settings)["alert-state"])
         self.alerting: Alerting | None = None
+        self.silences = SilenceBook()  # filled by `feed`, or by hand where there is no broker (tests)
+        self.feed: SilenceFeed | None = None
+        self.board_topic = core.topic(self.settings.topic_alerts)
+        self.board_shown: tuple[float, list[Any]] = (float("-inf"), [])  # when published, and what
 
     def rules_path(self) -> Path:
         return self.settings.rules_file or DEFAULT_RULES
@@ -182,7 +177,6 @@ class AlertingStage:
             log.error("rules file %s not reloaded, keeping the last good rules: %s: %s", path, type(err).__name__, err)
             return current
         log.warning("rules file %s reloaded", path)
-        reloaded.silences, reloaded.silences_problem = current.silences, current.silences_problem
         await current.dispatcher.aclose()
         return reloaded
 
@@ -195,15 +189,38 @@ class AlertingStage:
     async def send_due_notifications(self, current: Alerting, now: float) -> None:
         for finding in current.firing.values():
             current.engine.observe_finding(finding, now)
-        silences = current.current_silences(self.settings.state_dir / SILENCES_FILE)
+        silences = list(self.silences.silences.values())
         self.count(await current.dispatcher.retry_deferred())
         self.count([await current.dispatcher.dispatch(n) for n in current.engine.advance(now, silences)])
-        # Replaced in one step: `laggard alerts list` never reads half a file.
-        state_file = self.settings.state_dir / ALERTS_STATE_FILE
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = state_file.with_suffix(".tmp")
-        partial.write_text(json.dumps(current.engine.snapshot()))
-        partial.replace(state_file)
+
+    async def read_silences(self) -> bool:
+        """Read on in the silences topic; True once it has been read to where it was at startup."""
+        if self.feed is None:
+            self.feed = await asyncio.to_thread(SilenceFeed, self.settings, self.silences)
+        was_caught_up = self.feed.caught_up
+        for problem in await asyncio.to_thread(self.feed.read, 0.0 if was_caught_up else SILENCES_CATCH_UP_S):
+            self.counters.silence_records_skipped += 1
+            log.error("%s", problem)
+        if not self.feed.caught_up:
+            log.warning("silences topic %s not read to its end yet: notifications wait", self.settings.topic_silences)
+        return self.feed.caught_up
+
+    async def publish_board(self, current: Alerting, now: float) -> None:
+        """The live alerts on their topic when they change, and every HEARTBEAT_S (it says this worker alerts)."""
+        alerts = current.engine.active_alerts()
+        shown = [(a.fingerprint, a.status, a.silenced_by, a.inhibited, a.annotations) for a in alerts]
+        if shown == self.board_shown[1] and now - self.board_shown[0] < HEARTBEAT_S:
+            return
+        await self.board_topic.send(key=ALERTS_KEY, value=board_record(alerts, now, this_writer()))
+        self.board_shown = (now, shown)
+
+    async def tick(self, current: Alerting, now: float) -> Alerting:
+        """The rules file reloaded if changed, due notifications sent and the live alerts published."""
+        current = await self.reload_rules(current)
+        if await self.read_silences():
+            await self.send_due_notifications(current, now)
+            await self.publish_board(current, now)
+        return current
 
     def take(self, current: Alerting, event: Any) -> None:
         """A finding, or a cluster's fleet KPI window from the alert channel; ValueError if neither."""
@@ -218,8 +235,7 @@ class AlertingStage:
                 self.alerting = self.make_alerting(self.state_table.get("state") or {})
             if event.message.topic != self.settings.topic_findings and event.value == TICK:
                 try:
-                    self.alerting = await self.reload_rules(self.alerting)
-                    await self.send_due_notifications(self.alerting, time.time())
+                    self.alerting = await self.tick(self.alerting, time.time())
                 except Exception:  # the agent must outlive it: the findings are kept, the next tick tries again
                     self.counters.alert_tick_failures += 1
                     log.exception("alert tick failed; trying again on the next one")
@@ -235,6 +251,7 @@ class AlertingStage:
         """Whoever gets the alert channel next starts from the table, not from stale memory."""
         if self.alerting is not None and any(tp.topic == self.settings.topic_findings for tp in revoked):
             stale, self.alerting = self.alerting, None
+            self.board_shown = (float("-inf"), [])
             # In the background: a notification being sent right now may finish first.
             asyncio.ensure_future(stale.dispatcher.aclose())
 

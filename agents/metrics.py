@@ -41,7 +41,7 @@ class Counters:
     notifications_failed: int = 0
     rules_reload_failures: int = 0
     notifications_deferred: int = 0  # not taken by the webhook after retries: tried again later
-    silences_load_failures: int = 0
+    silence_records_skipped: int = 0
     alert_tick_failures: int = 0  # alert ticks that raised (logged; the next tick tries again)
     stage_rejected: int = 0  # messages between stages that were not what the stage reads
     input_gaps: int = 0  # offset ranges Faust skipped around a rebalance: re-read, or sought back to
@@ -135,8 +135,8 @@ def counter_families(counters: Counters, influx_points_written: int, influx_writ
                  "write is dead-lettered)", c.influx_rejected),
         _counter("laggard_rules_reload_failures", "Changed rules files refused (last good rules kept)",
                  c.rules_reload_failures),
-        _counter("laggard_silences_load_failures", "Silences files that could not be read (last good kept)",
-                 c.silences_load_failures),
+        _counter("laggard_silence_records_skipped", "Records on the silences topic that are not silences (skipped)",
+                 c.silence_records_skipped),
         _counter("laggard_alert_tick_failures", "Alert ticks that failed (logged; the next one tries again)",
                  c.alert_tick_failures),
         _labelled("laggard_template_render_failures", "Annotation templates that failed at send time (sent as "

@@ -48,11 +48,11 @@ PROGRESS_EVERY = 1000  # messages between calls of publish_scenario's progress
 # Settings the worker subprocess must share with its run, passed as LAGGARD_* variables; anything
 # else it reads from the same environment and env file as this process.
 WORKER_SETTINGS = ("topic_samples", "topic_windows", "topic_fleet", "topic_findings", "topic_deadletter",
-                   "topic_truth", "worker_app_id", "worker_web_port", "state_dir", "baseline_detector",
-                   "kafka_bootstrap_servers", "window_s", "window_hold_s", "topic_partitions")
+                   "topic_truth", "topic_silences", "topic_alerts", "worker_app_id", "worker_web_port", "state_dir",
+                   "baseline_detector", "kafka_bootstrap_servers", "window_s", "window_hold_s", "topic_partitions")
 
 
-RUN_TOPICS = ("samples", "windows", "fleet", "findings", "deadletter", "truth")
+RUN_TOPICS = ("samples", "windows", "fleet", "findings", "deadletter", "truth", "silences", "alerts")
 
 
 class PipelineError(RuntimeError):

@@ -24,11 +24,6 @@ def _default_state_dir() -> Path:
     return Path(os.environ.get("LAGGARD_STATE_DIR", Path.cwd() / ".stack"))
 
 
-# The alert engine's state and the silences, in state_dir: written by the worker and by
-# `laggard silence`, read by `laggard alerts list`.
-ALERTS_STATE_FILE = "alerts-state.json"
-SILENCES_FILE = "silences.json"
-
 
 def local_influx2_token_file(state_dir: Path) -> Path:
     """Where `stack up --influx 2` keeps the token it generated for the local InfluxDB 2 (mode 600)."""
@@ -62,6 +57,10 @@ class Settings(BaseSettings):
     topic_findings: str = "laggard.findings"
     topic_truth: str = "laggard.truth"
     topic_fleet: str = "laggard.fleet"
+    # Compacted, one partition each: silences (`laggard silence`) and the live alerts (`laggard alerts list`)
+    # that every worker and command shares (rules/shared_state.py).
+    topic_silences: str = "laggard.silences"
+    topic_alerts: str = "laggard.alerts"
     topic_partitions: int = Field(default=8, ge=1)
     # Replicas of every topic laggard creates, changelogs included (3 on a production cluster).
     topic_replication_factor: int = Field(default=1, ge=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic, OffsetSpec
@@ -42,7 +43,22 @@ def topic_partitions(settings: Settings) -> dict[str, int]:
         settings.topic_fleet)}
     # Findings are few, and the alert lifecycle needs all of them in one place: 1 partition.
     topics |= {settings.topic_findings: 1, alert_ticks_name(settings): 1}
+    topics |= dict.fromkeys(shared_state_topics(settings), 1)
     return topics | {changelog_name(settings, table): n for table, n in worker_tables(settings).items()}
+
+
+def shared_state_topics(settings: Settings) -> list[str]:
+    """The silences and the live alerts, compacted (rules/shared_state.py)."""
+    return [settings.topic_silences, settings.topic_alerts]
+
+
+def topic_configs(settings: Settings, name: str) -> dict[str, str]:
+    """Changelogs and shared state keep the newest record per key; an alert board may be large."""
+    if name in {changelog_name(settings, table) for table in worker_tables(settings)}:
+        return {"cleanup.policy": "compact"}
+    if name in shared_state_topics(settings):
+        return {"cleanup.policy": "compact", "max.message.bytes": str(8 * 1024 * 1024)}
+    return {}
 
 
 class TopicsUnavailable(RuntimeError):
@@ -53,24 +69,27 @@ def _wanted(missing: list[str], wanted: dict[str, int]) -> str:
     return ", ".join(f"{name} ({wanted[name]} partitions)" for name in missing)
 
 
-def ensure_topics(settings: Settings, timeout_s: float = 60) -> list[str]:
-    """Create laggard's topics that do not exist yet (with `topic_replication_factor` replicas;
-    changelogs compacted) and wait until every partition of each has a leader; returns the names
-    created. With `topic_create` off, only check that they exist (an admin creates them)."""
+def ensure_topics(settings: Settings, timeout_s: float = 60, only: Iterable[str] | None = None) -> list[str]:
+    """Create laggard's topics (or those of them named in `only`) that do not exist yet (with
+    `topic_replication_factor` replicas; changelogs and shared state compacted) and wait until every
+    partition of each has a leader; returns the names created. With `topic_create` off, only check
+    that they exist (an admin creates them)."""
     wanted = topic_partitions(settings)
-    changelogs = {changelog_name(settings, table) for table in worker_tables(settings)}
+    if only is not None:
+        wanted = {name: wanted[name] for name in only}
     admin = KafkaAdminClient(**client_config(settings), client_id="laggard-topics")
     try:
         existing = set(admin.list_topics())
         missing = [name for name in wanted if name not in existing]
         if missing and not settings.topic_create:
             raise TopicsUnavailable(f"topics missing (LAGGARD_TOPIC_CREATE is off, so an admin creates them): "
-                                    f"{_wanted(missing, wanted)}; changelogs with cleanup.policy=compact")
+                                    f"{_wanted(missing, wanted)}; changelogs, {' and '.join(shared_state_topics(settings))} "
+                                    "with cleanup.policy=compact")
         if missing:
             replicas = settings.topic_replication_factor
             try:
-                admin.create_topics([NewTopic(name, wanted[name], replicas, topic_configs=(
-                    {"cleanup.policy": "compact"} if name in changelogs else {})) for name in missing])
+                admin.create_topics([NewTopic(name, wanted[name], replicas, topic_configs=topic_configs(settings, name))
+                                     for name in missing])
             except TopicAlreadyExistsError:  # another process won the race
                 pass
             except (TopicAuthorizationFailedError, ClusterAuthorizationFailedError) as err:

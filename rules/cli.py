@@ -1,7 +1,7 @@
 """CLI pieces for the lead to mount: `laggard rules …`, `laggard alerts …`, `laggard silence …`.
 
-Active alerts and silences live as JSON files under settings.state_dir for now: the worker
-writes `alerts-state.json` (AlertEngine.snapshot()) and reads `silences.json`.
+Silences and the live alerts are on their compacted Kafka topics (rules/shared_state.py), so these
+commands see what every worker sees, from any machine that reaches the broker.
 """
 
 from __future__ import annotations
@@ -14,19 +14,19 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Column, Table
 
 from laggard import logs
-from laggard.rules.alert_lifecycle import AlertSnapshot, EngineState, Notification, dashboard_url, fingerprint
+from laggard.rules.alert_lifecycle import AlertSnapshot, Notification, dashboard_url, fingerprint
 from laggard.rules.evaluate import sample_contexts
 from laggard.rules.loader import DEFAULT_RULES, RulesFileInvalid, check_file, load_rules
 from laggard.rules.model import Matcher, RulesConfig, parse_duration
 from laggard.rules.receivers.delivery import DeadLetter, DeliveryOutcome, Dispatcher
 from laggard.rules.receivers.text import human_duration, iso_utc, pairs
-from laggard.rules.silences import SilenceStore, StateFileInvalid, state_file_problem
-from laggard.settings import ALERTS_STATE_FILE, SILENCES_FILE, get_settings
+from laggard.rules.shared_state import AlertBoard, SilenceBook, read_alert_board, read_silences, write_silence
+from laggard.rules.silences import Silence
+from laggard.settings import get_settings
 
 console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
@@ -41,15 +41,18 @@ ConfigOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="print JSON (a list of objects) instead of a table")]
 
 
-def silence_store() -> SilenceStore:
-    return SilenceStore(get_settings().state_dir / SILENCES_FILE)
-
-
-def state_file_failed(err: StateFileInvalid | OSError) -> NoReturn:
-    """A state file that cannot be read or written: one line on stderr, exit 1."""
-    message = str(err) if isinstance(err, StateFileInvalid) else f"{err.filename}: {err.strerror}"
+def failed(message: str) -> NoReturn:
+    """One line on stderr, exit 1."""
     errors.print(f"laggard: {message}", markup=False, highlight=False)
     raise typer.Exit(1)
+
+
+def current_silences() -> SilenceBook:
+    """The silences on the topic; records that are not silences are named on stderr and skipped."""
+    book, problems = read_silences(get_settings())
+    for problem in problems:
+        errors.print(f"laggard: {problem}", markup=False, highlight=False)
+    return book
 
 
 @rules_app.callback()
@@ -170,34 +173,39 @@ def send_test(receiver: Annotated[str, typer.Argument(help="receiver name from t
 
 
 @alerts_app.command("list")
-def list_alerts(
-    state_file: Annotated[Path | None, typer.Option("--state", help=f"engine state JSON (default: state_dir/{ALERTS_STATE_FILE})")] = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Active (pending and firing) alerts, from the state file the worker writes."""
-    path = state_file or get_settings().state_dir / ALERTS_STATE_FILE
-    if not path.exists():
-        errors.print(f"no alert state at {path} (is the worker running?)", markup=False)
-        raise typer.Exit(1)
+def list_alerts(as_json: JsonOption = False) -> None:
+    """Active (pending and firing) alerts, as the alerting worker last published them; exit 1 when
+    none has, or when the newest board is stale (no worker alerts now)."""
+    settings = get_settings()
     try:
-        state = EngineState.model_validate_json(path.read_bytes())
-    except ValidationError as err:
-        state_file_failed(StateFileInvalid(path, f"not a valid alert state file: {state_file_problem(err)}",
-                                           "the worker rewrites it on its next alerting tick"))
-    except OSError as err:
-        state_file_failed(err)
-    live = sorted((a for a in state.alerts.values() if a.status != "resolved"), key=lambda a: a.active_since)
-    if as_json:
-        logs.print_json([a.model_dump(mode="json") for a in live])
-        return
-    table = Table("status", Column("alert", no_wrap=True), "severity", "where", "since", "muted", "summary")
+        board = read_alert_board(settings)
+    except ValueError as err:
+        failed(str(err))
+    if board is None:
+        failed(f"no alerts published on {settings.topic_alerts} yet (is a worker running?)")
     now = time.time()
-    for a in live:
+    stale = board.stale(now)
+    if as_json:
+        logs.print_json([{**a.model_dump(mode="json"), "stale": stale} for a in board.alerts])
+    else:
+        print_alerts(board, stale, now)
+    if board.left_off:
+        errors.print(f"laggard: {board.left_off} more alert(s) left off the board (too many to publish)", markup=False)
+    if stale:
+        failed(f"these alerts were published {human_duration(now - board.written_at)} ago "
+               f"({iso_utc(board.written_at)}, by {board.writer}) and no worker has published since: "
+               "they may have ended (is a worker running?)")
+
+
+def print_alerts(board: AlertBoard, stale: bool, now: float) -> None:
+    table = Table("status", Column("alert", no_wrap=True), "severity", "where", "since", "muted", "summary")
+    for a in board.alerts:
         since = a.starts_at if a.starts_at is not None else a.active_since
         where = pairs({k: v for k, v in a.labels.items() if k in ("cluster", "job", "rank", "node", "gpu")})
         muted = "silenced" if a.silenced_by else "inhibited" if a.inhibited else ""
-        table.add_row(a.status, a.labels.get("alertname", a.rule), a.labels.get("severity", ""), where,
-                      f"{iso_utc(since)} ({human_duration(now - since)})", muted, a.annotations.get("summary", ""))
+        table.add_row(f"{a.status} (stale)" if stale else a.status, a.labels.get("alertname", a.rule),
+                      a.labels.get("severity", ""), where, f"{iso_utc(since)} ({human_duration(now - since)})", muted,
+                      a.annotations.get("summary", ""))
     logs.print_table(console, table)
 
 
@@ -215,13 +223,9 @@ def silence_add(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     now = time.time()
-    try:
-        silence = silence_store().add(
-            matchers, starts_at=now, ends_at=now + seconds, comment=comment, created_by=author or getpass.getuser(),
-            now=now,
-        )
-    except (StateFileInvalid, OSError) as err:
-        state_file_failed(err)
+    silence = Silence.new(matchers, starts_at=now, ends_at=now + seconds, comment=comment,
+                          created_by=author or getpass.getuser(), now=now)
+    write_silence(get_settings(), silence)
     console.print(f"silence {silence.id} until {iso_utc(silence.ends_at)}", markup=False)
 
 
@@ -232,10 +236,7 @@ def silence_list(
 ) -> None:
     """Pending and active silences (all with --all)."""
     now = time.time()
-    try:
-        silences = silence_store().list(now, include_expired=include_expired)
-    except (StateFileInvalid, OSError) as err:
-        state_file_failed(err)
+    silences = current_silences().listed(now, include_expired)
     if as_json:
         logs.print_json([{**s.model_dump(mode="json"), "state": s.state(now)} for s in silences])
         return
@@ -248,12 +249,11 @@ def silence_list(
 
 @silence_app.command("expire")
 def silence_expire(silence_id: Annotated[str, typer.Argument(help="silence id from `silence list`")]) -> None:
-    """End a silence now."""
-    try:
-        silence = silence_store().expire(silence_id, time.time())
-    except KeyError:
-        errors.print(f"no silence with id {silence_id!r}", markup=False)
-        raise typer.Exit(1) from None
-    except (StateFileInvalid, OSError) as err:
-        state_file_failed(err)
+    """End a silence now (every worker stops applying it at its next tick)."""
+    found = current_silences().silences.get(silence_id)
+    if found is None:
+        failed(f"no silence with id {silence_id!r}")
+    silence = found.ended(time.time())
+    if silence is not found:
+        write_silence(get_settings(), silence)
     console.print(f"silence {silence.id} expired at {iso_utc(silence.ends_at)}", markup=False)

@@ -33,3 +33,9 @@ def stack() -> Settings:
 def unique() -> str:
     """A short unique suffix for topic, group and measurement names, so tests never share state."""
     return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def shared_state_env(stack: Settings, unique: str) -> dict[str, str]:
+    """LAGGARD_* variables giving a `laggard` command its own silences and alerts topics on the stack."""
+    return {"LAGGARD_TOPIC_SILENCES": f"test-silences-{unique}", "LAGGARD_TOPIC_ALERTS": f"test-alerts-{unique}"}

@@ -1,6 +1,6 @@
 """The alerting agent's own functions (agents/alerting.py) without Kafka: a bad rules file at
 startup keeps the findings until it is fixed (then they are alerted on, into a real local HTTP
-server), and a bad silences file keeps the last good silences (logged and counted once)."""
+server). Silences and published alerts need the broker: tests/test_alerting_worker.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from laggard.agents.alerting import AlertingStage
 from laggard.agents.core import WorkerCore
 from laggard.results import Finding
-from laggard.settings import SILENCES_FILE, Settings
+from laggard.settings import Settings
 from tests.helpers.webhook_server import WebhookServer
 
 RULES = """\
@@ -60,28 +60,13 @@ def test_a_bad_rules_file_at_startup_keeps_the_firing_findings_until_it_is_fixed
     assert list(fixed.firing) == [straggler().fingerprint]  # alerted on at the next tick
 
 
-def test_a_bad_silences_file_keeps_the_last_good_silences(rules_file: Path, tmp_path: Path,
-                                                          alerting: AlertingStage) -> None:
-    rules_file.write_text(RULES)
-    current = alerting.make_alerting({})
-    silences = tmp_path / "silences.json"
-    silences.write_text(json.dumps([{"id": "s1", "matchers": [{"name": "job", "value": "j1"}], "starts_at": 0,
-                                     "ends_at": 4e9, "comment": "parked", "created_by": "test", "created_at": 0}]))
-    good = current.current_silences(silences)
-    assert [s.id for s in good] == ["s1"]
-    silences.write_text("")  # emptied by a hand edit
-    assert current.current_silences(silences) == good and current.current_silences(silences) == good
-    assert alerting.counters.silences_load_failures == 1  # logged and counted once, not every tick
-
-
-def test_findings_taken_while_the_rules_and_silences_files_are_bad_are_alerted_on_once_fixed(
+def test_findings_taken_while_the_rules_file_is_bad_are_alerted_on_once_fixed(
         rules_file: Path, tmp_path: Path, alerting: AlertingStage, monkeypatch: pytest.MonkeyPatch) -> None:
     """A straggler that fired and resolved while the rules file was bad (no checkpoint to fall back
-    on) and silences.json corrupt: once the rules are fixed it is announced firing, then resolved."""
+    on): once the rules are fixed it is announced firing, then resolved."""
     with WebhookServer() as server:
         monkeypatch.setenv("ALERTING_AGENT_TEST_URL", server.url("/hook"))
         rules_file.write_text(RULES.replace("group_wait", "group_wiat"))
-        (tmp_path / SILENCES_FILE).write_text("[{")  # corrupt, and no good one seen before
         current = alerting.make_alerting({})
         current.take(straggler(), time.time())
         current.take(straggler().model_copy(update={"state": "resolved", "window_start": 11.0}), time.time())
@@ -104,5 +89,4 @@ def test_findings_taken_while_the_rules_and_silences_files_are_bad_are_alerted_o
         sent = [(r.json["status"], r.json["alerts"][0]["labels"]["rank"]) for r in server.requests("/hook")]
     assert sent == [("firing", "3"), ("resolved", "3")]
     assert alerting.counters.rules_reload_failures == 2  # at start, and at the restart
-    assert alerting.counters.silences_load_failures == 2  # once per start: not again on the reload
     assert alerting.counters.notifications == 2

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from laggard.collectors.publisher import Publisher
 from laggard.collectors.simulate import FleetSimulator, load_scenario
 from laggard.commands.pipeline_run import PipelineRun, past_start_ts
 from laggard.commands.stack.process import wait_until
-from laggard.settings import ALERTS_STATE_FILE, Settings
+from laggard.rules.shared_state import AlertBoard
+from laggard.settings import Settings
 from laggard.topics import changelog_name, read_topic
 from tests.helpers.webhook_server import RecordedRequest, Reply, WebhookServer
 
@@ -76,7 +78,6 @@ class AlertingRun:
         env = {"ALERT_TEST_HOOK_URL": server.url("/hook"), "ALERT_TEST_CHAT_URL": server.url("/chat")}
         self.run = PipelineRun(stack, prefix=prefix, extra_env=env, state_root=tmp_path,
                                overrides={"rules_file": self.rules_file})
-        self.state_file = self.run.settings.state_dir / ALERTS_STATE_FILE
         spec = load_scenario(SCENARIO)
         # Window-aligned start: the first part ends on a window boundary, so nothing of the second
         # part falls into a window the worker closed while it waited.
@@ -95,12 +96,20 @@ class AlertingRun:
                         self.run.published += 1
         assert not publisher.stats.failed, publisher.stats.last_error
 
+    def board(self) -> AlertBoard | None:
+        """The newest live alerts the worker published on the run's alerts topic (None before the first)."""
+        boards = read_topic(self.run.settings, self.run.settings.topic_alerts)
+        return AlertBoard.model_validate_json(boards[-1]) if boards else None
+
+    def published_at(self) -> float:
+        board = self.board()
+        return board.written_at if board else float("-inf")
+
     def alerts(self) -> dict[str, dict[str, Any]]:
-        """The worker's alert state file: alerts by alertname/job, {} until it is written."""
-        if not self.state_file.exists():
-            return {}
-        alerts = json.loads(self.state_file.read_text())["alerts"].values()
-        return {f"{a['labels']['alertname']}/{a['labels'].get('job')}": a for a in alerts}
+        """The published live alerts by alertname/job, {} until the first board."""
+        board = self.board()
+        return {f"{a.labels['alertname']}/{a.labels.get('job')}": a.model_dump(mode="json")
+                for a in (board.alerts if board else [])}
 
     def checkpointed_sent(self) -> set[str]:
         """Idempotency keys in the newest alert-state checkpoint on the table's changelog in Kafka."""
@@ -108,11 +117,10 @@ class AlertingRun:
         return set(json.loads(changelog[-1])["sent"]) if changelog else set()
 
 
-def cli(*args: str, state_dir: Path) -> subprocess.CompletedProcess[str]:
-    """`laggard ARGS` with the run's state folder (silences.json, alerts-state.json)."""
-    env = {**os.environ, "LAGGARD_STATE_DIR": str(state_dir), "COLUMNS": "250"}
-    return subprocess.run([sys.executable, "-m", "laggard.commands.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=60, check=True)
+def cli(*args: str, run: PipelineRun) -> subprocess.CompletedProcess[str]:
+    """`laggard ARGS` in another process, on the run's topics (silences, alerts)."""
+    return subprocess.run([sys.executable, "-m", "laggard.commands.cli", *args], env={**run.env, "COLUMNS": "250"},
+                          capture_output=True, text=True, timeout=60, check=True)
 
 
 def key_of(request: RecordedRequest) -> str:
@@ -157,9 +165,8 @@ def test_straggler_alert_is_sent_once_survives_sigkill_and_resolves(stack, tmp_p
                 return HOOK_FIRING in hook and len(server.requests("/chat")) >= 2
             wait_for(straggler_sent, 90, "no straggler notification on both receivers", run)
 
-            state, state_dir = str(alerting.state_file), run.settings.state_dir
-            listed = json.loads(cli("alerts", "list", "--state", state, "--json", state_dir=state_dir).stdout)
-            table = cli("alerts", "list", "--state", state, state_dir=state_dir).stdout
+            listed = json.loads(cli("alerts", "list", "--json", run=run).stdout)
+            table = cli("alerts", "list", run=run).stdout
 
             sent_keys = {key_of(r) for r in delivered(server.requests("/hook"), 2) + delivered(server.requests("/chat"), 1)}
             wait_for(lambda: sent_keys <= alerting.checkpointed_sent(), 120, "sent log not checkpointed", run)
@@ -168,13 +175,13 @@ def test_straggler_alert_is_sent_once_survives_sigkill_and_resolves(stack, tmp_p
             os.killpg(run.worker.pid, signal.SIGKILL)
             run.worker.wait()
 
-            killed_at = alerting.state_file.stat().st_mtime
+            killed_at = time.time()
             run.start_worker(tmp_path / "second.log")
-            wait_for(lambda: alerting.state_file.stat().st_mtime > killed_at, 90, "the restarted worker never ticked", run)
-            first_tick = alerting.state_file.stat().st_mtime
+            wait_for(lambda: alerting.published_at() > killed_at, 90, "the restarted worker never published", run)
+            first_tick = alerting.published_at()
             # Past group_interval on the restarted worker: a forgotten group would have flushed again.
-            wait_for(lambda: alerting.state_file.stat().st_mtime >= first_tick + GROUP_INTERVAL_S + 1, 30,
-                     "the restarted worker stopped ticking", run)
+            wait_for(lambda: alerting.published_at() >= first_tick + GROUP_INTERVAL_S + 1, 30,
+                     "the restarted worker stopped publishing", run)
             after_restart = alerting.alerts()["StragglerRank/train-a"]
             requests_after_restart = len(server.requests())
 
@@ -222,9 +229,9 @@ def test_straggler_alert_is_sent_once_survives_sigkill_and_resolves(stack, tmp_p
 def test_silence_mutes_and_a_bad_rules_file_keeps_the_last_good_rules(stack, tmp_path):
     with WebhookServer() as server:
         alerting = AlertingRun(stack, tmp_path, server, "test-alert-silence", rules=RULES + CLUSTER_RULE)
-        state_dir = alerting.run.settings.state_dir
+        # Added from another process before any worker runs: it is on the silences topic, not in a worker.
         added = cli("silence", "add", "--match", "job=notebook", "--for", "1h", "--comment", "notebook is parked",
-                    state_dir=state_dir).stdout
+                    run=alerting.run).stdout
         silence_id = added.split()[1]  # "silence ID until ..."
         with alerting.run as run:
             run.start_worker(tmp_path / "first.log")
@@ -249,9 +256,15 @@ def test_silence_mutes_and_a_bad_rules_file_keeps_the_last_good_rules(stack, tmp
             run.stop_worker()
             run.start_worker(tmp_path / "second.log")
             wait_for(lambda: run.stats().get("rules_reload_failures", 0) >= 1, 90, "restart: bad rules not refused", run)
+            # The restarted worker holds the silence too (its own board says so), and sends nothing for it.
+            restarted_at = time.time()
+            wait_for(lambda: alerting.published_at() > restarted_at + GROUP_INTERVAL_S, 60,
+                     "the restarted worker published no alerts", run)
+            idle_after_restart = alerting.alerts()["IdleAllocatedGpu/notebook"]
+            notebook_after_restart = [r for r in server.requests() if b"notebook" in r.raw]
 
             # The old rules hold: with the silence over, the idle alert goes out.
-            cli("silence", "expire", silence_id, state_dir=state_dir)
+            cli("silence", "expire", silence_id, run=run)
             wait_for(lambda: any(b"notebook" in r.raw for r in server.requests("/hook")), 30,
                      "no notification once the silence expired", run)
             stats = run.stats()
@@ -259,8 +272,8 @@ def test_silence_mutes_and_a_bad_rules_file_keeps_the_last_good_rules(stack, tmp
     [cluster] = [r.json for r in server.requests("/hook") if describe(r)[1] == "ClusterBelowTarget"]
     assert cluster["groupLabels"] == {"alertname": "ClusterBelowTarget", "cluster": "sim-alerting", "job": ""}
     assert cluster["alerts"][0]["annotations"]["summary"].startswith("Cluster sim-alerting effective utilization ")
-    assert idle["silenced_by"] == [silence_id]
-    assert notebook_while_silenced == []
+    assert idle["silenced_by"] == [silence_id] == idle_after_restart["silenced_by"]
+    assert notebook_while_silenced == [] == notebook_after_restart
     [notebook] = [r.json for r in server.requests("/hook") if b"notebook" in r.raw]
     assert notebook["status"] == "firing" and notebook["alerts"][0]["labels"]["alertname"] == "IdleAllocatedGpu"
     assert running_stats["rules_reload_failures"] == stats["rules_reload_failures"] == 1

@@ -23,8 +23,10 @@ from laggard.commands.pipeline_run import PipelineRun
 from laggard.commands.stack.process import free_port, wait_until
 from laggard.events import encode
 from laggard.logs import LogFormat
-from laggard.rules.alert_lifecycle import AlertState, EngineState
-from laggard.settings import ALERTS_STATE_FILE, Settings
+from laggard.rules.alert_lifecycle import AlertState
+from laggard.rules.shared_state import ALERTS_KEY, board_record
+from laggard.settings import Settings
+from tests.helpers.faults import produce
 from tests.helpers.samples import node_sample
 from tests.helpers.telemetry import STRAGGLER_RANK, write_recent_run
 from tests.test_cli_errors import ROOT, laggard
@@ -41,11 +43,11 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 
 # --- --json on every listing command -------------------------------------------------------------
 
-def test_silence_list_json_lists_each_silence_with_its_state(tmp_path: Path) -> None:
+def test_silence_list_json_lists_each_silence_with_its_state(tmp_path: Path, shared_state_env: dict[str, str]) -> None:
     added = laggard("silence", "add", "--match", "job=train", "--match", "rank=~1.", "--comment", "parked",
-                    "--author", "ops", "--for", "1h", cwd=tmp_path)
+                    "--author", "ops", "--for", "1h", cwd=tmp_path, **shared_state_env)
     assert added.returncode == 0, added.stderr
-    done = laggard("silence", "list", "--json", cwd=tmp_path)
+    done = laggard("silence", "list", "--json", cwd=tmp_path, **shared_state_env)
     assert done.returncode == 0, done.stderr
     [silence] = json.loads(done.stdout)
     assert added.stdout.startswith(f"silence {silence['id']} until ")
@@ -99,9 +101,10 @@ def test_report_json_summarises_what_the_page_shows(stack: Settings, unique: str
 
 # --- plain tables when piped ---------------------------------------------------------------------
 
-def test_silence_list_piped_keeps_every_value_whole_on_its_row(tmp_path: Path) -> None:
-    assert laggard("silence", "add", "--match", "job=train", "--comment", LONG, cwd=tmp_path).returncode == 0
-    done = laggard("silence", "list", cwd=tmp_path)
+def test_silence_list_piped_keeps_every_value_whole_on_its_row(tmp_path: Path, shared_state_env: dict[str, str]) -> None:
+    added = laggard("silence", "add", "--match", "job=train", "--comment", LONG, cwd=tmp_path, **shared_state_env)
+    assert added.returncode == 0, added.stderr
+    done = laggard("silence", "list", cwd=tmp_path, **shared_state_env)
     assert done.returncode == 0, done.stderr
     header, row = done.stdout.splitlines()
     assert header.split() == ["id", "state", "matchers", "starts", "ends", "created", "by", "comment"]
@@ -109,13 +112,14 @@ def test_silence_list_piped_keeps_every_value_whole_on_its_row(tmp_path: Path) -
     assert not set("│┃━─┏└") & set(done.stdout)  # no box drawing
 
 
-def test_alerts_list_piped_keeps_the_long_summary_whole(tmp_path: Path) -> None:
+def test_alerts_list_piped_keeps_the_long_summary_whole(tmp_path: Path, shared_state_env: dict[str, str],
+                                                        stack: Settings) -> None:
     now = time.time()
     alert = AlertState(fingerprint="f1", rule="StragglerRank", status="firing", active_since=now - 90,
                        last_true_at=now, starts_at=now - 60, annotations={"summary": LONG},
                        labels={"alertname": "StragglerRank", "severity": "warning", "job": "train", "rank": "17"})
-    (tmp_path / ALERTS_STATE_FILE).write_text(EngineState(alerts={"f1": alert}).model_dump_json())
-    done = laggard("alerts", "list", cwd=tmp_path)
+    produce(stack, shared_state_env["LAGGARD_TOPIC_ALERTS"], [(ALERTS_KEY, board_record([alert], now, "host:1"))])
+    done = laggard("alerts", "list", cwd=tmp_path, **shared_state_env)
     assert done.returncode == 0, done.stderr
     [row] = [line for line in done.stdout.splitlines() if line.startswith("firing")]
     assert "StragglerRank" in row and "rank=17" in row and row.endswith(LONG)

@@ -26,8 +26,9 @@ from laggard.rules.receivers import PAYLOAD_BUILDERS
 from laggard.rules.receivers.humanize import duration, evidence_item, evidence_text, number, utc_time
 from laggard.rules.receivers.text import COLOURS, DASHBOARD_VARIABLES, colour, dashboard_link
 from laggard.rules.routing import route_targets
-from laggard.rules.silences import SilenceStore
-from laggard.settings import SILENCES_FILE, get_settings
+from laggard.rules.silences import Silence
+from laggard.settings import Settings, get_settings
+from laggard.topics import read_topic
 from tests.test_rules_samples import _real_findings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,9 +176,10 @@ def test_evidence_reads_in_human_units_in_every_chat(notes: list[Notification]) 
 
 
 def test_the_silence_command_parses_with_the_cli_and_mutes_exactly_its_alert(
-    notes: list[Notification], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    notes: list[Notification], shared_state_env: dict[str, str], stack: Settings, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("LAGGARD_STATE_DIR", str(tmp_path))
+    for name, value in shared_state_env.items():
+        monkeypatch.setenv(name, value)
     get_settings.cache_clear()
     try:
         firing = [(n, a) for n in notes for a in n.alerts if a.status == "firing"]
@@ -189,7 +191,7 @@ def test_the_silence_command_parses_with_the_cli_and_mutes_exactly_its_alert(
             assert argv[:3] == ["laggard", "silence", "add"]
             result = CliRunner().invoke(silence_app, argv[2:])
             assert result.exit_code == 0, result.output
-            silence = SilenceStore(tmp_path / SILENCES_FILE).load()[-1]
+            silence = Silence.model_validate_json(read_topic(stack, shared_state_env["LAGGARD_TOPIC_SILENCES"])[-1])
             assert silence.mutes(alert.labels, silence.starts_at + 1)
             assert silence.ends_at - silence.starts_at == 7200  # --for 2h
             assert not any(silence.mutes(o.labels, silence.starts_at + 1) for o in others

@@ -1,47 +1,102 @@
-"""Silences (store and CLI), `alerts list`, and reading the agents' own Finding/WindowResult."""
+"""Silences (their topic's records and the CLI), `alerts list` on the published alerts, and reading
+the agents' own Finding/WindowResult. The CLI runs as a process on the real broker."""
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
-from typer.testing import CliRunner
 
 from laggard.results import Finding
 from laggard.rules.alert_lifecycle import AlertEngine
-from laggard.rules.cli import alerts_app, silence_app
 from laggard.rules.evaluate import FindingIn, WindowIn
 from laggard.rules.loader import DEFAULT_RULES, load_rules
 from laggard.rules.model import Matcher
-from laggard.rules.silences import SilenceStore
-from laggard.settings import ALERTS_STATE_FILE, get_settings
+from laggard.rules.shared_state import ALERTS_KEY, SilenceBook, board_record
+from laggard.rules.silences import Silence
+from laggard.settings import Settings
+from laggard.topics import read_topic
+from tests.helpers.faults import produce
+from tests.test_cli_errors import laggard, one_line_failure
 
 
-@pytest.fixture
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.setenv("LAGGARD_STATE_DIR", str(tmp_path))
-    get_settings.cache_clear()
-    yield tmp_path
-    get_settings.cache_clear()
+def silence(matcher: str, *, starts_at: float, ends_at: float, now: float) -> Silence:
+    return Silence.new([Matcher.model_validate(matcher)], starts_at=starts_at, ends_at=ends_at, comment="c",
+                       created_by="ops", now=now)
 
 
-def test_store_add_list_expire(tmp_path: Path) -> None:
-    store = SilenceStore(tmp_path / "silences.json")
-    later = store.add([Matcher.model_validate("job=~train-.*")], starts_at=500, ends_at=900, comment="later", created_by="ops", now=100)
-    now_ = store.add([Matcher.model_validate("node=n1")], starts_at=100, ends_at=300, comment="reboot", created_by="ops", now=100)
-    assert [s.id for s in store.list(now=200)] == [later.id, now_.id]
+def record(silence: Silence) -> tuple[bytes, bytes]:
+    return silence.id.encode(), silence.model_dump_json().encode()
+
+
+def test_silence_book_keeps_the_newest_record_per_id() -> None:
+    book = SilenceBook()
+    later = silence("job=~train-.*", starts_at=500, ends_at=900, now=90)
+    now_ = silence("node=n1", starts_at=100, ends_at=300, now=100)
+    assert book.apply(*record(later), "t@0") is None and book.apply(*record(now_), "t@1") is None
+    assert [s.id for s in book.listed(now=200)] == [later.id, now_.id]
     assert later.state(200) == "pending" and now_.state(200) == "active"
     assert now_.mutes({"node": "n1", "job": "x"}, 200) and not now_.mutes({"node": "n2"}, 200)
     assert later.mutes({"job": "train-7"}, 600) and not later.mutes({"job": "eval-7"}, 600)
-    expired = store.expire(now_.id, now=250)
-    assert expired.ends_at == 250 and expired.state(250) == "expired"
-    assert [s.id for s in SilenceStore(tmp_path / "silences.json").list(now=260)] == [later.id]
-    assert len(store.list(now=260, include_expired=True)) == 2
-    with pytest.raises(KeyError):
-        store.expire("nope", now=260)
+    ended = now_.ended(250)
+    assert ended.ends_at == 250 and ended.state(250) == "expired" and ended.ended(260) is ended
+    assert book.apply(*record(ended), "t@2") is None
+    assert [s.id for s in book.listed(now=260)] == [later.id]
+    assert len(book.listed(now=260, include_expired=True)) == 2
+    assert book.apply(later.id.encode(), None, "t@3") is None  # a tombstone
+    assert [s.id for s in book.listed(now=260, include_expired=True)] == [now_.id]
+
+
+def test_silence_book_skips_records_that_are_not_silences_and_names_them() -> None:
+    book = SilenceBook()
+    good = silence("job=a", starts_at=0, ends_at=10, now=0)
+    book.apply(*record(good), "t@0")
+    assert book.apply(good.id.encode(), b'{"id": ', "t@1") == "t@1: not a silence, skipped: not valid JSON (EOF while parsing a value at line 1 column 7)"
+    assert book.apply(None, record(good)[1], "t@2") == "t@2: a record without a key (a silence's id) skipped"
+    assert book.apply(b"other", record(good)[1], "t@3") == "t@3: a silence filed under another id ('other'), skipped"
+    problem = book.apply(good.id.encode(), b'{"id": "x", "matchers": []}', "t@4")
+    assert problem is not None and problem.startswith("t@4: not a silence, skipped: matchers: ")
+    assert book.silences == {good.id: good}  # the last good record stays
+
+
+KEYS = st.sampled_from(["a", "b", "c"])
+
+
+@st.composite
+def topic_records(draw: st.DrawFn) -> tuple[bytes, bytes | None]:
+    key = draw(KEYS)
+    kind = draw(st.sampled_from(["silence", "tombstone", "junk"]))
+    if kind == "tombstone":
+        return key.encode(), None
+    if kind == "junk":
+        return key.encode(), draw(st.binary(max_size=40))
+    start = draw(st.floats(0, 1e9))
+    matcher = Matcher(name=draw(st.sampled_from(["job", "node"])), op="=", value=draw(st.text(max_size=8)))
+    found = Silence(id=key, matchers=[matcher], starts_at=start, ends_at=start + draw(st.floats(0, 1e6)),
+                    comment="c", created_by="ops", created_at=start)
+    return key.encode(), found.model_dump_json().encode()
+
+
+@given(st.lists(topic_records(), max_size=30))
+def test_silence_book_is_compaction_of_the_valid_records(records: list[tuple[bytes, bytes | None]]) -> None:
+    """Whatever the records, the book holds per id the newest valid silence unless a tombstone came after it."""
+    book, expected = SilenceBook(), {}
+    for offset, (key, value) in enumerate(records):
+        problem = book.apply(key, value, f"t@{offset}")
+        if value is None:
+            expected.pop(key.decode(), None)
+        elif problem is None:
+            expected[key.decode()] = value
+        else:
+            assert problem.startswith(f"t@{offset}: ")
+    assert {k: s.model_dump_json().encode() for k, s in book.silences.items()} == expected
 
 
 def test_matchers_parse_and_reject_bad_input() -> None:
@@ -54,41 +109,79 @@ def test_matchers_parse_and_reject_bad_input() -> None:
         Matcher.model_validate("job=~(")
 
 
-def test_silence_cli_add_list_expire(state_dir: Path) -> None:
-    runner = CliRunner()
-    added = runner.invoke(silence_app, ["add", "--match", "node=n1", "-m", "job=~train-.*", "--for", "30m",
-                                        "--comment", "firmware update", "--author", "ana"])
-    assert added.exit_code == 0, added.output
-    stored = json.loads((state_dir / "silences.json").read_text())
-    assert len(stored) == 1 and stored[0]["created_by"] == "ana"
-    assert stored[0]["ends_at"] - stored[0]["starts_at"] == pytest.approx(1800)
-    silence_id = stored[0]["id"]
-    listed = runner.invoke(silence_app, ["list"])
-    assert silence_id in listed.output and "firmware" in listed.output
-    expired = runner.invoke(silence_app, ["expire", silence_id])
-    assert expired.exit_code == 0 and "expired" in expired.output
-    assert silence_id not in runner.invoke(silence_app, ["list"]).output
-    assert silence_id in runner.invoke(silence_app, ["list", "--all"]).output
-    assert runner.invoke(silence_app, ["expire", "nope"]).exit_code == 1
-    bad = runner.invoke(silence_app, ["add", "-m", "node", "--comment", "x"])
-    assert bad.exit_code != 0 and "bad matcher" in bad.output
+def cli(*args: str, env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return laggard(*args, cwd=tmp_path, **env)
 
 
-def test_alerts_list_reads_the_worker_state_file(state_dir: Path) -> None:
+def test_silence_cli_add_list_expire_on_the_topic(shared_state_env: dict[str, str], stack: Settings,
+                                                  tmp_path: Path) -> None:
+    added = cli("silence", "add", "--match", "node=n1", "-m", "job=~train-.*", "--for", "30m",
+                "--comment", "firmware update", "--author", "ana", env=shared_state_env, tmp_path=tmp_path)
+    assert added.returncode == 0, added.stderr
+    topic = shared_state_env["LAGGARD_TOPIC_SILENCES"]
+    [stored] = [json.loads(v) for v in read_topic(stack, topic)]
+    assert stored["created_by"] == "ana" and stored["ends_at"] - stored["starts_at"] == pytest.approx(1800)
+    silence_id = stored["id"]
+    # Another folder (another machine, as far as laggard knows) sees it: nothing is kept locally.
+    (elsewhere := tmp_path / "elsewhere").mkdir()
+    listed = cli("silence", "list", env=shared_state_env, tmp_path=elsewhere)
+    assert silence_id in listed.stdout and "firmware" in listed.stdout
+    expired = cli("silence", "expire", silence_id, env=shared_state_env, tmp_path=tmp_path)
+    assert expired.returncode == 0 and "expired" in expired.stdout
+    assert silence_id not in cli("silence", "list", env=shared_state_env, tmp_path=tmp_path).stdout
+    assert silence_id in cli("silence", "list", "--all", env=shared_state_env, tmp_path=tmp_path).stdout
+    missing = cli("silence", "expire", "nope", env=shared_state_env, tmp_path=tmp_path)
+    assert missing.returncode == 1 and missing.stderr.strip() == "laggard: no silence with id 'nope'"
+    bad = cli("silence", "add", "-m", "node", "--comment", "x", env=shared_state_env, tmp_path=tmp_path)
+    assert bad.returncode != 0 and "bad matcher" in bad.stderr
+    assert [json.loads(v)["id"] for v in read_topic(stack, topic)] == [silence_id, silence_id]  # added, expired
+
+
+def test_records_on_the_silences_topic_that_are_not_silences_are_named_and_skipped(
+        shared_state_env: dict[str, str], stack: Settings, tmp_path: Path) -> None:
+    topic = shared_state_env["LAGGARD_TOPIC_SILENCES"]
+    added = cli("silence", "add", "-m", "job=x", "--comment", "parked", env=shared_state_env, tmp_path=tmp_path)
+    assert added.returncode == 0, added.stderr
+    produce(stack, topic, [(b"abc", b'[{"id": '), (b"def", b"{}")])  # (the broker refuses records without a key)
+    for command in (["silence", "list"], ["silence", "expire", "abc"]):
+        done = cli(*command, env=shared_state_env, tmp_path=tmp_path)
+        lines = done.stderr.strip().splitlines()
+        assert lines[:2] == [f"laggard: {topic}@1: not a silence, skipped: not valid JSON (EOF while parsing a value "
+                             "at line 1 column 8)", f"laggard: {topic}@2: not a silence, skipped: id: Field required "
+                             "(and 6 more)"], done.stderr
+        assert "Traceback" not in done.stderr
+    assert added.stdout.split()[1] in cli("silence", "list", env=shared_state_env, tmp_path=tmp_path).stdout
+
+
+def test_alerts_list_reads_the_published_alerts_and_says_when_they_are_stale(
+        shared_state_env: dict[str, str], stack: Settings, tmp_path: Path) -> None:
+    topic = shared_state_env["LAGGARD_TOPIC_ALERTS"]
+    nothing = cli("alerts", "list", env=shared_state_env, tmp_path=tmp_path)
+    assert nothing.returncode == 1 and f"no alerts published on {topic} yet" in nothing.stderr
     engine = AlertEngine(load_rules(DEFAULT_RULES))
     xid = {"kind": "xid", "cluster": "c1", "job": "j", "node": "n7", "gpu": 2, "evidence": {"xid": 79}}
-    engine.observe_finding(xid, 100.0)
-    engine.advance(100.0)
-    (state_dir / ALERTS_STATE_FILE).write_text(json.dumps(engine.snapshot()))
-    result = CliRunner().invoke(alerts_app, ["list", "--json"])
-    assert result.exit_code == 0, result.output
-    (alert,) = json.loads(result.output)
-    assert alert["status"] == "firing" and alert["labels"]["node"] == "n7"
+    now = time.time()
+    engine.observe_finding(xid, now)
+    engine.advance(now)
+    produce(stack, topic, [(ALERTS_KEY, board_record(engine.active_alerts(), now, "host-a:42"))])
+    result = cli("alerts", "list", "--json", env=shared_state_env, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (alert,) = json.loads(result.stdout)
+    assert alert["status"] == "firing" and alert["labels"]["node"] == "n7" and alert["stale"] is False
     assert alert["annotations"]["summary"] == "XID 79 on n7 GPU 2"
-    table = CliRunner().invoke(alerts_app, ["list"])
-    assert "GpuXidError" in table.output
-    (state_dir / ALERTS_STATE_FILE).unlink()
-    assert CliRunner().invoke(alerts_app, ["list"]).exit_code == 1
+    assert "GpuXidError" in cli("alerts", "list", env=shared_state_env, tmp_path=tmp_path).stdout
+
+    # The worker stopped publishing a minute ago: shown as stale, exit 1, and who wrote them when.
+    produce(stack, topic, [(ALERTS_KEY, board_record(engine.active_alerts(), now - 60, "host-a:42"))])
+    stale = cli("alerts", "list", env=shared_state_env, tmp_path=tmp_path)
+    assert stale.returncode == 1 and "firing (stale)" in stale.stdout
+    assert re.search(r"published 1m( \d+s)? ago", stale.stderr), stale.stderr
+    assert "by host-a:42" in stale.stderr and "is a worker running?" in stale.stderr
+    assert json.loads(cli("alerts", "list", "--json", env=shared_state_env, tmp_path=tmp_path).stdout)[0]["stale"]
+
+    produce(stack, topic, [(ALERTS_KEY, b'{"alerts": [')])
+    corrupt = cli("alerts", "list", env=shared_state_env, tmp_path=tmp_path)
+    one_line_failure(corrupt, f"{topic}@2: not an alert board: not valid JSON", max_lines=1)
 
 
 def test_reads_the_agents_finding_and_window_result_shapes() -> None:

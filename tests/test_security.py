@@ -31,7 +31,7 @@ from laggard.commands.pipeline_run import PipelineRun
 from laggard.commands.stack.process import wait_until
 from laggard.kafka_config import client_config
 from laggard.rules.receivers.delivery import redact
-from laggard.settings import ALERTS_STATE_FILE, Settings
+from laggard.settings import Settings
 from laggard.topics import read_topic
 from tests.helpers.webhook_server import Reply, WebhookServer
 
@@ -156,7 +156,7 @@ def secure_run(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Ite
             cli_env = {**os.environ, **env}
             cli_output = {
                 "stack status": cli(["stack", "status"], cli_env),
-                "alerts list": cli(["alerts", "list", "--state", str(run.settings.state_dir / ALERTS_STATE_FILE)], cli_env),
+                "alerts list": cli(["alerts", "list"], {**cli_env, **run.env}),
                 "alerts test slack": cli(["alerts", "test", "slack", "--config", str(rules_file)], cli_env),
             }
             stats = run.stats()

@@ -1,5 +1,6 @@
 """laggard's topics on the real broker: created once with their partition counts, the worker's
-table changelogs among them (compacted, partitioned like their source), every partition led."""
+table changelogs among them (compacted, partitioned like their source) and the shared silences and
+alerts (compacted), every partition led."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from laggard.topics import (
 def own_topics(stack, unique, **overrides):
     return stack.model_copy(update={
         "worker_app_id": f"test-topics-{unique}", **{name: f"test-topics-{unique}.{name}" for name in (
-            "topic_samples", "topic_deadletter", "topic_windows", "topic_findings", "topic_truth", "topic_fleet")},
+            "topic_samples", "topic_deadletter", "topic_windows", "topic_findings", "topic_truth", "topic_fleet",
+            "topic_silences", "topic_alerts")},
         **overrides})
 
 
@@ -37,10 +39,11 @@ def test_ensure_topics_creates_changelogs_ready_and_is_idempotent(stack, unique)
         described = {t["name"]: t for t in admin.describe_topics(list(wanted))}
         assert {name: len(described[name]["partitions"]) for name in wanted} == wanted
         assert all(p["leader_id"] >= 0 for t in described.values() for p in t["partitions"])
-        for table in worker_tables(settings):
-            name = changelog_name(settings, table)
+        for name in [*(changelog_name(settings, table) for table in worker_tables(settings)),
+                     settings.topic_silences, settings.topic_alerts]:
             config = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])["topic"][name]
             assert config["cleanup.policy"]["value"] == "compact", config
+        assert wanted[settings.topic_silences] == wanted[settings.topic_alerts] == 1
     finally:
         admin.close()
     # The alert state table's source is the single-partition findings + ticks channel.

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import yaml
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CoordinatorNotAvailableError
 
 from laggard.agents.sink import InfluxSink
@@ -129,6 +129,16 @@ def window_result_ids(settings: Settings) -> list[str]:
     """Ids of every GPU window result on the run's stage-1 -> stage-2 topic, repeats included."""
     return [result.id for value in read_topic(settings, settings.topic_windows)
             if not value.startswith(MARKER_PREFIX) for result in parse_results(value)]
+
+
+def produce(settings: Settings, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
+    """Write raw records (key, value) to `topic`, as anything else on the cluster could, each acknowledged."""
+    producer = KafkaProducer(**client_config(settings), acks="all")
+    try:
+        for key, value in records:
+            producer.send(topic, key=key, value=value).get(timeout=30)
+    finally:
+        producer.close()
 
 
 def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
