@@ -5,11 +5,13 @@ before the tests; a cold build takes ~13 CPU-minutes, hence this module's long t
 
 from __future__ import annotations
 
+import json
 import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from influxdb_client import InfluxDBClient
 
@@ -19,7 +21,7 @@ from laggard.commands.stack.influx2 import InfluxDB2
 from laggard.commands.stack.process import StackError, free_port, write_private
 from laggard.settings import Settings
 from tests.helpers.telemetry import STRAGGLER_RANK, write_recent_run
-from tests.test_dashboards import template_queries
+from tests.test_dashboards import TEMPLATE, template_queries
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(1800)]  # a private InfluxDB 2.7 server
 
@@ -156,3 +158,41 @@ def test_template_queries_run_and_find_the_written_run(template_data: Settings, 
     rows = flux_rows(template_data, with_dashboard_variables(query, job="llm"))
     assert rows, f"{name}: no rows"
     assert [c for c in columns if c not in rows[0]] == [], name
+
+
+def applied_dashboard_views(settings: Settings) -> dict[str, dict]:
+    """The template applied through InfluxDB's own /api/v2/templates/apply, then each of its cells'
+    views as InfluxDB stores them (what its UI is given to draw), by cell name."""
+    token = settings.influx_token.get_secret_value() if settings.influx_token else ""
+    headers = {"Authorization": f"Token {token}"}
+    with httpx.Client(base_url=settings.influx_url, headers=headers, timeout=30) as api:
+        [org] = api.get("/api/v2/orgs", params={"org": settings.influx_org}).raise_for_status().json()["orgs"]
+        template = {"contentType": "json", "contents": json.loads(TEMPLATE.read_text())}
+        applied = api.post("/api/v2/templates/apply", json={"orgID": org["id"], "template": template})
+        assert applied.status_code == 201, applied.text
+        [board] = [d for d in applied.json()["summary"]["dashboards"] if d["name"].startswith("laggard:")]
+        board_id = f"{int(board['id']):016x}"  # the summary gives the ID as a number, the API takes it in hex
+        dashboard = api.get(f"/api/v2/dashboards/{board_id}", params={"include": "properties"}).raise_for_status()
+        return {cell["name"]: cell["properties"] for cell in dashboard.json()["cells"]}
+
+
+def test_the_template_applies_and_every_view_has_what_the_influxdb_ui_needs_to_draw_it(settings: Settings) -> None:
+    """Found by opening the dashboard in the real InfluxDB 2.7.12 UI (built from influxdata/ui
+    OSS-v2.7.12, not buildable in CI: that source is on GitHub only) in headless Chromium: a table
+    stored without colours crashed the page ("An InfluxDB error has occurred"), a single stat's
+    decimal places given as an object were dropped, a transposed table. This checks the stored
+    views InfluxDB hands the UI, which is where each of those showed."""
+    views = applied_dashboard_views(settings)
+    charts = {c["name"]: c for obj in json.loads(TEMPLATE.read_text()) for c in obj["spec"].get("charts", [])}
+    assert set(views) == set(charts)
+    for name, view in views.items():
+        assert view["colors"], f"{name}: no colours (the UI's charts index into them)"
+        assert view["queries"][0]["text"] == charts[name]["queries"][0]["query"], name
+    [table] = [v for v in views.values() if v["type"] == "table"]
+    assert table["tableOptions"]["verticalTimeAxis"] is True
+    [stat_] = [v for v in views.values() if v["type"] == "single-stat"]
+    assert stat_["decimalPlaces"] == {"isEnforced": True, "digits": 1} and stat_["suffix"] == " Wh"
+    [heatmap] = [v for v in views.values() if v["type"] == "heatmap"]
+    assert (heatmap["xColumn"], heatmap["yColumn"]) == ("_time", "_value")  # colour = ranks in each band
+    [scatter] = [v for v in views.values() if v["type"] == "scatter"]
+    assert (scatter["xDomain"], scatter["yDomain"]) == ([0, 100], [0, 800])  # else two means sit on the corners
