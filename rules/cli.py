@@ -225,7 +225,7 @@ def silence_add(
     now = time.time()
     silence = Silence.new(matchers, starts_at=now, ends_at=now + seconds, comment=comment,
                           created_by=author or getpass.getuser(), now=now)
-    write_silence(get_settings(), silence)
+    write_silence(get_settings(), silence, forget=current_silences().forgettable(now))
     console.print(f"silence {silence.id} until {iso_utc(silence.ends_at)}", markup=False)
 
 
@@ -250,10 +250,11 @@ def silence_list(
 @silence_app.command("expire")
 def silence_expire(silence_id: Annotated[str, typer.Argument(help="silence id from `silence list`")]) -> None:
     """End a silence now (every worker stops applying it at its next tick)."""
-    found = current_silences().silences.get(silence_id)
+    book, now = current_silences(), time.time()
+    found = book.silences.get(silence_id)
     if found is None:
         failed(f"no silence with id {silence_id!r}")
-    silence = found.ended(time.time())
+    silence = found.ended(now)
     if silence is not found:
-        write_silence(get_settings(), silence)
+        write_silence(get_settings(), silence, forget=book.forgettable(now))
     console.print(f"silence {silence.id} expired at {iso_utc(silence.ends_at)}", markup=False)

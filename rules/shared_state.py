@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -34,6 +35,9 @@ STALE_AFTER_S = 3 * HEARTBEAT_S
 # Beyond this many bytes of JSON the oldest pending alerts are left off the board (and counted):
 # a record must stay within the topic's max.message.bytes (topics.py sets 8 MiB; lz4 shrinks it too).
 BOARD_MAX_BYTES = 4 * 1024 * 1024
+# Expired silences are kept this long for `silence list --all`, then forgotten (tombstoned) by the
+# next `silence add` or `expire`: Alertmanager's default --data.retention.
+SILENCE_RETENTION_S = 5 * 86400.0
 
 
 def record_problem(err: ValidationError) -> str:
@@ -71,6 +75,10 @@ class SilenceBook:
         self.silences[silence_id] = silence
         return None
 
+    def forgettable(self, now: float) -> list[str]:
+        """Ids of silences that ended more than SILENCE_RETENTION_S ago."""
+        return sorted(i for i, s in self.silences.items() if s.ends_at < now - SILENCE_RETENTION_S)
+
     def listed(self, now: float, include_expired: bool = False) -> list[Silence]:
         """Pending and active silences (expired too with `include_expired`), oldest first."""
         kept = [s for s in self.silences.values() if include_expired or s.state(now) != "expired"]
@@ -87,13 +95,17 @@ def read_silences(settings: Settings) -> tuple[SilenceBook, list[str]]:
     return book, problems
 
 
-def write_silence(settings: Settings, silence: Silence) -> None:
-    """File a silence (new, or its new version) and wait until the broker has it."""
+def write_silence(settings: Settings, silence: Silence, forget: Sequence[str] = ()) -> None:
+    """File a silence (new, or its new version), and tombstones for the ids in `forget`; returns
+    once the broker has them all."""
     ensure_topics(settings, only=shared_state_topics(settings))
     producer = KafkaProducer(**client_config(settings), acks="all")
     try:
-        producer.send(settings.topic_silences, key=silence.id.encode(), value=silence.model_dump_json().encode()).get(
-            timeout=30)
+        sent = [producer.send(settings.topic_silences, key=silence_id.encode(), value=None) for silence_id in forget]
+        sent.append(producer.send(settings.topic_silences, key=silence.id.encode(),
+                                  value=silence.model_dump_json().encode()))
+        for future in sent:
+            future.get(timeout=30)
     finally:
         producer.close()
 

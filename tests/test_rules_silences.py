@@ -19,10 +19,10 @@ from laggard.rules.alert_lifecycle import AlertEngine
 from laggard.rules.evaluate import FindingIn, WindowIn
 from laggard.rules.loader import DEFAULT_RULES, load_rules
 from laggard.rules.model import Matcher
-from laggard.rules.shared_state import ALERTS_KEY, SilenceBook, board_record
+from laggard.rules.shared_state import ALERTS_KEY, SILENCE_RETENTION_S, SilenceBook, board_record
 from laggard.rules.silences import Silence
 from laggard.settings import Settings
-from laggard.topics import read_topic
+from laggard.topics import read_records
 from tests.helpers.faults import produce
 from tests.test_cli_errors import laggard, one_line_failure
 
@@ -50,6 +50,9 @@ def test_silence_book_keeps_the_newest_record_per_id() -> None:
     assert book.apply(*record(ended), "t@2") is None
     assert [s.id for s in book.listed(now=260)] == [later.id]
     assert len(book.listed(now=260, include_expired=True)) == 2
+    # Forgotten SILENCE_RETENTION_S after their end (now_ ended at 250, later ends at 900).
+    assert book.forgettable(now=200 + SILENCE_RETENTION_S) == []
+    assert book.forgettable(now=500 + SILENCE_RETENTION_S) == [now_.id]
     assert book.apply(later.id.encode(), None, "t@3") is None  # a tombstone
     assert [s.id for s in book.listed(now=260, include_expired=True)] == [now_.id]
 
@@ -115,11 +118,17 @@ def cli(*args: str, env: dict[str, str], tmp_path: Path) -> subprocess.Completed
 
 def test_silence_cli_add_list_expire_on_the_topic(shared_state_env: dict[str, str], stack: Settings,
                                                   tmp_path: Path) -> None:
+    topic = shared_state_env["LAGGARD_TOPIC_SILENCES"]
+    day = 86400.0
+    old, recent = (silence("job=a", starts_at=time.time() - ago - day, ends_at=time.time() - ago, now=0)
+                   for ago in (SILENCE_RETENTION_S + day, day))
+    produce(stack, topic, [record(old), record(recent)])  # ended 6 days and 1 day ago
     added = cli("silence", "add", "--match", "node=n1", "-m", "job=~train-.*", "--for", "30m",
                 "--comment", "firmware update", "--author", "ana", env=shared_state_env, tmp_path=tmp_path)
     assert added.returncode == 0, added.stderr
-    topic = shared_state_env["LAGGARD_TOPIC_SILENCES"]
-    [stored] = [json.loads(v) for v in read_topic(stack, topic)]
+    records = read_records(stack, topic)
+    assert [(r.key, r.value) for r in records[2:3]] == [(old.id.encode(), None)]  # forgotten: a tombstone
+    [stored] = [json.loads(r.value) for r in records[3:]]
     assert stored["created_by"] == "ana" and stored["ends_at"] - stored["starts_at"] == pytest.approx(1800)
     silence_id = stored["id"]
     # Another folder (another machine, as far as laggard knows) sees it: nothing is kept locally.
@@ -129,12 +138,13 @@ def test_silence_cli_add_list_expire_on_the_topic(shared_state_env: dict[str, st
     expired = cli("silence", "expire", silence_id, env=shared_state_env, tmp_path=tmp_path)
     assert expired.returncode == 0 and "expired" in expired.stdout
     assert silence_id not in cli("silence", "list", env=shared_state_env, tmp_path=tmp_path).stdout
-    assert silence_id in cli("silence", "list", "--all", env=shared_state_env, tmp_path=tmp_path).stdout
+    everything = cli("silence", "list", "--all", env=shared_state_env, tmp_path=tmp_path).stdout
+    assert silence_id in everything and recent.id in everything and old.id not in everything
     missing = cli("silence", "expire", "nope", env=shared_state_env, tmp_path=tmp_path)
     assert missing.returncode == 1 and missing.stderr.strip() == "laggard: no silence with id 'nope'"
     bad = cli("silence", "add", "-m", "node", "--comment", "x", env=shared_state_env, tmp_path=tmp_path)
     assert bad.returncode != 0 and "bad matcher" in bad.stderr
-    assert [json.loads(v)["id"] for v in read_topic(stack, topic)] == [silence_id, silence_id]  # added, expired
+    assert [json.loads(r.value)["id"] for r in read_records(stack, topic)[3:]] == [silence_id, silence_id]
 
 
 def test_records_on_the_silences_topic_that_are_not_silences_are_named_and_skipped(
