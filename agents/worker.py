@@ -98,6 +98,9 @@ class Worker(WorkerCore):
         # send heartbeats). The lock keeps the two from rebuilding it twice.
         self.stage_locks: dict[tuple[str, int], asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.stalls = StallWatch(after_s=STALL_AFTER_S)
+        # Until the group first assigns partitions (a join can wait out a departed member's session),
+        # what this worker will hold is unknown: its backlog is not empty.
+        self.assigned_yet = False
         self.settled: dict[tuple[str, int], int | None] = {}  # partition -> highwater at which its group commit was complete
         self.routes = {route.topic: route for route in (
             Route(settings.topic_samples, self.sample_stages, self.sample_stage, self.take_sample),
@@ -325,6 +328,9 @@ class Worker(WorkerCore):
 
     # --- rebalances and timers ------------------------------------------------------------------
 
+    async def note_assigned(self, app: faust.App, assigned: set, **kwargs: Any) -> None:
+        self.assigned_yet = True
+
     async def forget_revoked(self, app: faust.App, revoked: set, **kwargs: Any) -> None:
         """A partition that moves away is rebuilt from its checkpoint if it comes back; partial
         fleet windows are the new owner's to complete."""
@@ -448,8 +454,9 @@ class Worker(WorkerCore):
                  for p, stage in route.stages.items()}
         partitions = [tp for tp in input_partitions(app) if tp.topic in self.routes]
         lags = consumer_lags(app, partitions, taken)
-        # While tables recover or partitions move, what this worker will have to rebuild is unknown.
-        settling = int(bool(app.rebalancing or app.in_recovery))
+        # While tables recover, partitions move or none were assigned yet, what this worker will have
+        # to rebuild is unknown.
+        settling = int(bool(app.rebalancing or app.in_recovery or not self.assigned_yet))
         return {"input_lag": sum(lag.lag for lag in lags),
                 "unfetched_partitions": sum(self.fetched_highwater(tp.topic, tp.partition) is None
                                             for tp in partitions),
@@ -500,6 +507,7 @@ def build_worker(settings: Settings) -> Worker:
     app.agent(worker.windows_topic, name="detect")(worker.detect)
     app.agent(worker.fleet_topic, name="fleet_kpi")(worker.fleet_kpi)
     app.on_partitions_revoked.connect(worker.forget_revoked)
+    app.on_partitions_assigned.connect(worker.note_assigned)
     app.timer(interval=1.0, name="close_idle_windows")(worker.close_idle_windows)
     add_alerting(worker)
     registry = worker_registry(app, worker.counters, worker.sink, worker.gpus_tracked)
