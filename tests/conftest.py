@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from laggard.settings import Settings, get_settings
+from laggard.topics import ensure_topics
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -37,5 +38,9 @@ def unique() -> str:
 
 @pytest.fixture
 def shared_state_env(stack: Settings, unique: str) -> dict[str, str]:
-    """LAGGARD_* variables giving a `laggard` command its own silences and alerts topics on the stack."""
-    return {"LAGGARD_TOPIC_SILENCES": f"test-silences-{unique}", "LAGGARD_TOPIC_ALERTS": f"test-alerts-{unique}"}
+    """LAGGARD_* variables giving a `laggard` command its own silences and alerts topics on the stack,
+    created (compacted) beforehand: a record sent to a missing topic may be written twice while the
+    broker creates it."""
+    names = {"topic_silences": f"test-silences-{unique}", "topic_alerts": f"test-alerts-{unique}"}
+    ensure_topics(stack.model_copy(update=names), only=list(names.values()))
+    return {f"LAGGARD_{setting.upper()}": name for setting, name in names.items()}
