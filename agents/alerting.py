@@ -36,7 +36,7 @@ from laggard.rules.loader import DEFAULT_RULES, RulesFileInvalid, load_rules
 from laggard.rules.model import RulesConfig
 from laggard.rules.receivers.delivery import DeadLetter, DeliveryOutcome, Dispatcher, SentLog
 from laggard.rules.shared_state import ALERTS_KEY, HEARTBEAT_S, SilenceBook, SilenceFeed, board_record, this_writer
-from laggard.topics import alert_ticks_name, worker_tables
+from laggard.topics import alert_ticks_name, committed_offsets, worker_tables
 
 # Findings are re-delivered after a restart (at-least-once). A transition no newer than the last one
 # taken for its fingerprint is such a repeat; ended ones are remembered this long (event time).
@@ -113,6 +113,9 @@ class AlertingStage:
         self.feed: SilenceFeed | None = None
         self.board_topic = core.topic(self.settings.topic_alerts)
         self.board_shown: tuple[float, list[Any]] = (float("-inf"), [])  # when published, and what
+        # Per input topic (one partition each): the next offset not taken; after a start or takeover,
+        # the checkpoint's until `catch_up` has re-read what lies between it and Faust's first message.
+        self.resume: dict[str, int] = {}
 
     def rules_path(self) -> Path:
         return self.settings.rules_file or DEFAULT_RULES
@@ -222,30 +225,69 @@ class AlertingStage:
             await self.publish_board(current, now)
         return current
 
-    def take(self, current: Alerting, event: Any) -> None:
+    def take(self, current: Alerting, message: Input) -> None:
         """A finding, or a cluster's fleet KPI window from the alert channel; ValueError if neither."""
-        if event.message.topic == self.settings.topic_findings:
-            current.take(Finding.model_validate_json(event.value), time.time())
+        if message.topic == self.settings.topic_findings:
+            current.take(Finding.model_validate_json(message.value or b""), time.time())
         else:
-            current.engine.observe_window(json.loads(event.value), time.time())
+            current.engine.observe_window(json.loads(message.value or b""), time.time())
+
+    async def take_checked(self, current: Alerting, message: Input) -> None:
+        try:
+            self.take(current, message)
+        except ValueError as err:
+            await self.core.reject_stage_message(message, err)
+
+    async def read_again(self, current: Alerting, message: Input, start: int) -> None:
+        """Messages [start, message.offset) of its input, re-read from Kafka and taken (ticks skipped)."""
+        for offset, value in await self.core.replay(message.topic, message.partition, start, message.offset):
+            if message.topic == self.settings.topic_findings or value != TICK:
+                await self.take_checked(current, Input(message.topic, message.partition, offset, value))
+
+    def resume_from(self, saved: dict[str, Any]) -> dict[str, int]:
+        """Where the checkpoint leaves each input: an input it took nothing from, at its start."""
+        if "resume" not in saved:  # no checkpoint: Faust starts at the earliest message itself
+            return {}
+        return {topic: saved["resume"].get(topic, 0) for topic in (self.settings.topic_findings,
+                                                                   alert_ticks_name(self.settings))}
+
+    async def catch_up(self, current: Alerting) -> None:
+        """After a start or takeover: what lies between the checkpoint and the group's commit, where
+        Faust resumes (a crash between the two), re-read now, not when the input's next message comes."""
+        for topic, start in self.resume.items():
+            try:
+                committed = await asyncio.to_thread(committed_offsets, self.settings, self.settings.worker_app_id, topic)
+            except Exception as err:  # then the gap is read again before the input's next message
+                log.warning("cannot read the group's offsets of %s now (%s: %s)", topic, type(err).__name__, err)
+                continue
+            end = committed.get(0, start)
+            await self.read_again(current, Input(topic, 0, end, None), start)
+            self.resume[topic] = max(start, end)
 
     async def alert_on_findings(self, stream: faust.StreamT) -> None:
+        """The state is checkpointed once per tick (a finding may come every few milliseconds, and
+        the whole state is hundreds of KB) with the offsets it holds; what came after the last
+        checkpoint is re-read after a crash (`catch_up`), so nothing taken is lost."""
         async for event in stream.events():
+            message = Input.of(event)
             if self.alerting is None:
-                self.alerting = self.make_alerting(self.state_table.get("state") or {})
-            if event.message.topic != self.settings.topic_findings and event.value == TICK:
-                try:
-                    self.alerting = await self.tick(self.alerting, time.time())
-                except Exception:  # the agent must outlive it: the findings are kept, the next tick tries again
-                    self.counters.alert_tick_failures += 1
-                    log.exception("alert tick failed; trying again on the next one")
-            else:
-                try:
-                    self.take(self.alerting, event)
-                except ValueError as err:
-                    await self.core.reject_stage_message(Input.of(event), err)
-                    continue
-            self.state_table["state"] = self.alerting.state()
+                saved = self.state_table.get("state") or {}
+                self.alerting, self.resume = self.make_alerting(saved), self.resume_from(saved)
+                await self.catch_up(self.alerting)
+            if message.offset < self.resume.get(message.topic, 0):
+                continue  # in the checkpoint already: Faust delivers it again after a restart
+            # Messages Faust skipped (or that catch_up could not read) come first.
+            await self.read_again(self.alerting, message, self.resume.get(message.topic, message.offset))
+            self.resume[message.topic] = message.offset + 1
+            if message.topic == self.settings.topic_findings or message.value != TICK:
+                await self.take_checked(self.alerting, message)
+                continue
+            try:
+                self.alerting = await self.tick(self.alerting, time.time())
+            except Exception:  # the agent must outlive it: the findings are kept, the next tick tries again
+                self.counters.alert_tick_failures += 1
+                log.exception("alert tick failed; trying again on the next one")
+            self.state_table["state"] = {**self.alerting.state(), "resume": self.resume}
 
     async def forget_alerting(self, app: faust.App, revoked: set, **kwargs: Any) -> None:
         """Whoever gets the alert channel next starts from the table, not from stale memory."""

@@ -27,7 +27,8 @@ from laggard.commands.pipeline_run import PipelineRun, past_start_ts
 from laggard.commands.stack.process import wait_until
 from laggard.rules.shared_state import AlertBoard
 from laggard.settings import Settings
-from laggard.topics import changelog_name, read_topic
+from laggard.topics import changelog_name, read_records, read_topic
+from tests.helpers.faults import produce
 from tests.helpers.webhook_server import RecordedRequest, Reply, WebhookServer
 
 SCENARIO = Path(__file__).parent / "scenarios" / "alerting.yaml"
@@ -281,3 +282,30 @@ def test_silence_mutes_and_a_bad_rules_file_keeps_the_last_good_rules(stack, tmp
     for log in (tmp_path / "first.log", tmp_path / "second.log"):
         text = log.read_text()
         assert "keeping the last good rules" in text and "route.group_wiat: unknown field" in text, text[-2000:]
+
+
+@pytest.mark.timeout(240)
+def test_findings_after_the_last_checkpoint_are_read_again_after_a_restart(stack, tmp_path):
+    """The alert state is checkpointed once a tick, with the input offsets it holds. A worker that
+    starts from a checkpoint older than the group's commit (a crash between the two) re-reads the
+    findings in between from Kafka: the straggler it had taken fires again, nothing is lost."""
+    with WebhookServer() as server:
+        alerting = AlertingRun(stack, tmp_path, server, "test-alert-catch-up")
+        with alerting.run as run:
+            changelog = changelog_name(run.settings, "alert-state")
+            run.start_worker(tmp_path / "first.log")
+            wait_for(lambda: read_records(run.settings, changelog), 60, "no checkpoint", run)
+            early = read_records(run.settings, changelog)[0]  # before any finding
+            assert not json.loads(early.value)["engine"]["alerts"] and "resume" in json.loads(early.value)
+            alerting.publish(0, FAULT_ON_S)
+            wait_for(lambda: "StragglerRank/train-a" in alerting.alerts(), 90, "no straggler alert", run)
+            run.stop_worker()  # its group commit is past the straggler's finding
+            produce(run.settings, changelog, [(early.key, early.value)])  # as if it had crashed after `early`
+            restarted_at = time.time()
+            run.start_worker(tmp_path / "second.log")
+
+            def straggler_again() -> bool:
+                return alerting.published_at() > restarted_at and "StragglerRank/train-a" in alerting.alerts()
+            wait_for(straggler_again, 90, "the straggler's finding was not read again", run)
+            stats = run.stats()
+    assert stats["replayed"] >= 1
