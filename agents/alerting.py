@@ -36,7 +36,7 @@ from laggard.rules.loader import DEFAULT_RULES, RulesFileInvalid, load_rules
 from laggard.rules.model import RulesConfig
 from laggard.rules.receivers.delivery import DeadLetter, DeliveryOutcome, Dispatcher, SentLog
 from laggard.rules.shared_state import ALERTS_KEY, HEARTBEAT_S, SilenceBook, SilenceFeed, board_record, this_writer
-from laggard.topics import alert_ticks_name, committed_offsets, worker_tables
+from laggard.topics import alert_ticks_name, worker_tables
 
 # Findings are re-delivered after a restart (at-least-once). A transition no newer than the last one
 # taken for its fingerprint is such a repeat; ended ones are remembered this long (event time).
@@ -232,17 +232,18 @@ class AlertingStage:
         else:
             current.engine.observe_window(json.loads(message.value or b""), time.time())
 
-    async def take_checked(self, current: Alerting, message: Input) -> None:
+    def is_tick(self, message: Input) -> bool:
+        return message.topic != self.settings.topic_findings and message.value == TICK
+
+    async def take_input(self, current: Alerting, message: Input) -> None:
+        """A finding or a fleet KPI window, taken; one the stage cannot read is dead-lettered. Ticks
+        re-read from Kafka are past: skipped."""
+        if self.is_tick(message):
+            return
         try:
             self.take(current, message)
         except ValueError as err:
             await self.core.reject_stage_message(message, err)
-
-    async def read_again(self, current: Alerting, message: Input, start: int) -> None:
-        """Messages [start, message.offset) of its input, re-read from Kafka and taken (ticks skipped)."""
-        for offset, value in await self.core.replay(message.topic, message.partition, start, message.offset):
-            if message.topic == self.settings.topic_findings or value != TICK:
-                await self.take_checked(current, Input(message.topic, message.partition, offset, value))
 
     def resume_from(self, saved: dict[str, Any]) -> dict[str, int]:
         """Where the checkpoint leaves each input: an input it took nothing from, at its start."""
@@ -256,12 +257,12 @@ class AlertingStage:
         Faust resumes (a crash between the two), re-read now, not when the input's next message comes."""
         for topic, start in self.resume.items():
             try:
-                committed = await asyncio.to_thread(committed_offsets, self.settings, self.settings.worker_app_id, topic)
+                end = (await self.core.group_resume_offsets(topic)).get(0, start)
             except Exception as err:  # then the gap is read again before the input's next message
                 log.warning("cannot read the group's offsets of %s now (%s: %s)", topic, type(err).__name__, err)
                 continue
-            end = committed.get(0, start)
-            await self.read_again(current, Input(topic, 0, end, None), start)
+            for offset, value in await self.core.replay(topic, 0, start, end):
+                await self.take_input(current, Input(topic, 0, offset, value))
             self.resume[topic] = max(start, end)
 
     async def alert_on_findings(self, stream: faust.StreamT) -> None:
@@ -274,16 +275,17 @@ class AlertingStage:
                 saved = self.state_table.get("state") or {}
                 self.alerting, self.resume = self.make_alerting(saved), self.resume_from(saved)
                 await self.catch_up(self.alerting)
-            if message.offset < self.resume.get(message.topic, 0):
+            current = self.alerting
+            expected = self.resume.get(message.topic, message.offset)
+            if message.offset < expected:
                 continue  # in the checkpoint already: Faust delivers it again after a restart
-            # Messages Faust skipped (or that catch_up could not read) come first.
-            await self.read_again(self.alerting, message, self.resume.get(message.topic, message.offset))
+            await self.core.take_skipped(message, expected, lambda skipped: self.take_input(current, skipped))
             self.resume[message.topic] = message.offset + 1
-            if message.topic == self.settings.topic_findings or message.value != TICK:
-                await self.take_checked(self.alerting, message)
+            if not self.is_tick(message):
+                await self.take_input(current, message)
                 continue
             try:
-                self.alerting = await self.tick(self.alerting, time.time())
+                self.alerting = await self.tick(current, time.time())
             except Exception:  # the agent must outlive it: the findings are kept, the next tick tries again
                 self.counters.alert_tick_failures += 1
                 log.exception("alert tick failed; trying again on the next one")

@@ -9,19 +9,20 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import faust
 from faust.exceptions import ConsumerNotStarted
 from faust.types import TP
 from pydantic import ValidationError
 
+from laggard.agents.gaps import acknowledge
 from laggard.agents.metrics import Counters
 from laggard.agents.sink import InfluxRejected, InfluxSink
 from laggard.agents.transport import worker_app
 from laggard.events import describe_validation_error
 from laggard.settings import Settings
-from laggard.topics import alert_ticks_name, read_range
+from laggard.topics import alert_ticks_name, committed_offsets, read_range
 
 log = logging.getLogger("laggard.worker")
 
@@ -103,6 +104,23 @@ class WorkerCore:
         records = await asyncio.to_thread(read_range, self.settings, topic, partition, start, end)
         self.counters.replayed += len(records)
         return records
+
+    async def group_resume_offsets(self, topic: str) -> dict[int, int]:
+        """Where this worker group resumes each partition of `topic`: its committed offset (the
+        log start where there is none)."""
+        return await asyncio.to_thread(committed_offsets, self.settings, self.settings.worker_app_id, topic)
+
+    async def take_skipped(self, message: Input, expected: int, take: Callable[[Input], Awaitable[None]]) -> None:
+        """The messages before `message` from `expected` on that Faust skipped (agents/gaps.py),
+        re-read from Kafka, given to `take` as if Faust had delivered them, and acknowledged."""
+        if message.offset <= expected:
+            return
+        self.counters.input_gaps += 1
+        log.warning("%s[%d]: Faust skipped offsets %d..%d; re-reading them from Kafka",
+                    message.topic, message.partition, expected, message.offset - 1)
+        for offset, raw in await self.replay(message.topic, message.partition, expected, message.offset):
+            await take(Input(message.topic, message.partition, offset, raw))
+        acknowledge(self.app.consumer, message.topic, message.partition, expected, message.offset)
 
     async def write(self, points: list[str]) -> None:
         """Blocks this agent (not the event loop) until InfluxDB has the points. Points InfluxDB

@@ -39,7 +39,7 @@ from pydantic import TypeAdapter
 from laggard.agents.alerting import add_alerting
 from laggard.agents.core import Input, WorkerCore, log
 from laggard.agents.detectors import LowUtilizationBaseline
-from laggard.agents.gaps import StallWatch, acknowledge
+from laggard.agents.gaps import StallWatch
 from laggard.agents.metrics import consumer_lags, input_partitions, metrics_page, worker_registry
 from laggard.agents.outputs import window_outputs
 from laggard.agents.points import finding_point, fleet_point
@@ -57,7 +57,7 @@ from laggard.agents.stages import (
 from laggard.agents.windows import ClosedWindow
 from laggard.results import Finding, WindowResult
 from laggard.settings import Settings
-from laggard.topics import committed_offsets, worker_tables
+from laggard.topics import worker_tables
 
 _FLEET_MESSAGE = TypeAdapter(WindowMarker | FleetPartial)
 # How long a partition may stand still with input left before `unstick` takes it for one whose
@@ -126,11 +126,6 @@ class Worker(WorkerCore):
     def assigned(self, topic: str) -> set[int]:
         return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == topic}
 
-    async def group_resume_offsets(self, topic: str) -> dict[int, int]:
-        """Where this worker group resumes each partition of `topic`: its committed offset (the
-        log start where there is none)."""
-        return await asyncio.to_thread(committed_offsets, self.settings, self.settings.worker_app_id, topic)
-
     async def stage_for(self, route: Route, partition: int, resume_offset: int | None = None) -> Any:
         """The partition's stage, built where there is none (its first message since a start or a
         takeover, or the timer) to resume where the group resumes (`resume_offset`, where the caller
@@ -155,14 +150,7 @@ class Worker(WorkerCore):
         (agents/gaps.py), re-read from Kafka and taken as if Faust had delivered them."""
         route, message = self.routes[topic], Input.of(event)
         stage = await self.stage_for(route, message.partition)
-        expected = stage.offsets.next
-        if message.offset > expected:
-            self.counters.input_gaps += 1
-            log.warning("%s[%d]: Faust skipped offsets %d..%d; re-reading them from Kafka",
-                        message.topic, message.partition, expected, message.offset - 1)
-            for offset, raw in await self.replay(message.topic, message.partition, expected, message.offset):
-                await route.take(stage, Input(message.topic, message.partition, offset, raw))
-            acknowledge(self.app.consumer, message.topic, message.partition, expected, message.offset)
+        await self.take_skipped(message, stage.offsets.next, lambda skipped: route.take(stage, skipped))
         await route.take(stage, message)
 
     # --- stage 1: samples -> windows ------------------------------------------------------------
