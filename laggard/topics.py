@@ -57,7 +57,9 @@ def topic_configs(settings: Settings, name: str) -> dict[str, str]:
     if name in {changelog_name(settings, table) for table in worker_tables(settings)}:
         return {"cleanup.policy": "compact"}
     if name in shared_state_topics(settings):
-        return {"cleanup.policy": "compact", "max.message.bytes": str(8 * 1024 * 1024)}
+        # A new segment every hour: compaction never cleans the active one, which would otherwise
+        # keep a week of alert boards (one every 10 s).
+        return {"cleanup.policy": "compact", "max.message.bytes": str(8 * 1024 * 1024), "segment.ms": "3600000"}
     return {}
 
 
@@ -157,6 +159,18 @@ def read_range(settings: Settings, topic: str, partition: int, start: int, end: 
     if position < end:
         raise TimeoutError(f"could not re-read {topic}[{partition}] offsets {start}..{end} in {timeout_s:.0f} s")
     return records
+
+
+def last_message(settings: Settings, topic: str, timeout_s: float = 30) -> tuple[int, bytes] | None:
+    """The newest message of a one-partition topic as (offset, value); None while it has none."""
+    consumer = KafkaConsumer(**client_config(settings), enable_auto_commit=False)
+    try:
+        tp = TopicPartition(topic, 0)
+        end = consumer.end_offsets([tp])[tp]
+    finally:
+        consumer.close()
+    newest = read_range(settings, topic, 0, end - 1, end, timeout_s) if end else []
+    return newest[-1] if newest else None
 
 
 def committed_offsets(settings: Settings, group: str, topic: str) -> dict[int, int]:

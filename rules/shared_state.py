@@ -27,7 +27,7 @@ from laggard.kafka_config import client_config
 from laggard.rules.alert_lifecycle import AlertState
 from laggard.rules.silences import Silence
 from laggard.settings import Settings
-from laggard.topics import ensure_topics, read_records, shared_state_topics
+from laggard.topics import ensure_topics, last_message, read_records, shared_state_topics
 
 ALERTS_KEY = b"alerts"
 HEARTBEAT_S = 10.0  # the board is rewritten this often even when nothing changed
@@ -121,14 +121,12 @@ class SilenceFeed:
         self.partitions = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         self.consumer.assign(self.partitions)
         self.consumer.seek_to_beginning()
-        self.caught_up = False  # everything on the topic when the worker started has been read
-        self.target: dict[TopicPartition, int] | None = None
+        self.start_end = self.consumer.end_offsets(self.partitions)  # what "read to its end" means
+        self.caught_up = False
 
     def read(self, timeout_s: float) -> list[str]:
         """Records that arrived since the last call, for up to `timeout_s` while not yet caught up;
         returns why any were skipped."""
-        if self.target is None:
-            self.target = self.consumer.end_offsets(self.partitions)
         problems: list[str] = []
         deadline = time.monotonic() + timeout_s
         while True:
@@ -136,7 +134,7 @@ class SilenceFeed:
                 for record in batch:
                     problem = self.book.apply(record.key, record.value, f"{self.topic}@{record.offset}")
                     problems += [problem] if problem else []
-            self.caught_up = self.caught_up or all(self.consumer.position(tp) >= end for tp, end in self.target.items())
+            self.caught_up = self.caught_up or all(self.consumer.position(tp) >= end for tp, end in self.start_end.items())
             if self.caught_up or time.monotonic() >= deadline:
                 return problems
 
@@ -175,12 +173,11 @@ def read_alert_board(settings: Settings) -> AlertBoard | None:
     """The newest board on the topic (None when none was ever written); ValueError naming the
     record when it is not a board."""
     ensure_topics(settings, only=shared_state_topics(settings))
-    boards = [r for r in read_records(settings, settings.topic_alerts) if r.key == ALERTS_KEY and r.value]
-    if not boards:
+    newest = last_message(settings, settings.topic_alerts)
+    if newest is None:
         return None
-    newest = boards[-1]
+    offset, value = newest
     try:
-        return AlertBoard.model_validate_json(newest.value)
+        return AlertBoard.model_validate_json(value or b"")
     except ValidationError as err:
-        where = f"{settings.topic_alerts}@{newest.offset}"
-        raise ValueError(f"{where}: not an alert board: {record_problem(err)}") from None
+        raise ValueError(f"{settings.topic_alerts}@{offset}: not an alert board: {record_problem(err)}") from None

@@ -25,7 +25,7 @@ from laggard.collectors.publisher import Publisher
 from laggard.collectors.simulate import FleetSimulator, load_scenario
 from laggard.commands.pipeline_run import PipelineRun, past_start_ts
 from laggard.commands.stack.process import wait_until
-from laggard.rules.shared_state import AlertBoard
+from laggard.rules.shared_state import read_alert_board
 from laggard.settings import Settings
 from laggard.topics import changelog_name, read_records, read_topic
 from tests.helpers.faults import produce
@@ -97,18 +97,13 @@ class AlertingRun:
                         self.run.published += 1
         assert not publisher.stats.failed, publisher.stats.last_error
 
-    def board(self) -> AlertBoard | None:
-        """The newest live alerts the worker published on the run's alerts topic (None before the first)."""
-        boards = read_topic(self.run.settings, self.run.settings.topic_alerts)
-        return AlertBoard.model_validate_json(boards[-1]) if boards else None
-
     def published_at(self) -> float:
-        board = self.board()
+        board = read_alert_board(self.run.settings)
         return board.written_at if board else float("-inf")
 
     def alerts(self) -> dict[str, dict[str, Any]]:
         """The published live alerts by alertname/job, {} until the first board."""
-        board = self.board()
+        board = read_alert_board(self.run.settings)
         return {f"{a.labels['alertname']}/{a.labels.get('job')}": a.model_dump(mode="json")
                 for a in (board.alerts if board else [])}
 
