@@ -25,10 +25,13 @@ the host looks like them in every window mean: nothing here can name it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from statistics import median
 from typing import Literal
+
+import numpy as np
 
 from laggard.agents.effective import work_share
 from laggard.results import WindowResult
@@ -41,7 +44,7 @@ Signature = Literal["throttled", "busier", "slow_compute", "host"]
 REASON_SHARE = 0.5
 # Groups this small have no robust median: one culprit is half or a third of every peer set.
 SMALL_GROUP = 3
-# Groups at least this large measure their own spread well (see _Peers.of).
+# Groups at least this large measure their own spread well (see _Group._stats).
 LARGE_GROUP = 16
 
 
@@ -133,10 +136,6 @@ class MixedGeneration:
         return 1.0 - self.fast_work_median / self.slow_work_median
 
 
-def mad(values: Sequence[float], centre: float) -> float:
-    return median(abs(v - centre) for v in values)
-
-
 def by_model(ranks: Sequence[WindowResult]) -> dict[str, list[WindowResult]]:
     groups: dict[str, list[WindowResult]] = {}
     for r in ranks:
@@ -153,11 +152,21 @@ class _Rank:
     result: WindowResult
     util: float
     work: float
+    reasons: frozenset[str]
 
     @classmethod
     def of(cls, r: WindowResult, usual: Usual | None) -> _Rank:
         usual_work, usual_util = usual(r) if usual is not None else (0.0, 0.0)
-        return cls(r, r.util_mean - usual_util, work(r) - usual_work)
+        return cls(r, r.util_mean - usual_util, work(r) - usual_work, reasons(r))
+
+
+def _median(values: np.ndarray) -> float:
+    """statistics.median of an array: the middle value, or the mean of the middle two."""
+    return float(np.median(values))
+
+
+def _mad(values: np.ndarray, centre: float) -> float:
+    return _median(np.abs(values - centre))
 
 
 @dataclass(frozen=True)
@@ -172,22 +181,48 @@ class _Peers:
     clock_sigma: float
     common_reasons: frozenset[str]  # carried by at least half of them
 
+
+@dataclass(frozen=True)
+class _Group:
+    """One job's ranks of one GPU model as arrays, so that each candidate's peers (the group but
+    itself) cost a few array operations instead of a pass in Python over every other rank: a job
+    of 8,192 ranks has as many candidates."""
+
+    ranks: list[_Rank]
+    utils: np.ndarray
+    works: np.ndarray
+    clocks: np.ndarray  # NaN where a rank reports no SM clock
+    reason_counts: Counter[str]
+
     @classmethod
-    def of(cls, peers: Sequence[_Rank], cfg: StragglerConfig) -> _Peers:
-        utils, works = [p.util for p in peers], [p.work for p in peers]
-        clocks = [c for p in peers if (c := p.result.sm_clock_mhz_mean) is not None]
-        u, w, c = median(utils), median(works), median(clocks) if clocks else 0.0
+    def of(cls, ranks: list[_Rank]) -> _Group:
+        clocks = [r.result.sm_clock_mhz_mean for r in ranks]
+        return cls(ranks, np.array([r.util for r in ranks]), np.array([r.work for r in ranks]),
+                   np.array([np.nan if c is None else c for c in clocks]),
+                   Counter(name for r in ranks for name in r.reasons))
+
+    def whole(self, cfg: StragglerConfig) -> _Peers:
+        return self._stats(self.utils, self.works, self.clocks, self.reason_counts, len(self.ranks), cfg)
+
+    def peers_of(self, i: int, cfg: StragglerConfig) -> _Peers:
+        """The statistics of every rank but the i-th."""
+        return self._stats(np.delete(self.utils, i), np.delete(self.works, i), np.delete(self.clocks, i),
+                           self.reason_counts - Counter(self.ranks[i].reasons), len(self.ranks) - 1, cfg)
+
+    @staticmethod
+    def _stats(utils: np.ndarray, works: np.ndarray, clocks: np.ndarray, counts: Counter[str], n: int,
+               cfg: StragglerConfig) -> _Peers:
+        clocks = clocks[~np.isnan(clocks)]
+        u, w = _median(utils), _median(works)
+        c = _median(clocks) if len(clocks) else 0.0
         # The floors stand in for a spread a small group cannot measure; a large one's MAD is
         # good, so its floors can sit lower (still above the rounding of whole-number samples).
-        floor = 1.0 if len(peers) < LARGE_GROUP else 0.5
-        counts: dict[str, int] = {}
-        for p in peers:
-            for name in reasons(p.result):
-                counts[name] = counts.get(name, 0) + 1
-        return cls(u, max(MAD_TO_SIGMA * mad(utils, u), floor * cfg.noise_floor_pct),
-                   w, max(MAD_TO_SIGMA * mad(works, w), floor * cfg.work_noise_floor),
-                   c, max(MAD_TO_SIGMA * mad(clocks, c), floor * cfg.clock_noise_floor * c) if clocks else 0.0,
-                   frozenset(name for name, n in counts.items() if 2 * n >= len(peers)))
+        floor = 1.0 if n < LARGE_GROUP else 0.5
+        return _Peers(u, max(MAD_TO_SIGMA * _mad(utils, u), floor * cfg.noise_floor_pct),
+                      w, max(MAD_TO_SIGMA * _mad(works, w), floor * cfg.work_noise_floor),
+                      c, max(MAD_TO_SIGMA * _mad(clocks, c), floor * cfg.clock_noise_floor * c) if len(clocks)
+                      else 0.0,
+                      frozenset(name for name, k in counts.items() if k > 0 and 2 * k >= n))
 
 
 def _clock_gap(p: _Peers, r: WindowResult) -> float:
@@ -270,10 +305,11 @@ def find_stragglers(ranks: Sequence[WindowResult], cfg: StragglerConfig, usual: 
         # Shapes only where a group is large enough to have one (pipeline stages, experts): in a
         # small one, learning it would learn the noise of a few windows.
         group = [_Rank.of(r, usual if len(models) >= LARGE_GROUP else None) for r in models]
+        arrays = _Group.of(group)
         in_group: list[Straggler] = []
         # Leaving one rank out moves a median by at most half of that rank's gap from it, so a rank
         # within half of every threshold of the whole group's medians cannot pass: skip the O(n) test.
-        whole = _Peers.of(group, cfg)
+        whole = arrays.whole(cfg)
         for i, rank in enumerate(group):
             cand = rank.result
             least = weak if len(models) >= LARGE_GROUP else cfg
@@ -281,8 +317,7 @@ def find_stragglers(ranks: Sequence[WindowResult], cfg: StragglerConfig, usual: 
                     and rank.work - whole.work < least.min_work_gap / 2
                     and _clock_gap(whole, cand) < least.min_clock_deficit / 2 * whole.clock):
                 continue
-            peers = group[:i] + group[i + 1:]
-            stats = _Peers.of(peers, cfg)
+            stats = arrays.peers_of(i, cfg)
             strong = _signature(rank, stats, cfg)
             # Weak evidence only where the group measures its own spread: in a small one the floors
             # stand in for it, and three windows of noise could pass.
@@ -290,6 +325,7 @@ def find_stragglers(ranks: Sequence[WindowResult], cfg: StragglerConfig, usual: 
             if verdict is None:
                 continue
             signature, wait_share, window_wait = verdict
+            peers = group[:i] + group[i + 1:]
             in_group.append(Straggler(
                 culprit=cand, peers=tuple(p.result for p in peers), signature=signature,
                 wait_share=max(0.0, min(1.0, wait_share)),
