@@ -31,6 +31,8 @@ class Counters:
     accepted: int = 0
     rejected: int = 0
     late: int = 0
+    late_in_part: int = 0  # batches taken in part: some of their ticks' windows had closed
+    late_gpu_samples: int = 0  # the GPU samples of those ticks
     replayed: int = 0
     influx_rejected: int = 0  # points InfluxDB dropped
     influx_dead_letters: int = 0  # refused writes, one dead letter each
@@ -113,6 +115,8 @@ def counter_families(counters: Counters, influx_points_written: int, influx_writ
         _labelled("laggard_node_samples", "Node sample messages taken from the samples topic, by outcome "
                   "(rejected and late ones are dead-lettered)", "outcome",
                   {"accepted": c.accepted, "rejected": c.rejected, "late": c.late}),
+        _counter("laggard_late_gpu_samples", "GPU samples of a batch (schema 2) whose window had closed while "
+                 "the rest was taken (the batch is dead-lettered too, with how many)", c.late_gpu_samples),
         _counter("laggard_samples_replayed", "Input messages re-read to rebuild open windows after a "
                  "restart or rebalance", c.replayed),
         _counter("laggard_input_gaps", "Times a stage found input offsets Faust never handed it (a race "
@@ -125,6 +129,7 @@ def counter_families(counters: Counters, influx_points_written: int, influx_writ
                   {"sent": c.notifications, "deferred": c.notifications_deferred, "failed": c.notifications_failed}),
         _labelled("laggard_dead_letters", "Records written to the dead-letter topic, by reason category",
                   "category", {"sample_rejected": c.rejected, "sample_late": c.late,
+                               "sample_late_in_part": c.late_in_part,
                                "notification_failed": c.notifications_failed,
                                "influx_rejected": c.influx_dead_letters,
                                "stage_message_rejected": c.stage_rejected}),

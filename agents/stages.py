@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from laggard.agents.detectors import FleetDetector, LowUtilizationBaseline
 from laggard.agents.windows import MAX_AHEAD_S, ClosedWindow, Windower
-from laggard.events import EventRejected, NodeSample, decode_node_sample, shown
+from laggard.batches import NodeBatch, decode_event
+from laggard.events import EventRejected, NodeSample, shown
 from laggard.results import FLEET_METRICS, Finding, WindowResult
 
 
@@ -32,10 +33,16 @@ class Rejected:
 
 @dataclass
 class SampleOutcome:
-    sample: NodeSample | None = None
+    sample: NodeSample | NodeBatch | None = None
     rejected: Rejected | None = None
-    late: bool = False
+    late: bool = False  # every GPU sample of the message came after its window closed
+    late_samples: int = 0  # GPU samples that did (a batch can be late in part)
     seen: bool = False  # already taken before a restart: nothing to do, nothing to count
+
+    @property
+    def first_ts(self) -> float:
+        sample = self.sample
+        return sample.ts[0] if isinstance(sample, NodeBatch) else sample.ts if sample is not None else float("nan")
 
 
 @dataclass
@@ -99,13 +106,20 @@ class SampleStage:
         self.offsets.saw(offset)
         retaken = offset < self.taken_before
         try:
-            sample = self.on_clock(decode_node_sample(raw))
+            sample = self.on_clock(decode_event(raw))
         except EventRejected as err:
             if retaken:
                 return SampleOutcome(seen=True)
             return SampleOutcome(rejected=Rejected(err.reason, raw))
+        if isinstance(sample, NodeBatch):
+            fed, late = self.windower.add_batch(sample)
+            for start in fed:
+                self.offsets.feeds(start, offset)
+            if not fed:
+                return SampleOutcome(sample=sample, seen=retaken, late=not retaken, late_samples=late)
+            return SampleOutcome(sample=sample, late_samples=0 if retaken else late)
         if not self.windower.add(sample):
-            return SampleOutcome(sample=sample, seen=retaken, late=not retaken)
+            return SampleOutcome(sample=sample, seen=retaken, late=not retaken, late_samples=len(sample.gpus))
         self.offsets.feeds(self.windower.window_start(sample.ts), offset)
         return SampleOutcome(sample=sample)
 
@@ -113,12 +127,13 @@ class SampleStage:
         """Restart the quiet clock of `close_idle`: nothing arrived because nothing could."""
         self.last_arrival = time.monotonic()
 
-    def on_clock(self, sample: NodeSample) -> NodeSample:
+    def on_clock(self, sample: NodeSample | NodeBatch) -> NodeSample | NodeBatch:
         """Refuse a sample stamped more than MAX_AHEAD_S ahead of this worker's clock: its window
         would stay open until wall time got there, and with it the offset a restart re-reads from."""
-        ahead = sample.ts - self.clock()
+        ts = sample.ts[-1] if isinstance(sample, NodeBatch) else sample.ts
+        ahead = ts - self.clock()
         if ahead > MAX_AHEAD_S:
-            raise EventRejected(f"ts = {sample.ts!r}: stamped {ahead:.0f} s ahead of the worker's clock (at most "
+            raise EventRejected(f"ts = {ts!r}: stamped {ahead:.0f} s ahead of the worker's clock (at most "
                                 f"{MAX_AHEAD_S:.0f} s accepted): the clock of node {shown(sample.node)} is wrong")
         return sample
 

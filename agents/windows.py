@@ -19,7 +19,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate
 
+import numpy as np
+
+from laggard.agents.columns import BatchColumns, SegmentSums, segment_energy, segment_sums
 from laggard.agents.effective import effective_utilization, idle_power_w, power_share
+from laggard.batches import NodeBatch
 from laggard.events import THROTTLE_REASONS, ClockReason, NodeSample
 from laggard.results import Labels, Scope, WindowResult
 
@@ -32,6 +36,7 @@ THROTTLE_NAMES: tuple[tuple[str, int], ...] = (
     ("power_brake", int(ClockReason.HW_POWER_BRAKE)),
 )
 _THROTTLE_MASK = int(THROTTLE_REASONS)
+_THROTTLE_BITS = tuple(bit for _, bit in THROTTLE_NAMES)
 
 # A GPU with a job whose window-mean utilization is at most this (%) counts as allocated-but-idle.
 IDLE_UTIL_PCT = 2.0
@@ -95,7 +100,8 @@ class GpuAccumulator:
             temp_max=max((a.temp_max for a in accs), default=-math.inf),
             throttled=sum(a.throttled for a in accs),
             xid_count=sum(a.xid_count for a in accs),
-            xid_last=next((a.xid_last for a in reversed(accs) if a.xid_last is not None), None),
+            # Of a scope: the highest code its GPUs reported last (whichever order its series came in).
+            xid_last=max((a.xid_last for a in accs if a.xid_last is not None), default=None),
         )
         if accs:
             out.util_hist = list(map(sum, zip(*(a.util_hist for a in accs))))
@@ -246,6 +252,14 @@ class Windower:
         self._last: dict[str, tuple[float, float | None]] = {}  # GPU uuid -> ts, energy_j of its last sample
         self._on_time_at = clock() if clock is not None else 0.0  # wall time of the last sample not too far ahead
         self._idle: dict[tuple[str, float], float] = {}  # (model, power limit) -> idle power
+        # The per-node watermark (schema-2 batches): each node's `until`, the nodes still short of
+        # the oldest open window's end, and the newest version-1 sample (whose nodes promise nothing).
+        self._until: dict[tuple[str, str], float] = {}
+        self._behind: set[tuple[str, str]] = set()
+        self._behind_of = math.inf  # the window end `_behind` was taken for
+        self._v1_ts = -math.inf
+        # Until a window has closed by the grace, nodes not yet heard from may still have samples for it.
+        self._nodes_known = False
 
     @property
     def watermark(self) -> float:
@@ -277,6 +291,8 @@ class Windower:
             return False
         if ts > self.max_ts:
             self._advance(ts)
+        if ts > self._v1_ts:
+            self._v1_ts = ts
         series = self._open.get(start)
         if series is None:
             series = self._open[start] = {}
@@ -339,6 +355,117 @@ class Windower:
                         acc.energy_wh += power * (ts - prev[0]) / 3600.0
         return True
 
+    def add_batch(self, batch: NodeBatch) -> tuple[list[float], int]:
+        """Accumulate a schema-2 batch, window by window, as `add` would its samples one by one.
+        Returns the starts of the windows it fed and how many of its GPU samples came late."""
+        columns = BatchColumns.of(batch)
+        starts = np.floor(columns.ts / self.window_s) * self.window_s
+        edges = [0, *(np.flatnonzero(np.diff(starts)) + 1).tolist(), len(batch.ts)]
+        uuids = [gpu.uuid for gpu in batch.gpus]
+        fed: list[float] = []
+        late = 0
+        for a, b in zip(edges, edges[1:]):
+            start = float(starts[a])
+            last = [self._last.get(uuid) for uuid in uuids]
+            last_ts = np.array([-math.inf if p is None else p[0] for p in last])
+            last_energy = np.array([math.nan if p is None or p[1] is None else p[1] for p in last])
+            energy, newer = segment_energy(columns, a, b, last_ts, last_energy, self.max_interval_s)
+            self._remember(uuids, columns, a, newer)
+            if start < self._closed_before or start + self.window_s <= self.watermark:
+                late += int(columns.present[:, a:b].sum())
+                continue
+            if batch.ts[b - 1] > self.max_ts:
+                self._advance(batch.ts[b - 1])
+            series = self._open.get(start)
+            if series is None:
+                series = self._open[start] = {}
+            sums = segment_sums(columns, a, b, _THROTTLE_MASK, _THROTTLE_BITS)
+            self._accumulate(series, batch, sums, energy.tolist())
+            fed.append(start)
+        self.late_samples += late
+        self._reported(batch)
+        return fed, late
+
+    def _reported(self, batch: NodeBatch) -> None:
+        """Note how far `batch`'s node has reported: it sends nothing stamped before its `until`
+        (before its last tick when it gives none: a node's ticks only go forward)."""
+        node = (batch.cluster, batch.node)
+        until = max(batch.until if batch.until is not None else batch.ts[-1], self._until.get(node, -math.inf))
+        if node not in self._until and until < self._behind_of:
+            self._behind.add(node)
+        elif until >= self._behind_of:
+            self._behind.discard(node)
+        self._until[node] = until
+
+    def _closed_by_nodes(self) -> float:
+        """Windows ending at or before this are complete by the per-node watermark: every node
+        that reported into the oldest open window's start has reported past their end. A node short
+        of that start has gone quiet (or lags a window behind): it holds one window back until the
+        grace closes it, then no more. -inf until a window has closed by the grace (every node then
+        had a window and the grace to be heard from: a worker that just started does not know them
+        all), and while a version-1 node is about (it promises nothing)."""
+        if not self._nodes_known or not self._until or self._v1_ts >= self.watermark:
+            return -math.inf
+        oldest_end = min(self._open) + self.window_s
+        if oldest_end != self._behind_of:  # once per window: who is short of its end
+            oldest_start = oldest_end - self.window_s
+            self._until = {node: u for node, u in self._until.items() if u >= oldest_start}
+            self._behind = {node for node, u in self._until.items() if u < oldest_end}
+            self._behind_of = oldest_end
+        if self._behind or not self._until:
+            return -math.inf
+        return min(self._until.values())
+
+    def _remember(self, uuids: list[str], columns: BatchColumns, a: int, newer: np.ndarray) -> None:
+        """Each GPU's newest sample of a segment (the `newer` ticks from tick `a` on) as its last."""
+        rows = np.flatnonzero(newer.any(axis=1))
+        at = newer.shape[1] - 1 - np.argmax(newer[rows, ::-1], axis=1) + a
+        for row, tick in zip(rows.tolist(), at.tolist()):
+            energy = columns.energy[row, tick]
+            self._last[uuids[row]] = (float(columns.ts[tick]), None if math.isnan(energy) else float(energy))
+
+    @staticmethod
+    def _accumulate(series: dict[GpuKey, GpuAccumulator], batch: NodeBatch, sums: SegmentSums,
+                    energy: list[float]) -> None:
+        s = sums
+        hist_rows, hist_bins = np.nonzero(s.util_hist)
+        hist = {}
+        for row, b, n in zip(hist_rows.tolist(), hist_bins.tolist(), s.util_hist[hist_rows, hist_bins].tolist()):
+            hist.setdefault(row, []).append((b, n))
+        throttled_by = s.throttled_by.tolist()
+        for row, gpu in enumerate(batch.gpus):
+            n = s.samples[row]
+            if not n:
+                continue
+            key = (batch.cluster, batch.node, gpu.index, gpu.job, gpu.rank, gpu.model)
+            acc = series.get(key)
+            if acc is None:
+                acc = series[key] = GpuAccumulator()
+            acc.samples += n
+            acc.util_sum += s.util_sum[row]
+            acc.util_min = min(acc.util_min, s.util_min[row])
+            acc.util_max = max(acc.util_max, s.util_max[row])
+            for b, count in hist[row]:
+                acc.util_hist[b] += count
+            acc.power_share_sum += s.power_share_sum[row]
+            acc.power_sum += s.power_sum[row]
+            acc.power_estimated += n if gpu.power_estimated else 0
+            acc.idle_power_sum += s.idle_power_sum[row]
+            acc.sm_active_sum += s.sm_active_sum[row]
+            acc.sm_active_samples += s.sm_active_samples[row]
+            acc.clock_sum += s.clock_sum[row]
+            acc.clock_samples += s.clock_samples[row]
+            acc.temp_sum += s.temp_sum[row]
+            acc.temp_samples += s.temp_samples[row]
+            acc.temp_max = max(acc.temp_max, s.temp_max[row])
+            if s.throttled[row]:
+                acc.throttled += s.throttled[row]
+                acc.throttled_by = [x + y for x, y in zip(acc.throttled_by, throttled_by[row])]
+            if s.xid_count[row]:
+                acc.xid_count += s.xid_count[row]
+                acc.xid_last = s.xid_last[row]
+            acc.energy_wh += energy[row]
+
     def _advance(self, ts: float) -> None:
         """Move event time to `ts`, unless it is stamped too far ahead of the clock (see `clock`).
         A partition whose every collector runs fast would then never close a window: once only
@@ -359,10 +486,18 @@ class Windower:
         self._closed_before = -math.inf if state["closed_before"] is None else state["closed_before"]
 
     def pop_closed(self) -> list[ClosedWindow]:
-        """Windows whose end the watermark has passed, oldest first; each is returned once."""
-        if not self._open or min(self._open) + self.window_s > self.watermark:
-            return []  # called for every message: the common answer without sorting
-        return self._pop(lambda start: start + self.window_s <= self.watermark)
+        """Windows whose end the watermark (or every node, see `_closed_by_nodes`) has passed,
+        oldest first; each is returned once."""
+        if not self._open:
+            return []
+        closes = self.watermark
+        if min(self._open) + self.window_s > closes:
+            closes = max(closes, self._closed_by_nodes())
+            if min(self._open) + self.window_s > closes:
+                return []  # called for every message: the common answer without sorting
+        else:
+            self._nodes_known = True
+        return self._pop(lambda start: start + self.window_s <= closes)
 
     def flush(self) -> list[ClosedWindow]:
         """Close every open window (end of a replay or shutdown)."""

@@ -190,13 +190,19 @@ class Worker(WorkerCore):
             return
         if outcome.rejected or outcome.late:
             reason = outcome.rejected.reason if outcome.rejected else (
-                f"late: sample at {outcome.sample.ts:.3f} is older than its window allows "
+                f"late: sample at {outcome.first_ts:.3f} is older than its window allows "
                 f"(watermark {stage.windower.watermark:.3f}, grace {self.settings.late_grace_s} s)")
             self.counters.rejected += outcome.rejected is not None
             self.counters.late += outcome.late
             await self.dead_letter(message, reason)
             return
         self.counters.accepted += 1
+        if outcome.late_samples:  # a batch reaching back into a closed window: the rest was taken
+            self.counters.late_in_part += 1
+            self.counters.late_gpu_samples += outcome.late_samples
+            await self.dead_letter(message, f"late in part: {outcome.late_samples} GPU samples from "
+                                   f"{outcome.first_ts:.3f} on are older than their window allows (watermark "
+                                   f"{stage.windower.watermark:.3f}); the batch's other samples were taken")
         closed = stage.closed()
         if closed:
             for window in closed:
