@@ -1,8 +1,10 @@
-"""`laggard collect ...`: run one source and publish its NodeSamples to Kafka, or print them.
+"""`laggard collect ...`: run one source and publish its samples to Kafka, or print them.
 
 Every command builds a Source and hands it to `run_source`, the one loop that drives any source
 into stdout (`--stdout`, JSON lines) or the Kafka publisher, stops on --count / --duration /
-SIGTERM / SIGINT, and always closes the publisher so buffered samples are flushed.
+SIGTERM / SIGINT, and always closes the publisher so buffered samples are flushed. Samples go
+out as schema-2 batches, one message per node per `--flush-interval` (collectors/batching.py),
+or with `--flush-interval 0` as version-1 messages, one per node per tick.
 Exit codes: 0 done, 1 some samples failed to publish, 2 the source or its options cannot be used.
 """
 
@@ -24,14 +26,16 @@ from rich.live import Live
 from rich.text import Text
 
 from laggard import logs
+from laggard.batches import NodeBatch
 from laggard.collectors.attribution import DEFAULT_SLURM_DIR, Attribution, AttributionError
 from laggard.collectors.base import Source, SystemClock, stdout_to_devnull
+from laggard.collectors.batching import Batcher
 from laggard.events import NodeSample, encode
 from laggard.settings import get_settings
 
 collect_app = typer.Typer(
     help="Collect GPU telemetry from one source (NVML, dcgm-exporter, a recorded trace) and publish "
-    "it to Kafka, one message per node per tick. Use --stdout to print JSON lines instead.",
+    "it to Kafka, one message per node per flush interval. Use --stdout to print JSON lines instead.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -48,6 +52,11 @@ Duration = Annotated[float | None, typer.Option(min=0.0, help="Stop after this m
 ToStdout = Annotated[
     bool, typer.Option("--stdout", help="Print NodeSamples as JSON lines on stdout instead of publishing to Kafka.")
 ]
+FlushInterval = Annotated[
+    float | None,
+    typer.Option(min=0.0, help="Seconds of samples per message (one per node), aligned to multiples of it "
+                 "[default: LAGGARD_WINDOW_S, the workers' window]; 0: one message per node per tick (schema 1)."),
+]
 MappingOpt = Annotated[
     Path | None,
     typer.Option(
@@ -59,8 +68,13 @@ MappingOpt = Annotated[
 ]
 
 
+def flush_s(flush_interval: float | None) -> float:
+    """The flush interval in seconds: the option's, else the workers' window."""
+    return get_settings().window_s if flush_interval is None else flush_interval
+
+
 class Sink(Protocol):
-    def publish(self, sample: NodeSample) -> None: ...
+    def publish(self, sample: NodeSample | NodeBatch) -> None: ...
 
     def close(self) -> None: ...
 
@@ -68,7 +82,7 @@ class Sink(Protocol):
 class StdoutSink:
     """JSON lines on stdout, each flushed at once so `| jq` and `| head` see it."""
 
-    def publish(self, sample: NodeSample) -> None:
+    def publish(self, sample: NodeSample | NodeBatch) -> None:
         sys.stdout.write(encode(sample).decode() + "\n")
         sys.stdout.flush()
 
@@ -173,9 +187,12 @@ def fail(message: str) -> NoReturn:
 
 
 def run_source(
-    source: Source, clock: SystemClock, *, to_stdout: bool, count: int | None = None, duration: float | None = None
+    source: Source, clock: SystemClock, *, to_stdout: bool, count: int | None = None, duration: float | None = None,
+    flush_interval: float | None = None,
 ) -> None:
     """Drive `source` into stdout or Kafka until it ends, --count ticks, --duration seconds or a signal."""
+    interval = flush_s(flush_interval)
+    batcher = Batcher(interval) if interval > 0 else None
     sink = _open_sink(to_stdout)
     status = StatusLine(source, sink)
     timer = threading.Timer(duration, clock.stop.set) if duration is not None else None
@@ -184,11 +201,13 @@ def run_source(
             if timer:
                 timer.start()
             for tick in ticks:
-                for sample in tick:
-                    sink.publish(sample)
+                for message in batcher.add(tick) if batcher is not None else tick:
+                    sink.publish(message)
                 status.add(tick)
                 if count is not None and status.ticks >= count:
                     break
+            for message in batcher.flush() if batcher is not None else ():
+                sink.publish(message)
     except BrokenPipeError:  # `--stdout | head`: the reader is gone, which is a normal end
         stdout_to_devnull()
     finally:
@@ -228,6 +247,7 @@ def nvml_command(
     ] = DEFAULT_SLURM_DIR,
     count: Count = None,
     duration: Duration = None,
+    flush_interval: FlushInterval = None,
     to_stdout: ToStdout = False,
 ) -> None:
     """Read this machine's GPUs through NVML at a fixed rate (needs the NVIDIA driver)."""
@@ -247,7 +267,8 @@ def nvml_command(
         )
     except NvmlUnavailable as err:
         fail(str(err))
-    run_source(source, clock, to_stdout=to_stdout, count=count, duration=duration)
+    run_source(source, clock, to_stdout=to_stdout, count=count, duration=duration,
+                   flush_interval=flush_interval)
 
 
 @collect_app.command("dcgm")
@@ -274,6 +295,7 @@ def dcgm_command(
     attribution: MappingOpt = None,
     count: Count = None,
     duration: Duration = None,
+    flush_interval: FlushInterval = None,
     to_stdout: ToStdout = False,
 ) -> None:
     """Scrape dcgm-exporter endpoints; job and rank come from their Kubernetes pod labels."""
@@ -295,7 +317,8 @@ def dcgm_command(
     except ValueError as err:
         fail(str(err))
     try:
-        run_source(source, clock, to_stdout=to_stdout, count=count, duration=duration)
+        run_source(source, clock, to_stdout=to_stdout, count=count, duration=duration,
+                   flush_interval=flush_interval)
     finally:
         if len(source.targets) > 1 or file_sd:  # one line per target: which of them gave what
             for target in source.targets.values():
@@ -336,6 +359,7 @@ def replay_command(
     attribution: MappingOpt = None,
     count: Count = None,
     duration: Duration = None,
+    flush_interval: FlushInterval = None,
     max_wait: Annotated[
         float, typer.Option(min=0.0, help="Longest wait between two ticks, seconds; a longer break is not waited out.")
     ] = 600.0,
@@ -362,7 +386,8 @@ def replay_command(
         )
     except ValueError as err:
         fail(str(err))
-    run_source(source, clock, to_stdout=to_stdout, count=count, duration=duration)
+    run_source(source, clock, to_stdout=to_stdout, count=count, duration=duration,
+                   flush_interval=flush_interval)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ from kafka.errors import (
 from kafka.partitioner import murmur2
 from kafka.producer.future import FutureRecordMetadata
 
+from laggard.batches import NodeBatch
 from laggard.events import NodeSample, encode
 from laggard.kafka_config import client_config
 from laggard.settings import Settings, get_settings
@@ -180,7 +181,7 @@ class Publisher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def publish(self, sample: NodeSample, topic: str | None = None) -> None:
+    def publish(self, sample: NodeSample | NodeBatch, topic: str | None = None) -> None:
         self.publish_raw(sample.key(), encode(sample), topic)
 
     def publish_raw(self, key: bytes, value: bytes, topic: str | None = None) -> None:

@@ -8,8 +8,11 @@ Two formats, told apart by the first record (or forced with `fmt`):
   index repeats or a line's `ts` is more than half the recording interval (the median gap between
   recent ticks) away from the tick's first, so a missing line costs one tick, not a shift of that
   GPU's data by one tick for the rest of the trace. A multi-GPU recording becomes one NodeSample per tick.
-- `samples`: the schema's own JSONL (one NodeSample per line, what `--stdout` prints), replayed as
-  recorded; consecutive lines with the same `ts` (several nodes) form one tick.
+- `samples`: the schema's own JSONL (what `--stdout` prints), replayed as recorded: version-1 lines
+  (one node at one tick) and schema-2 batches (one node over a flush interval), which are taken
+  apart into their ticks; consecutive lines with the same `ts` (several nodes) form one tick, and
+  the ticks of consecutive batches that overlap in time (every node's batch of one interval) are
+  put in time order.
 
 Timing: tick i is due at start + (ts_i - ts_0) / speed on the monotonic clock, so sleeping never
 adds up to drift; speed 0 or inf means as fast as possible. A wait longer than `max_wait_s` (a
@@ -37,6 +40,7 @@ from typing import Any, Literal, NamedTuple
 
 from laggard.collectors.attribution import Attribution
 from laggard.collectors.base import Clock, Source, SystemClock, Tick, build_node_sample, log, sleep_until
+from laggard.batches import NodeBatch
 from laggard.events import PLAUSIBLE_TS_RANGE, NodeSample, plausible_ts, shown
 
 Format = Literal["auto", "nvml-trace", "samples"]
@@ -112,12 +116,18 @@ def _nonblank_lines(path: Path) -> Iterator[tuple[int, bytes]]:
                 yield lineno, line
 
 
+def _last_tick(record: dict[str, Any]) -> float | None:
+    """A line's `ts`, or a batch's last tick."""
+    ts = record.get("ts")
+    return _number(ts[-1] if isinstance(ts, list) and ts and record.get("v") == 2 else ts)
+
+
 def last_ts(path: Path) -> float:
     """The last numeric `ts` of the trace, for shifting it so that it ends now (bad lines are passed over)."""
     last: float | None = None
     for _, line in _nonblank_lines(path):
         try:
-            ts = _number(_json_object(line).get("ts"))
+            ts = _last_tick(_json_object(line))
         except ValueError:
             continue
         last = ts if ts is not None else last
@@ -194,8 +204,11 @@ class ReplaySource(Source):
         return self.now() - anchor
 
     def _records(self) -> Iterator[Line]:
-        """The usable lines in file order; every other line is counted by why and skipped."""
+        """The usable lines in file order (a batch's ticks in time order with the batches that
+        overlap it); every other line is counted by why and skipped."""
         offset: float | None = None
+        batched: list[Line] = []  # the ticks of overlapping batches, until one starts after them all
+        batched_end = -math.inf
         for lineno, raw in _nonblank_lines(self.path):
             where = f"{self.path.name}:{lineno}"
             try:
@@ -205,11 +218,21 @@ class ReplaySource(Source):
                 continue
             if self.fmt == "auto":
                 self.fmt = "samples" if "gpus" in record else "nvml-trace"
-            ts = _number(record.get("ts"))
+            is_batch = self.fmt == "samples" and record.get("v") == 2 and isinstance(record.get("ts"), list)
+            first = record["ts"][0] if is_batch and record["ts"] else record.get("ts")
+            ts = _number(first)
             if ts is None:
                 self.rejects.count("ts:not_a_number", where, f"ts = {shown(record.get('ts'))} is not a finite number")
                 continue
             offset = self._offset(ts) if offset is None else offset
+            if batched and (not is_batch or ts + offset >= batched_end):
+                yield from sorted(batched, key=lambda line: line.ts)
+                batched, batched_end = [], -math.inf
+            if is_batch:
+                lines = self._batch_lines(record, offset, where)
+                batched += lines
+                batched_end = max([batched_end, *(line.ts for line in lines)])
+                continue
             if not plausible_ts(ts + offset):
                 self.rejects.count("ts:implausible", where, f"ts = {ts + offset!r} is outside {PLAUSIBLE_TS_RANGE}")
                 continue
@@ -217,6 +240,17 @@ class ReplaySource(Source):
                 self.rejects.count("gpu:not_an_index", where, f"gpu = {shown(record.get('gpu'))} is not an integer")
                 continue
             yield Line(ts + offset, record)
+        yield from sorted(batched, key=lambda line: line.ts)
+
+    def _batch_lines(self, record: dict[str, Any], offset: float, where: str) -> list[Line]:
+        """A schema-2 batch, shifted and validated, as one version-1 line per tick; none if invalid."""
+        shifted = record | {"ts": [t + offset if _number(t) is not None else t for t in record["ts"]]}
+        if _number(record.get("until")) is not None:
+            shifted["until"] = record["until"] + offset
+        batch = self.rejects.validate(NodeBatch, shifted, where)
+        if batch is None:
+            return []
+        return [Line(sample.ts, sample.model_dump(exclude_none=True)) for sample in batch.samples()]
 
     def _same_tick(self, group: list[Line], line: Line, interval: float) -> bool:
         if self.fmt == "samples":

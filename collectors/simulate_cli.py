@@ -1,6 +1,8 @@
 """`laggard simulate SCENARIO.yaml`: drive the fleet simulator into Kafka, stdout or nowhere.
 
-Samples go out as they are encoded (one message per node per tick, the fast path); each
+Samples go out as schema-2 batches, one message per node per flush interval (`--flush-interval`,
+aligned to its multiples in event time; default the workers' window), or with
+`--flush-interval 0` one version-1 message per node per tick; each
 ground-truth event goes out when the simulation reaches its start, to `topic_truth` (or, with
 --stdout, to --truth-file or stderr). --discard sends nothing and reports the simulator's own rate.
 SIGTERM/SIGINT stop it before the next tick in every mode (a second one interrupts at once); the
@@ -24,9 +26,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from laggard import logs
 from laggard.collectors.base import SystemClock, sleep_until, stdout_to_devnull
-from laggard.collectors.cli import StopSignals, err_console, kafka_counts
+from laggard.collectors.cli import FlushInterval, StopSignals, err_console, flush_s, kafka_counts
 from laggard.collectors.simulate import FleetSimulator, Scenario, ScenarioError, load_scenario
 from laggard.collectors.simulate.scenario import revalidated, shortened
+from laggard.batches import gpu_sample_count
 from laggard.events import PLAUSIBLE_TS_RANGE, FaultTruth, encode, plausible_ts
 from laggard.settings import get_settings
 
@@ -165,6 +168,7 @@ def simulate(
         str | None, typer.Option(help="'now' or unix seconds of the first tick [default: the scenario's, else now].")
     ] = None,
     duration: Annotated[float | None, typer.Option(min=0.001, help="Override the scenario's duration, seconds.")] = None,
+    flush_interval: FlushInterval = None,
 ) -> None:
     """Simulate a GPU fleet running synchronous jobs with injected faults, and publish its ground truth."""
     try:
@@ -192,14 +196,14 @@ def simulate(
     try:
         with StopSignals(clock.stop), progress:
             task = progress.add_task("simulate", total=sim.tick_count, rate="")
-            for k, (ts, messages) in enumerate(sim.encoded_ticks()):
+            for k, (ts, messages) in enumerate(sim.encoded(flush_s(flush_interval))):
                 if clock.stop.is_set() or (interval and sleep_until(clock, began + k * interval)):
                     break
                 while truth and truth[0].start <= ts:
                     sink.truth(truth.popleft())
                 for key, value in messages:
                     sink.sample(key, value)
-                gpu_samples += sum(value.count(b'"index"') for _, value in messages)
+                gpu_samples += sum(gpu_sample_count(value) for _, value in messages)
                 rate = gpu_samples / max(clock.monotonic() - began, 1e-9)
                 progress.update(task, advance=1, rate=f"{rate:,.0f} GPU samples/s")
             else:

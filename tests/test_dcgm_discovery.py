@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 from laggard.collectors.cli import collect_app
 from laggard.collectors.dcgm import DcgmSource, checked_url
 from laggard.collectors.discovery import Discovered, FileSd, FileSdError, load_file_sd, parse_groups, target_url
-from laggard.events import decode_node_sample
 from tests.helpers.exporter_server import ExporterServer, Page
+from tests.helpers.samples import printed_samples
 from tests.test_dcgm_faults import G0, G1, REPO, exporter_text, logged, scrape_once
 
 runner = CliRunner()
@@ -99,7 +99,7 @@ def test_the_dcgm_command_scrapes_every_url_and_counts_each(server: ExporterServ
             "--interval", "0.05", "--count", "2", "--stdout"]
     result = runner.invoke(collect_app, args)
     assert result.exit_code == 0, result.output
-    samples = [decode_node_sample(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    samples = printed_samples(result.stdout)
     assert sorted(s.node for s in samples) == ["node-a", "node-a", "node-b", "node-b"]
     assert f"dcgm {server.url('/broken')}: 2 scrapes, 2 gave nothing, 0 node samples" in result.stderr
     assert f"dcgm {server.url('/a')}: 2 scrapes, 0 gave nothing, 2 node samples" in result.stderr
@@ -220,7 +220,7 @@ def test_the_dcgm_command_with_file_sd(server: ExporterServer, tmp_path: Path) -
     result = runner.invoke(collect_app, ["dcgm", "--file-sd", str(path), "--interval", "0.05", "--count", "2",
                                          "--stdout"])
     assert result.exit_code == 0, result.output
-    samples = [decode_node_sample(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    samples = printed_samples(result.stdout)
     assert [s.node for s in samples] == ["node-b", "node-b"]
     assert len(server.requests("/metrics")) == 0  # no default URL beside the file's targets
 

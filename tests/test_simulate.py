@@ -27,6 +27,7 @@ from laggard.events import ClockReason, FaultTruth, decode_node_sample
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "collectors" / "scenarios"
 from tests.helpers.fixtures import NVML_TRACE
+from tests.helpers.samples import printed_batches, printed_samples
 
 START = 1_795_665_000.0
 
@@ -371,7 +372,8 @@ def test_cli_prints_samples_and_writes_truth(tmp_path: Path) -> None:
     args = [str(path), "--stdout", "--as-fast-as-possible", "--start", str(START), "--truth-file", str(truth_file)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    samples = [decode_node_sample(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    samples = printed_samples(result.stdout)
     assert len(samples) == 10 and {len(s.gpus) for s in samples} == {4}
+    assert len(printed_batches(result.stdout)) == 2  # each node's 5 ticks, within one flush interval
     truth = [FaultTruth.model_validate_json(line) for line in truth_file.read_text().splitlines()]
     assert [(t.kind, t.rank, t.start) for t in truth] == [("straggler", 1, START + 2)]

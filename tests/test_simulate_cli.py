@@ -14,10 +14,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from laggard.batches import decode_event
 from laggard.collectors.simulate import ScenarioError, load_scenario
 from laggard.collectors.simulate.scenario import shortened
 from laggard.collectors.simulate_cli import simulate
-from laggard.events import decode_node_sample
+from tests.helpers.samples import printed_samples
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = "name: t\nduration_s: 2\nnodes: [{prefix: h, count: 1, model: H100}]\n"
@@ -48,7 +49,7 @@ def test_a_plausible_start_is_used(tmp_path: Path) -> None:
     start = math.floor(time.time()) - 3600
     code, out, _ = run(scenario_file(tmp_path), "--stdout", "--as-fast-as-possible", "--start", str(start))
     assert code == 0
-    assert [decode_node_sample(line).ts for line in out.splitlines()] == [start, start + 1]
+    assert sorted({s.ts for s in printed_samples(out)}) == [start, start + 1]
 
 
 @pytest.mark.parametrize(
@@ -137,7 +138,7 @@ def test_a_reader_that_leaves_ends_the_run_normally(tmp_path: Path) -> None:
         proc.stdout.close()
         err = proc.stderr.read().decode()
         proc.wait(timeout=120)
-    assert decode_node_sample(first).cluster == "demo"
+    assert decode_event(first).cluster == "demo"
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "Broken pipe" not in err
     assert "simulate demo (stopped)" in err

@@ -35,6 +35,7 @@ from laggard.collectors.dcgm import DcgmSource, parse_exporter_text
 from laggard.collectors.replay import ReplaySource
 from laggard.events import NodeSample, decode_node_sample
 from tests.helpers.fixtures import NVML_TRACE as FIXTURES
+from tests.helpers.samples import printed_batches, printed_samples
 
 TRACE = FIXTURES / "trace.jsonl"
 REPO = Path(__file__).resolve().parent.parent
@@ -228,21 +229,35 @@ def test_replay_groups_gpus_of_a_tick_and_counts_bad_lines(tmp_path: Path) -> No
     assert source.rejects.by_category == {"not_json": 1, "power_w:greater_than_equal": 1}
 
 
-def test_replay_of_stdout_output_round_trips(tmp_path: Path) -> None:
-    result = runner.invoke(collect_app, ["replay", str(TRACE), "--speed", "0", "--count", "50", "--stdout"])
+@pytest.mark.parametrize("flush", ["10", "0"], ids=["batches", "version-1"])
+def test_replay_of_stdout_output_round_trips(tmp_path: Path, flush: str) -> None:
+    result = runner.invoke(collect_app, ["replay", str(TRACE), "--speed", "0", "--count", "50", "--stdout",
+                                         "--flush-interval", flush])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == 50
+    samples = printed_samples(result.stdout)
+    assert len(samples) == 50 and len(lines) == (50 if flush == "0" else len(printed_batches(result.stdout)))
     recorded = tmp_path / "samples.jsonl"
     recorded.write_text("\n".join(lines) + "\n")
     source = ReplaySource(recorded, cluster="ignored", speed=0)
     replayed = [sample for tick in source.ticks() for sample in tick]
-    assert replayed == [decode_node_sample(line) for line in lines]
+    assert replayed == samples
     assert source.fmt == "samples"
 
 
+def test_batches_hold_the_ticks_of_one_flush_interval_each() -> None:
+    result = runner.invoke(collect_app, ["replay", str(TRACE), "--speed", "0", "--count", "50", "--stdout"])
+    batches = printed_batches(result.stdout)
+    one_tick = [sample for sample in printed_samples(result.stdout)]
+    assert len(batches) < len(one_tick) / 10  # the trace samples at ~10 Hz: ~100 ticks per 10 s
+    for batch in batches[:-1]:  # the last went out when the source stopped: no promise past its ticks
+        assert batch.until is not None and batch.until % 10 == 0 and batch.ts[-1] < batch.until <= batch.ts[0] + 10
+    assert batches[-1].until is None
+
+
 def test_replay_samples_rejects_unknown_version_and_shifts_before_validating(tmp_path: Path) -> None:
-    printed = runner.invoke(collect_app, ["replay", str(TRACE), "--speed", "0", "--count", "1", "--stdout"])
+    printed = runner.invoke(collect_app, ["replay", str(TRACE), "--speed", "0", "--count", "1", "--stdout",
+                                          "--flush-interval", "0"])
     good = json.loads(printed.stdout.splitlines()[0])
     old = good | {"ts": 1_400_000_000.0}  # 2014: only valid once shifted to now
     recorded = tmp_path / "old.jsonl"
@@ -602,8 +617,9 @@ def test_dcgm_cli_stdout_against_server(exporter: Exporter) -> None:
     args = ["dcgm", "--url", exporter.url, "--interval", "0.05", "--count", "3", "--stdout", "--cluster", "c9"]
     result = runner.invoke(collect_app, args)
     assert result.exit_code == 0, result.output
-    samples = [decode_node_sample(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    samples = printed_samples(result.stdout)
     assert len(samples) == 3 and {s.cluster for s in samples} == {"c9"}
+    assert len(printed_batches(result.stdout)) == 1  # 3 ticks 0.05 s apart: one flush interval
     assert exporter.requests == 3
 
 
@@ -619,7 +635,8 @@ def test_dcgm_cli_keeps_going_when_server_is_down() -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_the_loop_cleanly(signum: int) -> None:
-    command = [sys.executable, "-m", "laggard.collectors.cli", "replay", str(TRACE), "--speed", "1", "--stdout"]
+    command = [sys.executable, "-m", "laggard.collectors.cli", "replay", str(TRACE), "--speed", "1", "--stdout",
+               "--flush-interval", "0"]
     env = os.environ | {"PYTHONPATH": str(REPO)}
     with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         first = proc.stdout.readline()  # type: ignore[union-attr]
@@ -630,6 +647,21 @@ def test_signal_stops_the_loop_cleanly(signum: int) -> None:
     printed = 1 + len(rest.splitlines())
     assert printed < 1220  # stopped long before the 122 s trace ended
     assert f"replay: {printed} ticks" in err
+
+
+def test_a_signal_sends_what_the_batcher_still_holds() -> None:
+    command = [sys.executable, "-m", "laggard.collectors.cli", "replay", str(TRACE), "--speed", "1", "--stdout",
+               "--flush-interval", "1"]
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        first = proc.stdout.readline()  # type: ignore[union-attr]  # the first flush interval is over
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    batches = printed_batches(first + rest)
+    ticks = int(err.split("replay: ")[1].split(" ticks")[0])
+    assert len(batches) >= 2 and batches[-1].until is None  # the held one went out at the signal
+    assert sum(len(b.ts) for b in batches) == ticks  # every tick read was sent
 
 
 # --- nvml -----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from laggard.collectors.base import Source, Tick
+from laggard.collectors.simulate.batch_encode import BatchEncoder
 from laggard.collectors.simulate.encode import SOURCE, NodeEncoder
 from laggard.collectors.simulate.faults import FaultSchedule, TickEffects, tick_count
 from laggard.collectors.simulate.frame import Frame
@@ -80,6 +81,22 @@ class FleetSimulator(Source):
         """(tick ts, [(node key, NodeSample JSON)]) without building pydantic models: the fast path."""
         for f in self.frames():
             yield f.ts, self.encoder.encode(f)
+
+    def encoded(self, flush_s: float) -> Iterator[tuple[float, list[tuple[bytes, bytes]]]]:
+        """`encoded_batches(flush_s)`, or `encoded_ticks()` (version 1) for a flush interval of 0."""
+        return self.encoded_batches(flush_s) if flush_s > 0 else self.encoded_ticks()
+
+    def encoded_batches(self, flush_s: float) -> Iterator[tuple[float, list[tuple[bytes, bytes]]]]:
+        """(tick ts, [(node key, NodeBatch JSON)]): the batches each tick completes (schema 2, one
+        message per node per flush interval), the last tick with what is still held."""
+        encoder = BatchEncoder(self.scenario, self.layout, flush_s)
+        last: tuple[float, list[tuple[bytes, bytes]]] | None = None
+        for f in self.frames():
+            if last is not None:
+                yield last
+            last = (f.ts, encoder.add(f))
+        if last is not None:
+            yield last[0], last[1] + encoder.flush()
 
     def _node_sample(self, f: Frame, n: int) -> NodeSample | None:
         lay, jobs = self.layout, self.scenario.jobs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from laggard.batches import NodeBatch, decode_event
 from laggard.events import GpuSample, NodeSample
 
 
@@ -21,3 +22,20 @@ def gpu(index: int = 0, **overrides: Any) -> GpuSample:
 def node_sample(node: str = "a01", gpus: int = 8, ts: float | None = None, **gpu_overrides: Any) -> NodeSample:
     return NodeSample(ts=ts if ts is not None else time.time(), cluster="test", node=node, source="test",
                       gpus=[gpu(i, **gpu_overrides) for i in range(gpus)])
+
+
+def printed_samples(text: str) -> list[NodeSample]:
+    """The samples in `--stdout` output: version-1 lines as they are, schema-2 batches taken apart."""
+    out: list[NodeSample] = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            event = decode_event(line)
+            out += event.samples() if isinstance(event, NodeBatch) else [event]
+    return out
+
+
+def printed_batches(text: str) -> list[NodeBatch]:
+    """The schema-2 batches in `--stdout` output (a version-1 line fails the test)."""
+    events = [decode_event(line) for line in text.splitlines() if line.startswith("{")]
+    assert all(isinstance(e, NodeBatch) for e in events), "a version-1 line where batches were expected"
+    return events
