@@ -1,6 +1,9 @@
 """One laggard worker's throughput through the real broker, in GPU-samples/s.
 
-Pre-publishes --messages simulator messages (event time in the past) to a unique samples topic,
+Pre-publishes the simulator's messages for --scenario (by default bench/colossus_slice.yaml:
+20,480 GPUs at 1 Hz for a minute; event time in the past; at most --messages of them) to a unique
+samples topic, as schema-2 batches of --flush-interval seconds (0: version 1, a message per node
+per tick),
 then starts one `laggard worker` (baseline detector on, as `laggard eval` runs it) and polls its
 /stats: the timed span runs from the first poll that sees an accepted sample to the one that sees
 all of them, so Faust's start-up and its consumer-group join are not counted. With --profile,
@@ -13,7 +16,7 @@ agents.outputs) is timed in this process on the same messages, with no Kafka and
 `stage1_alone_gpu_samples_per_s` is what the worker could reach if Faust cost nothing. The last
 line is one JSON object.
 
-    python bench/agents.py [--scenario collectors/scenarios/all_faults.yaml] [--messages 30000] [--profile]
+    python bench/agents.py [--scenario bench/colossus_slice.yaml] [--flush-interval 10] [--messages N] [--profile]
 """
 
 from __future__ import annotations
@@ -95,12 +98,12 @@ def faust_ceiling(env: dict[str, str], messages: int, timeout_s: float) -> int:
     sys.exit(f"the no-op Faust agent reported nothing:\n{done.stderr[-2000:]}")
 
 
-def stage1_seconds(scenario: Path, start_ts: float, count: int) -> float:
+def stage1_seconds(scenario: Path, start_ts: float, count: int, flush_s: float) -> float:
     """Seconds laggard's stage-1 code takes for the first `count` messages of the run, in process."""
     settings = get_settings()
     sim = FleetSimulator(load_scenario(scenario), start_ts=start_ts)
     messages = [value for _key, value in itertools.islice(
-        (message for _ts, batch in sim.encoded_ticks() for message in batch), count)]
+        (message for _ts, batch in sim.encoded(flush_s) for message in batch), count)]
     stage = SampleStage(settings.window_s, settings.late_grace_s)
     started = time.perf_counter()
     for offset, raw in enumerate(messages):
@@ -114,8 +117,9 @@ def stage1_seconds(scenario: Path, start_ts: float, count: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", type=Path, default=ROOT / "collectors/scenarios/all_faults.yaml")
-    parser.add_argument("--messages", type=int, default=30_000)
+    parser.add_argument("--scenario", type=Path, default=ROOT / "bench/colossus_slice.yaml")
+    parser.add_argument("--flush-interval", type=float, default=10.0, help="seconds per batch; 0: version 1")
+    parser.add_argument("--messages", type=int, default=None, help="at most this many messages [all]")
     parser.add_argument("--timeout-s", type=float, default=600.0)
     parser.add_argument("--profile", action="store_true", help="py-spy the worker; top functions to stderr")
     parser.add_argument("--profile-s", type=float, default=15.0)
@@ -123,7 +127,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="laggard-bench-") as tmp:
         with PipelineRun(get_settings(), prefix="bench", state_root=Path(tmp), overrides=EVAL_OVERRIDES) as run:
-            run.publish_scenario(args.scenario, limit=args.messages)
+            run.publish_scenario(args.scenario, limit=args.messages, flush_s=args.flush_interval)
             print(f"published {run.published:,} messages ({run.gpu_samples:,} GPU samples)", file=sys.stderr)
             profile = None
             run.start_worker()
@@ -143,7 +147,7 @@ def main() -> None:
                 time.sleep(POLL_S)
             run.stop_worker()
             noop_rate = faust_ceiling(run.env, run.published, args.timeout_s)
-        stage1_s = stage1_seconds(args.scenario, run.start_ts, run.published)
+        stage1_s = stage1_seconds(args.scenario, run.start_ts, run.published, args.flush_interval)
         assert first is not None
         seconds = now - first[0]
         messages = run.published - first[1]

@@ -1,7 +1,10 @@
 """Simulator + publisher throughput into the real broker, on one core.
 
-Runs the fleet simulator's fast path (`encoded_ticks`) straight into the shared Publisher for a
-fixed number of messages per producer configuration and waits for every acknowledgement. Each
+Runs the fleet simulator's fast path straight into the shared Publisher for a fixed number of
+messages per producer configuration and waits for every acknowledgement: schema-2 batches of
+--flush-interval seconds (`encoded_batches`, one message per node per interval; by default the
+whole 20,480-GPU bench/colossus_slice.yaml), or with --flush-interval 0 version-1 messages
+(`encoded_ticks`, one per node per tick), which the figures below were measured on. Each
 configuration runs --repeats times (rounds interleaved, so a noisy neighbour hits all of them
 alike) and reports the median run. The timed window starts once the producer is connected and the
 topic's metadata is known (one message published and acknowledged first: a ~0.25 s fixed cost
@@ -23,7 +26,7 @@ completion ~3 us, lz4 ~3 us, socket); the publisher itself ~2-3 us. 200,000 GPU-
 ~34 us a message at this scenario's 6.9 GPUs a node (40 us at 8): kafka-python's per-record path
 alone (~36 us) is more than that, before the simulator's share.
 
-    python bench/collectors.py [--scenario collectors/scenarios/all_faults.yaml] [--messages 30000]
+    python bench/collectors.py [--scenario bench/colossus_slice.yaml] [--flush-interval 10] [--messages N]
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from typing import Any
 # `collectors` package: put the repository root there instead.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from laggard.batches import gpu_sample_count
 from laggard.collectors.publisher import DEFAULT_PRODUCER_CONFIG, Publisher
 from laggard.collectors.simulate import FleetSimulator, load_scenario
 from laggard.settings import get_settings
@@ -58,25 +62,27 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def simulated_messages(scenario: Path) -> Iterator[tuple[bytes, bytes]]:
+def simulated_messages(scenario: Path, flush_s: float) -> Iterator[tuple[bytes, bytes]]:
     sim = FleetSimulator(load_scenario(scenario), start_ts=time.time() - 3600)
-    for _ts, batch in sim.encoded_ticks():
+    for _ts, batch in sim.encoded(flush_s):
         yield from batch
 
 
 def timed(messages: Iterator[tuple[bytes, bytes]], count: int, publish: Callable[[bytes, bytes], None],
           finish: Callable[[], None]) -> dict[str, float]:
     """Publish `count` messages, call `finish`, and return the rates over that window."""
-    sent = samples = 0
+    sent = 0
+    values = []  # GPU samples counted after the timed span: parsing a batch to count is not publishing
     cpu0, t0 = time.process_time(), time.perf_counter()
     for key, value in messages:
         publish(key, value)
-        samples += value.count(b'"index"')
+        values.append(value)
         sent += 1
         if sent >= count:
             break
     finish()
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    samples = sum(map(gpu_sample_count, values))
     return {
         "gpu_samples_per_s": round(samples / wall),
         "messages_per_s": round(sent / wall),
@@ -99,8 +105,8 @@ def run_publisher(messages: Iterator[tuple[bytes, bytes]], count: int, overrides
     return result | {"mb_per_s": round(stats.bytes / result["wall_s"] / 1e6, 1)}
 
 
-def run_simulator_alone(scenario: Path, count: int) -> dict[str, float]:
-    return timed(simulated_messages(scenario), count, lambda key, value: None, lambda: None)
+def run_simulator_alone(scenario: Path, flush_s: float, count: int) -> dict[str, float]:
+    return timed(simulated_messages(scenario, flush_s), count, lambda key, value: None, lambda: None)
 
 
 def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -111,8 +117,9 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", type=Path, default=ROOT / "collectors/scenarios/all_faults.yaml")
-    parser.add_argument("--messages", type=int, default=30_000)
+    parser.add_argument("--scenario", type=Path, default=ROOT / "bench/colossus_slice.yaml")
+    parser.add_argument("--flush-interval", type=float, default=10.0, help="seconds per batch; 0: version 1")
+    parser.add_argument("--messages", type=int, default=1_000_000, help="at most this many [the whole scenario]")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only-default", action="store_true")
     args = parser.parse_args()
@@ -121,11 +128,13 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
     for _round in range(args.repeats):
         for name, overrides in configs.items():
-            runs[name].append(run_publisher(simulated_messages(args.scenario), args.messages, overrides))
+            runs[name].append(run_publisher(simulated_messages(args.scenario, args.flush_interval), args.messages,
+                                            overrides))
     results = {name: median_run(name_runs) for name, name_runs in runs.items()}
-    simulator = median_run([run_simulator_alone(args.scenario, args.messages) for _ in range(args.repeats)])
+    simulator = median_run([run_simulator_alone(args.scenario, args.flush_interval, args.messages)
+                            for _ in range(args.repeats)])
     # kafka-python's own ceiling: the default publisher fed messages made beforehand.
-    made = list(itertools.islice(simulated_messages(args.scenario), args.messages))
+    made = list(itertools.islice(simulated_messages(args.scenario, args.flush_interval), args.messages))
     publisher = median_run([run_publisher(iter(made), args.messages, {}) for _ in range(args.repeats)])
     for name, r in results.items():
         print(f"{name:36s} {r['gpu_samples_per_s']:>9,} GPU-samples/s  {r['messages_per_s']:>7,} msg/s  "

@@ -36,10 +36,11 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from laggard.agents.scoring import percentile
+from laggard.batches import gpu_sample_count
 from laggard.collectors.publisher import Publisher
 from laggard.collectors.simulate import FleetSimulator
 from laggard.collectors.simulate.scenario import Scenario
-from laggard.commands.pipeline_run import PipelineError, PipelineRun, gpus_in, messages_taken
+from laggard.commands.pipeline_run import PipelineError, PipelineRun, messages_taken
 from laggard.results import Finding
 from laggard.settings import Settings, get_settings
 from laggard.topics import read_records
@@ -112,7 +113,7 @@ def throughput(base: Settings, count: int, messages: int, tmp: Path,
             for key, value in batch:
                 publisher.publish_raw(key, value)
                 published += 1
-                gpu_samples += gpus_in(value)
+                gpu_samples += gpu_sample_count(value)
             if published >= messages:
                 break
     idle_rss = {}

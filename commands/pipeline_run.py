@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
+from laggard.batches import gpu_sample_count
 from laggard.collectors.publisher import Publisher
 from laggard.collectors.simulate import FleetSimulator, load_scenario
 from laggard.commands.stack.process import free_port, log_tail
@@ -65,11 +66,6 @@ def past_start_ts(duration_s: float, now: float | None = None) -> float:
     if start < EARLIEST_TS:
         raise PipelineError(f"scenario duration {duration_s} s reaches before 2020-01-01, which events reject")
     return start
-
-
-def gpus_in(value: bytes) -> int:
-    """GPU samples in one encoded NodeSample (each GPU entry carries one "index")."""
-    return value.count(b'"index"')
 
 
 def env_value(value: Any) -> str:
@@ -136,10 +132,11 @@ class PipelineRun:
             )
 
     def publish_scenario(self, scenario: Path | str, progress: Callable[[int], None] | None = None,
-                         limit: int | None = None) -> None:
+                         limit: int | None = None, flush_s: float = 0.0) -> None:
         """Publish the scenario's messages (at most `limit`) as fast as possible, stamped in the
-        recent past (see past_start_ts), and its truth to the truth topic. `progress` gets the
-        running count of published messages every PROGRESS_EVERY."""
+        recent past (see past_start_ts), and its truth to the truth topic: schema-2 batches of
+        `flush_s` seconds, or version-1 messages (one per node per tick) when it is 0. `progress`
+        gets the running count of published messages every PROGRESS_EVERY."""
         spec = load_scenario(Path(scenario))
         self.start_ts = past_start_ts(spec.duration_s)
         sim = FleetSimulator(spec, start_ts=self.start_ts)
@@ -148,11 +145,11 @@ class PipelineRun:
             for truth in self.truth:
                 publisher.publish_raw((truth.job or truth.node or truth.scenario).encode(), encode(truth),
                                       topic=self.settings.topic_truth)
-            messages = (message for _ts, batch in sim.encoded_ticks() for message in batch)
+            messages = (message for _ts, batch in sim.encoded(flush_s) for message in batch)
             for key, value in itertools.islice(messages, limit):
                 publisher.publish_raw(key, value)
                 self.published += 1
-                self.gpu_samples += gpus_in(value)
+                self.gpu_samples += gpu_sample_count(value)
                 if progress and self.published % PROGRESS_EVERY == 0:
                     progress(self.published)
         if publisher.stats.failed:

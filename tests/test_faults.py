@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from laggard.batches import gpu_sample_count
 from laggard.collectors.publisher import Publisher, default_partition
 from laggard.collectors.simulate import load_scenario
 from laggard.commands import stack as local_stack
-from laggard.commands.pipeline_run import PipelineRun, gpus_in
+from laggard.commands.pipeline_run import PipelineRun
 from laggard.commands.stack.process import free_port, log_tail, wait_until
 from laggard.settings import Settings
 from laggard.topics import committed_offsets, ensure_topics, read_topic
@@ -237,7 +238,7 @@ def test_influxdb_down_30s_every_window_lands_once(stack, private, tmp_path):
         assert wait_until(lambda: run.stats().get("influx_points_written", 0) > held, 60, 0.1), run.describe()
         recover_s = time.monotonic() - back_at
         stats = run.wait_until_quiet(timeout_s=150)
-        late_gpu_samples = sum(gpus_in(d["payload"].encode()) for d in run.dead_letters()
+        late_gpu_samples = sum(gpu_sample_count(d["payload"].encode()) for d in run.dead_letters()
                                if d["reason"].startswith("late"))
 
     spec = load_scenario(SMALL)
