@@ -89,11 +89,12 @@ def run_demo(settings: Settings, console: Console, scenario: Path = SCENARIO) ->
     with run, console.status("starting a worker ...") as status:
         run.start_worker(log)
         status.update("publishing the simulated fleet to Kafka ...")
-        run.publish_scenario(scenario, lambda n: status.update(f"publishing: {n:,} node samples"))
-        console.print(f"published {run.published:,} node samples ({run.gpu_samples:,} GPU samples) of {scenario.name}")
+        run.publish_scenario(scenario, lambda n: status.update(f"publishing: {n:,} node batches"),
+                             flush_s=settings.window_s)
+        console.print(f"published {run.published:,} node batches ({run.gpu_samples:,} GPU samples) of {scenario.name}")
 
         def show(stats: dict) -> None:
-            status.update(f"worker: {stats.get('accepted', 0):,}/{run.published:,} node samples, "
+            status.update(f"worker: {stats.get('accepted', 0):,}/{run.published:,} node batches, "
                           f"{stats.get('findings', 0)} findings, {stats.get('notifications', 0)} notifications")
 
         stats = run.wait_until_quiet(timeout_s=150, progress=show)
@@ -117,7 +118,7 @@ def run_demo(settings: Settings, console: Console, scenario: Path = SCENARIO) ->
                       f"up to {fleet[0]['max']:.0f} allocated GPUs idle")
     truth = collections.Counter(t.kind for t in run.truth)
     console.print(f"injected faults: {dict(truth)}")
-    console.print(f"{stats.get('accepted', 0):,} node samples processed, {len(findings)} findings, "
+    console.print(f"{stats.get('accepted', 0):,} node batches processed, {len(findings)} findings, "
                   f"{receiver.received} webhook notifications, in {time.monotonic() - started:.0f} s")
     console.print(f"data: InfluxDB {settings.influx_url} database '{settings.influx_database}', measurements "
                   "gpu_window, node_window, fleet, finding (cluster 'demo'); findings on Kafka topic "

@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from laggard.agents.scoring import score, straggler_cells
+from laggard.collectors.cli import FlushInterval
 from laggard.collectors.simulate import load_scenario
 from laggard.commands.pipeline_run import PipelineError, PipelineRun, messages_taken
 from laggard.events import FaultTruth
@@ -65,7 +66,7 @@ class ScenarioRun:
 
 
 def evaluate_scenario(scenario_path: Path, base: Settings, workdir: Path, status: Status = lambda _: None,
-                      timeout_s: float = 900.0) -> ScenarioRun:
+                      timeout_s: float = 900.0, flush_s: float | None = None) -> ScenarioRun:
     """Run one scenario through a fresh worker and collect its findings (see the module docstring)."""
     started = time.monotonic()
     name = load_scenario(scenario_path).name
@@ -76,7 +77,8 @@ def evaluate_scenario(scenario_path: Path, base: Settings, workdir: Path, status
                f"{stats.get('findings', 0)} findings, {stats.get('windows_closed', 0)} windows closed")
 
     with run:
-        run.publish_scenario(scenario_path, lambda n: status(f"{name}: published {n:,} messages"))
+        run.publish_scenario(scenario_path, lambda n: status(f"{name}: published {n:,} messages"),
+                             flush_s=base.window_s if flush_s is None else flush_s)
         status(f"{name}: starting the worker")
         run.start_worker()
         stats = run.wait_until_quiet(timeout_s, progress=show)
@@ -139,12 +141,14 @@ def cells_table(title: str, cells: Scores) -> Table:
     return table
 
 
-def evaluate(scenarios: Sequence[Path], settings: Settings, console: Console) -> dict[str, Any]:
-    """Run every scenario, print its table, and return the report written by `laggard eval`."""
+def evaluate(scenarios: Sequence[Path], settings: Settings, console: Console,
+             flush_s: float | None = None) -> dict[str, Any]:
+    """Run every scenario, print its table, and return the report written by `laggard eval`:
+    published as batches of `flush_s` seconds (default: the window; 0: version-1 messages)."""
     runs: list[ScenarioRun] = []
     with tempfile.TemporaryDirectory(prefix="laggard-eval-") as tmp, console.status("starting") as progress:
         for path in scenarios:
-            run = evaluate_scenario(path, settings, Path(tmp), lambda text: progress.update(text))
+            run = evaluate_scenario(path, settings, Path(tmp), lambda text: progress.update(text), flush_s=flush_s)
             runs.append(run)
             print_table(console, scores_table(
                 f"{run.name}: {run.messages:,} messages, {run.gpu_samples:,} GPU samples, "
@@ -168,12 +172,13 @@ def evaluate(scenarios: Sequence[Path], settings: Settings, console: Console) ->
 def eval_command(
     scenarios: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="Scenario YAML files.")],
     out: Annotated[Path | None, typer.Option("--out", dir_okay=False, help="Write the scores here as JSON.")] = None,
+    flush_interval: FlushInterval = None,
 ) -> None:
     """Run scenarios through the real pipeline (Kafka + one worker) and score laggard's findings and
     the naive low-utilization baseline against the simulator's ground truth."""
     console = Console()
     try:
-        report = evaluate(scenarios, get_settings(), console)
+        report = evaluate(scenarios, get_settings(), console, flush_s=flush_interval)
     except PipelineError as err:
         console.print(f"[red]laggard eval failed:[/red] {err}", highlight=False)
         raise typer.Exit(1) from None

@@ -17,6 +17,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 
+from laggard.batches import decode_event
 from laggard.collectors.publisher import Publisher, default_partition
 from laggard.collectors.simulate import FleetSimulator, load_scenario
 from laggard.commands.stack.process import wait_until
@@ -25,6 +26,7 @@ from laggard.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 STATUS_LINE = re.compile(r"kafka sent (\d+) acked (\d+) failed (\d+)")
+READ_LINE = re.compile(r"replay: \d+ ticks, (\d+) node samples")
 
 
 def _consumer(settings: Settings) -> KafkaConsumer:
@@ -183,16 +185,19 @@ def test_sigterm_while_publishing_keeps_every_acknowledged_sample(stack, unique,
     returncode, stderr = _sigterm_once_published(stack, command, {"LAGGARD_TOPIC_SAMPLES": topic}, topic, 300)
     assert returncode == 0, stderr[-2000:]
     status = STATUS_LINE.search(stderr)
-    assert status is not None, stderr[-2000:]
+    read = READ_LINE.search(stderr)
+    assert status is not None and read is not None, stderr[-2000:]
     sent, acked, failed = map(int, status.groups())
     assert failed == 0 and acked == sent
-    assert 300 <= acked < total  # stopped part-way, with what was sent flushed
+    node_samples = int(read.group(1))
+    assert 300 <= acked and node_samples < total  # stopped part-way, with what was sent flushed
 
-    in_topic = Counter((s.node, s.ts) for s in (decode_node_sample(r.value) for r in _read_all(stack, topic)))
-    assert sum(in_topic.values()) >= acked
+    # Every node sample the source read before the signal is in the topic, in the batches held then too.
+    in_topic = Counter((s.node, s.ts) for r in _read_all(stack, topic) for s in decode_event(r.value).samples())
+    assert sum(in_topic.values()) >= node_samples
     with samples_file.open("rb") as lines:
-        published_first = [decode_node_sample(next(lines)) for _ in range(acked)]  # replay keeps file order
-    assert not [(s.node, s.ts) for s in published_first if (s.node, s.ts) not in in_topic]
+        read_first = [decode_node_sample(next(lines)) for _ in range(node_samples)]  # replay keeps file order
+    assert not [(s.node, s.ts) for s in read_first if (s.node, s.ts) not in in_topic]
 
 
 def test_sigterm_stops_an_unpaced_simulation_with_everything_acknowledged_in_the_topic(stack, unique):
