@@ -1,8 +1,10 @@
 """The event schema: what collectors put on Kafka and what agents read.
 
-One Kafka message is a `NodeSample`: every GPU of one node at one tick, keyed by node, so a
-node's samples stay ordered in one partition. The wire format is JSON; `v` is the schema
-version and a decoder rejects versions it does not know.
+A `NodeSample` is every GPU of one node at one tick: schema version 1, one Kafka message each,
+keyed by node, so a node's samples stay ordered in one partition. Collectors now send a node's
+ticks of a flush interval as one schema-2 message (laggard/batches.py), whose columns take their
+bounds from `GpuSample`. The wire format is JSON; `v` is the schema version and a decoder rejects
+versions it does not know.
 """
 
 from __future__ import annotations
