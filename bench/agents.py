@@ -65,6 +65,12 @@ PARTS = (
 IDLE_LEAVES = ("EpollSelector.select ", "wait (threading.py", "_wait_for_tstate_lock ", "select (selectors.py")
 
 
+def _labels(frame: str) -> tuple[str, str]:
+    """A py-spy frame ('Worker.detect (agents/worker.py:244)') as 'Worker.detect ' and 'detect '."""
+    function = frame.split(" (", 1)[0]
+    return function + " ", function.rsplit(".", 1)[-1] + " "
+
+
 def cpu_by_part(raw_profile: Path) -> dict[str, float]:
     """Share of the worker's busy samples per part; the rest is Faust, aiokafka and asyncio."""
     busy: collections.Counter[str] = collections.Counter()
@@ -73,8 +79,8 @@ def cpu_by_part(raw_profile: Path) -> dict[str, float]:
         frames = stack.split(";")
         if not stack or frames[-1].startswith(IDLE_LEAVES):
             continue
-        part = next((name for frame in frames for prefix, name in PARTS if frame.startswith(prefix)),
-                    "Faust, aiokafka and asyncio around the agents")
+        part = next((name for frame in frames for label in _labels(frame) for prefix, name in PARTS
+                     if label.startswith(prefix)), "Faust, aiokafka and asyncio around the agents")
         busy[part] += int(samples)
     total = sum(busy.values())
     return {part: round(n / total, 3) for part, n in busy.most_common()}
