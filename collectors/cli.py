@@ -50,7 +50,7 @@ Cluster = Annotated[
 Count = Annotated[int | None, typer.Option(min=1, help="Stop after this many ticks.")]
 Duration = Annotated[float | None, typer.Option(min=0.0, help="Stop after this many seconds.")]
 ToStdout = Annotated[
-    bool, typer.Option("--stdout", help="Print NodeSamples as JSON lines on stdout instead of publishing to Kafka.")
+    bool, typer.Option("--stdout", help="Print the messages as JSON lines on stdout instead of publishing to Kafka.")
 ]
 FlushInterval = Annotated[
     float | None,

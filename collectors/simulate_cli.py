@@ -155,7 +155,7 @@ def simulate(
     speed: Annotated[float, typer.Option(min=0.001, help="Simulated seconds per wall-clock second.")] = 1.0,
     as_fast_as_possible: Annotated[bool, typer.Option("--as-fast-as-possible", help="Do not pace ticks.")] = False,
     to_stdout: Annotated[
-        bool, typer.Option("--stdout", help="Print NodeSamples as JSON lines instead of publishing to Kafka.")
+        bool, typer.Option("--stdout", help="Print the messages as JSON lines instead of publishing to Kafka.")
     ] = False,
     truth_file: Annotated[
         Path | None, typer.Option(dir_okay=False, help="With --stdout: ground truth JSON lines here [default: stderr].")
