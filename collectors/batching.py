@@ -12,10 +12,9 @@ goes out when the source stops.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from laggard.batches import MAX_BATCH_TICKS, NodeBatch, batch_of, series_labels
+from laggard.batches import MAX_BATCH_TICKS, NodeBatch, batch_of, flush_period_end, series_labels
 from laggard.events import NodeSample
 
 # ~100 bytes of JSON a GPU sample: a batch stays well under the topic's message size limit.
@@ -52,16 +51,13 @@ class Batcher:
         self.max_samples = max_samples
         self._held: dict[tuple[str, str], _Held] = {}
 
-    def period_end(self, ts: float) -> float:
-        return (math.floor(ts / self.flush_s) + 1) * self.flush_s
-
     def add(self, tick: list[NodeSample]) -> list[NodeBatch]:
         out = []
         for sample in tick:
             node = (sample.cluster, sample.node)
             held = self._held.get(node)
             if held is not None:
-                end = self.period_end(held.samples[-1].ts)
+                end = flush_period_end(held.samples[-1].ts, self.flush_s)
                 if sample.ts >= end:  # the flush interval is over: the node reported up to its end
                     out.append(batch_of(held.samples, until=end))
                     held = None

@@ -25,6 +25,7 @@ field, GPU row, tick and value: 'util_gpu.1.3 = 104.0: Input should be less than
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -155,6 +156,11 @@ NodeBatch = create_model(
     __doc__="One node's GPUs over the ticks of a flush interval: one Kafka message, keyed by `node`.",
     **{name: (_matrix_type(name), ...) if name in REQUIRED_COLUMNS else (_matrix_type(name) | None, None)
        for name in COLUMN_FIELDS})
+
+
+def flush_period_end(ts: float, flush_s: float) -> float:
+    """The end of the flush interval `ts` falls in: intervals are aligned to multiples of `flush_s`."""
+    return (math.floor(ts / flush_s) + 1) * flush_s
 
 
 def series_labels(gpu: GpuSample) -> tuple:

@@ -10,11 +10,10 @@ Values are the whole numbers the version-1 encoder sends, so both versions carry
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import orjson
 
+from laggard.batches import flush_period_end
 from laggard.collectors.simulate.encode import SOURCE
 from laggard.collectors.simulate.frame import Frame
 from laggard.collectors.simulate.layout import FleetLayout
@@ -42,13 +41,10 @@ class BatchEncoder:
 
     def add(self, frame: Frame) -> list[tuple[bytes, bytes]]:
         out = []
-        if self.frames and frame.ts >= self._period_end(self.frames[-1].ts):
-            out = self.flush(until=self._period_end(self.frames[-1].ts))
+        if self.frames and frame.ts >= (end := flush_period_end(self.frames[-1].ts, self.flush_s)):
+            out = self.flush(until=end)
         self.frames.append(frame)
         return out
-
-    def _period_end(self, ts: float) -> float:
-        return (math.floor(ts / self.flush_s) + 1) * self.flush_s
 
     def flush(self, until: float | None = None) -> list[tuple[bytes, bytes]]:
         """(node key, JSON) for every node with a sample in the frames held; `until` when the
