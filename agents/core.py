@@ -14,7 +14,9 @@ from typing import Any, Awaitable, Callable
 import faust
 from faust.exceptions import ConsumerNotStarted
 from faust.types import TP
+from kafka.errors import KafkaError
 from pydantic import ValidationError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from laggard.agents.gaps import acknowledge
 from laggard.agents.metrics import Counters
@@ -31,6 +33,32 @@ log = logging.getLogger("laggard.worker")
 FETCH_FRESH_S = 5.0
 # Refused points go to the dead-letter topic whole, this many characters of lines per record at most.
 DEAD_LETTER_PAYLOAD_CHARS = 64 * 1024
+# How long a direct read from Kafka (a group's offsets, a re-read) keeps retrying what the broker
+# calls retriable (no coordinator yet, a connection refused) before the error stops the worker.
+KAFKA_RETRY_S = 300.0
+
+
+def _retriable(err: BaseException) -> bool:
+    """Whether the broker may answer this read if asked again: it is starting, moving a coordinator
+    or away for a while (read_range's TimeoutError)."""
+    return isinstance(err, TimeoutError) or (isinstance(err, KafkaError) and err.retriable)
+
+
+def _log_retry(state: RetryCallState) -> None:
+    err = state.outcome.exception() if state.outcome else None
+    log.warning("reading from Kafka failed (%s: %s); trying again in %.1f s",
+                type(err).__name__, err, state.upcoming_sleep)
+
+
+async def read_kafka(read: Callable[..., Any], *args: Any) -> Any:
+    """`read(*args)` (a blocking kafka-python read) in a thread, asked again with backoff while it
+    fails in a way the broker calls retriable: a worker started with its broker, or cut off from
+    it, waits for it rather than crashing."""
+    async for attempt in AsyncRetrying(retry=retry_if_exception(_retriable), before_sleep=_log_retry,
+                                       wait=wait_exponential_jitter(initial=0.2, max=5.0),
+                                       stop=stop_after_delay(KAFKA_RETRY_S), reraise=True):
+        with attempt:
+            return await asyncio.to_thread(read, *args)
 
 
 def _chunks(lines: list[str], limit: int) -> list[list[str]]:
@@ -101,14 +129,14 @@ class WorkerCore:
         """Messages [start, end) of one partition, read directly (not through Faust's consumer)."""
         if start >= end:
             return []
-        records = await asyncio.to_thread(read_range, self.settings, topic, partition, start, end)
+        records = await read_kafka(read_range, self.settings, topic, partition, start, end)
         self.counters.replayed += len(records)
         return records
 
     async def group_resume_offsets(self, topic: str) -> dict[int, int]:
         """Where this worker group resumes each partition of `topic`: its committed offset (the
         log start where there is none)."""
-        return await asyncio.to_thread(committed_offsets, self.settings, self.settings.worker_app_id, topic)
+        return await read_kafka(committed_offsets, self.settings, self.settings.worker_app_id, topic)
 
     async def take_skipped(self, message: Input, expected: int, take: Callable[[Input], Awaitable[None]]) -> None:
         """The messages before `message` from `expected` on that Faust skipped (agents/gaps.py),

@@ -14,6 +14,7 @@ folder, as in tests/test_stack.py), never on the shared one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from laggard.agents.core import read_kafka
 from laggard.batches import gpu_sample_count
 from laggard.collectors.publisher import Publisher, default_partition
 from laggard.collectors.simulate import load_scenario
@@ -34,7 +36,7 @@ from laggard.commands import stack as local_stack
 from laggard.commands.pipeline_run import PipelineRun
 from laggard.commands.stack.process import free_port, log_tail, wait_until
 from laggard.settings import Settings
-from laggard.topics import committed_offsets, ensure_topics, read_topic
+from laggard.topics import committed_offsets, ensure_topics, read_topic, topic_partitions
 from tests.helpers.faults import (
     delivery,
     end_offsets,
@@ -209,6 +211,43 @@ def test_broker_sigkill_while_publishing_loses_no_acknowledged_message(private, 
     assert counted.lost == 0  # every acknowledged message is in the topic
     assert counted.unexpected == len(set(present) & failed)  # nothing there that was never sent
     assert len(set(present)) >= stats.acked
+
+
+
+@pytest.mark.timeout(240)
+def test_a_worker_read_from_kafka_waits_for_a_broker_that_is_away(private):
+    """A worker's direct reads (its group's offsets when it builds a stage) wait for a broker that is
+    away or still starting, as its Faust consumer does: a fresh-clone CI run once lost a worker that
+    asked the just-started broker for its group's coordinator and got CoordinatorNotAvailable."""
+    kafka = local_stack.services(private)[0]
+    kafka.start()
+    topic = f"faults-{uuid.uuid4().hex[:8]}"
+    settings = private.model_copy(update={"topic_samples": topic})
+    ensure_topics(settings)
+    kafka.stop()
+    attempts: list[float] = []
+
+    def offsets(*args: object) -> dict[int, int]:
+        attempts.append(time.monotonic())
+        return committed_offsets(*args)  # type: ignore[arg-type]
+
+    result: dict[str, object] = {}
+
+    def read() -> None:
+        try:
+            result["offsets"] = asyncio.run(read_kafka(offsets, private, "faults-group", topic))
+        except Exception as err:  # what the worker's timer would have crashed on
+            result["error"] = err
+
+    thread = threading.Thread(target=read, name="read-kafka")
+    thread.start()
+    assert wait_until(lambda: len(attempts) >= 2 or not thread.is_alive(), 120, 0.2), attempts
+    assert "error" not in result and "offsets" not in result  # the broker is away: nothing to read yet
+    kafka.start()
+    thread.join(180)
+    assert not thread.is_alive()
+    partitions = topic_partitions(settings)[topic]
+    assert result == {"offsets": dict.fromkeys(range(partitions), 0)}, result
 
 
 # --- InfluxDB down for 30 s ----------------------------------------------------------------------
